@@ -1,0 +1,322 @@
+"""The influence engine: exact per-example gradient inner products from one forward/backward per micro-batch.
+
+Usage::
+
+    engine = InfluenceEngine(model, pad_token_id=tokenizer.pad_token_id)
+    result = engine.compute(probe_examples, eval_examples)   # examples: {"input_ids": [...], "labels": [...]}
+    result.dot            # (n_probe, n_eval)  <∇ℓ(z), ∇ℓ(z0)>
+    result.eval_sq_norm   # (n_eval,)          <∇ℓ(z0), ∇ℓ(z0)>
+
+ℓ(z) is the *sum* of token cross-entropies over the example's supervised tokens (``labels != -100``, after
+the usual one-token shift). The engine never touches ``.grad``, optimizer state or the global RNG, and it
+restores every module's train/eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed as dist_utils
+from .capture import Capture, make_inputs_require_grad
+from .features import ACC, Feature, Materialized, block_feature, concat, pairwise, select, sq_norms, trim
+from .modules import Block, ParamFilter, find_blocks
+
+Example = Mapping[str, Sequence[int]]
+IGNORE_INDEX = -100
+
+
+@dataclass
+class InfluenceResult:
+    """Raw inner products and per-example diagnostics of one ``compute`` call (float64, on CPU)."""
+
+    dot: torch.Tensor
+    probe_sq_norm: torch.Tensor
+    eval_sq_norm: torch.Tensor
+    probe_loss: torch.Tensor
+    eval_loss: torch.Tensor
+    probe_tokens: torch.Tensor
+    eval_tokens: torch.Tensor
+
+
+@dataclass
+class _Side:
+    """Per-example results of one side (probe or evaluation), rows in example order."""
+
+    features: list[Feature] | None
+    dot: torch.Tensor | None
+    sq_norm: torch.Tensor
+    loss: torch.Tensor
+    tokens: torch.Tensor
+
+
+class InfluenceEngine:
+    """Per-example gradient inner products on a live model.
+
+    Args:
+        model: A causal LM (``model(input_ids, attention_mask).logits``), unwrapped from DDP/DeepSpeed.
+        pad_token_id: Token id used to right-pad micro-batches. It never changes a result.
+        param_filter: Regex (searched in parameter names) or predicate restricting the tracked trainable
+            parameters. Default: every parameter with ``requires_grad=True``.
+        route: ``"auto"`` (pick the cheaper exact route per block), ``"ghost"`` or ``"materialize"``.
+        micro_batch_size: Examples per forward/backward.
+        max_feature_bytes: Budget for stored evaluation features; beyond it evaluation examples are processed
+            in chunks (probes are then re-run once per chunk).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        pad_token_id: int = 0,
+        param_filter: ParamFilter = None,
+        route: str = "auto",
+        micro_batch_size: int = 8,
+        max_feature_bytes: int = 2 << 30,
+    ) -> None:
+        if route not in {"auto", "ghost", "materialize"}:
+            raise ValueError(f"route must be 'auto', 'ghost' or 'materialize', got {route!r}")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.param_filter = param_filter
+        self.route = route
+        self.micro_batch_size = micro_batch_size
+        self.max_feature_bytes = max_feature_bytes
+        self.blocks: list[Block] = find_blocks(model, param_filter)
+
+    @property
+    def num_tracked_params(self) -> int:
+        return sum(b.numel for b in self.blocks)
+
+    # ------------------------------------------------------------------------------------------ public
+
+    def compute(self, probes: Sequence[Example], evals: Sequence[Example]) -> InfluenceResult:
+        """Inner products of every probe gradient with every evaluation gradient, plus squared norms.
+
+        Under ``torch.distributed`` every rank must call this with the same examples; each rank processes an
+        equal share and every rank returns the full result.
+        """
+        if not probes or not evals:
+            raise ValueError("compute() needs at least one probe and one evaluation example.")
+        lengths = [len(e["input_ids"]) for e in (*probes, *evals)]
+        self._choose_routes(len(probes), len(evals), sum(lengths) / len(lengths))
+        chunk = self._eval_chunk_size(len(evals), max(lengths))
+        evals_done, probe_sides = [], []
+        with self._tracking():
+            for start in range(0, len(evals), chunk):
+                ev = self._side(evals[start : start + chunk])
+                probe_sides.append(self._side(probes, ev.features))
+                evals_done.append(dataclasses.replace(ev, features=None))
+        ev, pr = _merge(evals_done), probe_sides[0]
+        return InfluenceResult(
+            dot=torch.cat([p.dot for p in probe_sides], dim=1).double().cpu(),
+            probe_sq_norm=pr.sq_norm.double().cpu(),
+            eval_sq_norm=ev.sq_norm.double().cpu(),
+            probe_loss=pr.loss.double().cpu(),
+            eval_loss=ev.loss.double().cpu(),
+            probe_tokens=pr.tokens.cpu(),
+            eval_tokens=ev.tokens.cpu(),
+        )
+
+    def per_example_features(self, examples: Sequence[Example]) -> list[Feature]:
+        """Per-block features of ``examples``, one entry per block of ``self.blocks`` (for tests and tools)."""
+        lengths = [len(e["input_ids"]) for e in examples]
+        self._choose_routes(len(examples), len(examples), sum(lengths) / len(lengths))
+        with self._tracking():
+            return self._local(examples, None).features
+
+    # --------------------------------------------------------------------------------------- internals
+
+    def _choose_routes(self, n_probe: int, n_eval: int, mean_len: float) -> None:
+        n, pairs, t = n_probe + n_eval, n_probe * n_eval + n_probe + n_eval, mean_len
+        for block in self.blocks:
+            if block.kind not in {"linear", "embedding"} or self.route == "materialize":
+                block.route = "materialize"
+                continue
+            if self.route == "ghost":
+                block.route = "ghost"
+                continue
+            if block.kind == "linear":
+                d_in, d_out = block.linear_dims
+                materialize = n * t * d_in * d_out + pairs * d_in * d_out
+                ghost = pairs * t * t * (d_in + d_out)
+            else:
+                module = block.modules[0][1]
+                materialize = n * t * module.embedding_dim + pairs * block.numel
+                ghost = pairs * t * t * (module.embedding_dim + 1)
+            block.route = "ghost" if ghost < materialize else "materialize"
+
+    def _example_bytes(self, t: int) -> int:
+        total = 0
+        for block in self.blocks:
+            if block.route == "materialize":
+                total += block.numel * 4
+            elif block.kind == "linear":
+                total += t * sum(block.linear_dims) * 4
+            else:
+                total += t * (block.modules[0][1].embedding_dim * 4 + 8)
+        return max(total, 1)
+
+    def _eval_chunk_size(self, n_eval: int, t_max: int) -> int:
+        per_rank = max(1, self.max_feature_bytes // self._example_bytes(t_max))
+        return max(1, min(n_eval, per_rank * dist_utils.world_size()))
+
+    def _side(self, examples: Sequence[Example], eval_features: list[Feature] | None = None) -> _Side:
+        """Process ``examples`` split over ranks and gather the results, in example order, on every rank.
+
+        Without ``eval_features`` the side keeps per-example features (the evaluation side); with them it keeps
+        only the dot products against them (the probe side), so probe features never accumulate.
+        """
+        index = dist_utils.shard(len(examples), dist_utils.world_size(), dist_utils.rank())
+        local = self._local([examples[i] for i in index], eval_features)
+        parts = dist_utils.all_gather_cpu((index, local))
+        order = [i for idx, _ in parts for i in idx]
+        merged = _merge([part for _, part in parts]) if len(parts) > 1 else local
+        device = self._device()
+        return dist_utils.map_tensors(
+            _select(merged, dist_utils.first_positions(order, len(examples))), lambda t: t.to(device)
+        )
+
+    def _local(self, examples: Sequence[Example], eval_features: list[Feature] | None) -> _Side:
+        """This rank's examples, one forward/backward per micro-batch, results in ``examples`` order."""
+        order, parts = [], []
+        for batch in self._micro_batches(examples):
+            feats, norm, loss, tokens = self._forward_backward([examples[i] for i in batch])
+            dot = None
+            if eval_features is not None:
+                dot = torch.zeros(len(batch), len(eval_features[0]), dtype=ACC, device=norm.device)
+                for probe_f, eval_f in zip(feats, eval_features, strict=True):
+                    dot += pairwise(probe_f, eval_f)
+                feats = None
+            order.extend(batch)
+            parts.append(_Side(feats, dot, norm, loss, tokens))
+        return _select(_merge(parts), dist_utils.first_positions(order, len(examples)))
+
+    def _micro_batches(self, examples: Sequence[Example]) -> Iterator[list[int]]:
+        """Index lists of micro-batches, sorted by length so little compute is spent on padding."""
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+        for start in range(0, len(order), self.micro_batch_size):
+            yield order[start : start + self.micro_batch_size]
+
+    def _forward_backward(self, examples: Sequence[Example]):
+        input_ids, attention_mask, labels = collate(examples, self.pad_token_id, self._device())
+        tokens = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+        with Capture(self.blocks) as capture:
+            capture.recording = True
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            capture.recording = False
+            loss = example_losses(logits, labels)
+            del logits
+            outputs = capture.outputs()
+            grads = torch.autograd.grad(loss.sum(), outputs, allow_unused=True)
+            grads_by_module, k = {}, 0
+            for mid, calls in capture.calls.items():
+                grads_by_module[mid] = [
+                    torch.zeros_like(c.output) if g is None else g
+                    for c, g in zip(calls, grads[k : k + len(calls)], strict=True)
+                ]
+                k += len(calls)
+            length = int(attention_mask.sum(1).max())
+            feats = [
+                trim(block_feature(b, capture.calls, grads_by_module, len(examples)), length)
+                for b in self.blocks
+            ]
+        del outputs, grads, grads_by_module
+        norm = torch.zeros(len(examples), dtype=ACC, device=input_ids.device)
+        for f in feats:
+            norm += sq_norms(f)
+        return feats, norm, loss.detach().to(ACC), tokens
+
+    def _device(self) -> torch.device:
+        return next(p for _, p in self.blocks[0].params).device
+
+    @contextlib.contextmanager
+    def _tracking(self) -> Iterator[None]:
+        """Eval mode (no dropout), grad enabled, input-embedding output differentiable; all restored."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        handle = make_inputs_require_grad(self.model)
+        self.model.eval()
+        try:
+            with torch.enable_grad():
+                yield
+        finally:
+            handle.remove()
+            for module, mode in modes:
+                module.training = mode
+
+
+def _merge(parts: Sequence[_Side]) -> _Side:
+    """Concatenate sides along the example axis."""
+    first = parts[0]
+    features = None
+    if first.features is not None:
+        features = [concat([p.features[k] for p in parts]) for k in range(len(first.features))]
+    return _Side(
+        features=features,
+        dot=None if first.dot is None else torch.cat([p.dot for p in parts]),
+        sq_norm=torch.cat([p.sq_norm for p in parts]),
+        loss=torch.cat([p.loss for p in parts]),
+        tokens=torch.cat([p.tokens for p in parts]),
+    )
+
+
+def _select(side: _Side, rows: torch.Tensor) -> _Side:
+    """Rows ``rows`` of every per-example field."""
+    pick = lambda t: t[rows.to(t.device)]  # noqa: E731
+    return _Side(
+        features=None
+        if side.features is None
+        else [select(f, rows.to(_device_of(f))) for f in side.features],
+        dot=None if side.dot is None else pick(side.dot),
+        sq_norm=pick(side.sq_norm),
+        loss=pick(side.loss),
+        tokens=pick(side.tokens),
+    )
+
+
+def _device_of(feature: Feature) -> torch.device:
+    return feature.vec.device if isinstance(feature, Materialized) else feature.g.device
+
+
+def collate(examples: Sequence[Example], pad_token_id: int, device: torch.device | str = "cpu"):
+    """Right-pad ``input_ids``/``labels`` into tensors; returns ``(input_ids, attention_mask, labels)``."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(e["input_ids"])
+        labels[i, :n] = torch.as_tensor(e["labels"])
+        attention_mask[i, :n] = 1
+    return input_ids.to(device), attention_mask.to(device), labels.to(device)
+
+
+def example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example sum of next-token cross-entropy over supervised positions (fp32), shape ``(B,)``."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    token_loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    return token_loss.view(shift_labels.shape).sum(1)
+
+
+def relinf(dot: torch.Tensor, eval_sq_norm: torch.Tensor) -> torch.Tensor:
+    """RelInf (eq. 3): ``dot / eval_sq_norm`` column-wise; NaN-free only if every norm is positive."""
+    if (eval_sq_norm <= 0).any() or not torch.isfinite(eval_sq_norm).all():
+        raise ValueError(
+            "RelInf is undefined for an evaluation example with zero or non-finite gradient norm."
+        )
+    return dot / eval_sq_norm.unsqueeze(0)

@@ -1,0 +1,239 @@
+"""Per-example gradient representations of one block and their exact inner products.
+
+Two representations, both exact:
+
+* ``Materialized``: the flattened per-example gradient, shape ``(n, D)``.
+* ``Ghost``: per-token factors of a linear map's gradient. For ``∇W_i = Σ_t g_it a_itᵀ``,
+  ``<∇W_i, ∇W_j> = Σ_{t,s} (a_it·a_js)(g_it·g_js)``; an embedding is the special case where ``a`` is a one-hot
+  token id, so ``a_it·a_js = [x_it == x_js]``.
+
+Everything here is computed in float32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .capture import Call
+from .modules import Block
+
+ACC = torch.float32
+# Upper bound on the elements of one intermediate (n_x, n_y, T_x, T_y) ghost kernel before chunking.
+_GHOST_CHUNK_ELEMENTS = 1 << 25
+
+
+@dataclass
+class Materialized:
+    vec: torch.Tensor  # (n, D)
+
+    def __len__(self) -> int:
+        return self.vec.shape[0]
+
+    def nbytes(self) -> int:
+        return self.vec.numel() * self.vec.element_size()
+
+
+@dataclass
+class Ghost:
+    a: torch.Tensor  # (n, T, d_in) float, or (n, T) token ids for an embedding
+    g: torch.Tensor  # (n, T, d_out)
+
+    def __len__(self) -> int:
+        return self.g.shape[0]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.a, self.g))
+
+
+Feature = Materialized | Ghost
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def block_feature(
+    block: Block, calls: dict[int, list[Call]], grads: dict[int, list[torch.Tensor]], batch_size: int
+) -> Feature:
+    """Build the per-example representation of ``block`` from recorded calls and their output gradients.
+
+    Args:
+        block: The block, with ``route`` decided.
+        calls: Recorded calls per module id.
+        grads: Gradient of the summed loss w.r.t. each call's output, aligned with ``calls``.
+        batch_size: Number of examples in the micro-batch.
+    """
+    if block.route == "ghost":
+        return _ghost(block, calls, grads)
+    sums: dict[int, torch.Tensor] = {}
+    for _, module in block.modules:
+        for call, g in zip(calls.get(id(module), []), grads.get(id(module), []), strict=True):
+            for pid, grad in _materialize_call(module, call, g, block.tracked_ids).items():
+                sums[pid] = grad if pid not in sums else sums[pid] + grad
+    parts = []
+    for _, p in block.params:
+        grad = sums.get(id(p))
+        if grad is None:  # parameter unused in this forward: its gradient is zero
+            grad = torch.zeros(batch_size, p.numel(), dtype=ACC, device=p.device)
+        parts.append(grad.reshape(batch_size, -1))
+    return Materialized(torch.cat(parts, dim=1))
+
+
+def _ghost(block: Block, calls: dict[int, list[Call]], grads: dict[int, list[torch.Tensor]]) -> Ghost:
+    ((_, module),) = block.modules
+    a_parts, g_parts = [], []
+    for call, g in zip(calls.get(id(module), []), grads[id(module)], strict=True):
+        g = g.to(ACC)
+        if block.kind == "embedding":
+            ids = call.inputs
+            if module.padding_idx is not None:  # PyTorch gives the padding row no gradient
+                g = g.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0.0)
+            a_parts.append(ids)
+        else:
+            a = call.inputs.to(ACC)
+            if module.bias is not None and id(module.bias) in block.tracked_ids:
+                a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+            a_parts.append(a.reshape(a.shape[0], -1, a.shape[-1]))
+        g_parts.append(g.reshape(g.shape[0], -1, g.shape[-1]))
+    # Several calls of one module in a forward are more tokens of the same sum: concatenate along T.
+    return Ghost(torch.cat(a_parts, dim=1), torch.cat(g_parts, dim=1))
+
+
+def _materialize_call(
+    module: nn.Module, call: Call, g: torch.Tensor, tracked: set[int]
+) -> dict[int, torch.Tensor]:
+    """Per-example gradients of ``module``'s tracked parameters for one call, shape ``(B, *param.shape)``."""
+    out: dict[int, torch.Tensor] = {}
+    g = g.to(ACC)
+    if isinstance(module, nn.Linear):
+        a = call.inputs.to(ACC)
+        a3, g3 = a.reshape(a.shape[0], -1, a.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
+        if id(module.weight) in tracked:
+            out[id(module.weight)] = torch.einsum("bto,bti->boi", g3, a3)
+        if module.bias is not None and id(module.bias) in tracked:
+            out[id(module.bias)] = g3.sum(1)
+        return out
+    if isinstance(module, nn.Embedding) and not module.max_norm and set(tracked) & {id(module.weight)}:
+        ids = call.inputs.reshape(call.inputs.shape[0], -1)
+        g3 = g.reshape(g.shape[0], -1, g.shape[-1])
+        if module.padding_idx is not None:
+            g3 = g3.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0.0)
+        weight = torch.zeros(
+            ids.shape[0], module.num_embeddings, module.embedding_dim, dtype=ACC, device=g.device
+        )
+        weight.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, g3.shape[-1]), g3)
+        out[id(module.weight)] = weight
+        return out
+    return _materialize_generic(module, call, g, tracked)
+
+
+def _materialize_generic(
+    module: nn.Module, call: Call, g: torch.Tensor, tracked: set[int]
+) -> dict[int, torch.Tensor]:
+    """Any module: a vector-Jacobian product of the module alone, one example at a time.
+
+    Used for norm layers and other small modules with their own parameters; the module's forward is replayed
+    on the recorded input, so only modules whose output depends on their first positional input qualify.
+    """
+    names = [n for n, p in module.named_parameters(recurse=False) if id(p) in tracked]
+    pids = [id(getattr(module, n)) for n in names]
+    rows: list[list[torch.Tensor]] = [[] for _ in names]
+    with torch.enable_grad():
+        for i in range(call.inputs.shape[0]):
+            leaves = {n: getattr(module, n).detach().requires_grad_(True) for n in names}
+            y = functional_call(module, leaves, (call.inputs[i : i + 1],), strict=False)
+            if y.shape[1:] != g.shape[1:]:
+                raise NotImplementedError(
+                    f"Cannot replay {type(module).__name__} for per-example gradients (output shape changed); "
+                    "exclude its parameters with param_filter."
+                )
+            grads = torch.autograd.grad(y, list(leaves.values()), g[i : i + 1].to(y.dtype), allow_unused=True)
+            for k, gr in enumerate(grads):
+                rows[k].append(torch.zeros_like(leaves[names[k]], dtype=ACC) if gr is None else gr.to(ACC))
+    return {pid: torch.stack(r) for pid, r in zip(pids, rows, strict=True)}
+
+
+# ------------------------------------------------------------------------------------------ combining
+
+
+def concat(features: Sequence[Feature]) -> Feature:
+    """Concatenate per-micro-batch features of one block along the example axis (zero-padding T)."""
+    first = features[0]
+    if isinstance(first, Materialized):
+        return Materialized(torch.cat([f.vec for f in features]))
+    t_max = max(f.g.shape[1] for f in features)
+    return Ghost(
+        torch.cat([_pad_t(f.a, t_max) for f in features]),
+        torch.cat([_pad_t(f.g, t_max) for f in features]),
+    )
+
+
+def _pad_t(x: torch.Tensor, t: int) -> torch.Tensor:
+    extra = t - x.shape[1]
+    if extra == 0:
+        return x
+    pad = (0, 0, 0, extra) if x.dim() == 3 else (0, extra)
+    return F.pad(x, pad)
+
+
+def select(feature: Feature, index: torch.Tensor) -> Feature:
+    """Rows ``index`` of a feature."""
+    if isinstance(feature, Materialized):
+        return Materialized(feature.vec[index])
+    return Ghost(feature.a[index], feature.g[index])
+
+
+def to(feature: Feature, device: torch.device | str) -> Feature:
+    if isinstance(feature, Materialized):
+        return Materialized(feature.vec.to(device))
+    return Ghost(feature.a.to(device), feature.g.to(device))
+
+
+def trim(feature: Feature, length: int) -> Feature:
+    """Drop token positions >= ``length`` (positions where every example's output gradient is zero)."""
+    if isinstance(feature, Materialized) or feature.g.shape[1] <= length:
+        return feature
+    return Ghost(feature.a[:, :length], feature.g[:, :length])
+
+
+# -------------------------------------------------------------------------------------- inner products
+
+
+def pairwise(x: Feature, y: Feature) -> torch.Tensor:
+    """Inner products ``<∇_i, ∇_j>`` for every row i of ``x`` and j of ``y``: shape ``(len(x), len(y))``."""
+    if isinstance(x, Materialized):
+        return x.vec @ y.vec.to(x.vec.device).T
+    y = to(y, x.g.device)
+    out = torch.empty(len(x), len(y), dtype=ACC, device=x.g.device)
+    per_y = max(1, _GHOST_CHUNK_ELEMENTS // max(1, len(x) * x.g.shape[1] * y.g.shape[1]))
+    for start in range(0, len(y), per_y):
+        stop = min(start + per_y, len(y))
+        out[:, start:stop] = _ghost_block(x, Ghost(y.a[start:stop], y.g[start:stop]))
+    return out
+
+
+def _ghost_block(x: Ghost, y: Ghost) -> torch.Tensor:
+    kg = torch.einsum("xtd,ysd->xyts", x.g, y.g)
+    if x.a.dim() == 2:  # token ids: one-hot inner products
+        ka = (x.a[:, None, :, None] == y.a[None, :, None, :]).to(ACC)
+    else:
+        ka = torch.einsum("xtd,ysd->xyts", x.a, y.a)
+    return (ka * kg).sum(dim=(2, 3))
+
+
+def sq_norms(x: Feature) -> torch.Tensor:
+    """Squared gradient norms ``<∇_i, ∇_i>``, shape ``(len(x),)``."""
+    if isinstance(x, Materialized):
+        return (x.vec * x.vec).sum(1)
+    kg = torch.bmm(x.g, x.g.transpose(1, 2))
+    ka = (
+        (x.a[:, :, None] == x.a[:, None, :]).to(ACC)
+        if x.a.dim() == 2
+        else torch.bmm(x.a, x.a.transpose(1, 2))
+    )
+    return (ka * kg).sum(dim=(1, 2))
