@@ -311,12 +311,3 @@ def example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         reduction="none",
     )
     return token_loss.view(shift_labels.shape).sum(1)
-
-
-def relinf(dot: torch.Tensor, eval_sq_norm: torch.Tensor) -> torch.Tensor:
-    """RelInf (eq. 3): ``dot / eval_sq_norm`` column-wise; NaN-free only if every norm is positive."""
-    if (eval_sq_norm <= 0).any() or not torch.isfinite(eval_sq_norm).all():
-        raise ValueError(
-            "RelInf is undefined for an evaluation example with zero or non-finite gradient norm."
-        )
-    return dot / eval_sq_norm.unsqueeze(0)
