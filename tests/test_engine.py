@@ -1,0 +1,206 @@
+"""The engine against brute force: one ``torch.autograd.grad`` per example, flattened and dotted."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from swift_callbacks.influence import InfluenceEngine
+from swift_callbacks.influence.capture import Capture
+
+VOCAB = 97
+TOL = 1e-4
+
+
+def tiny_model(arch: str = "llama", tie: bool = True, seed: int = 0) -> torch.nn.Module:
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    if arch == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**kwargs))  # q/k/v projections have biases
+    return LlamaForCausalLM(LlamaConfig(**kwargs))
+
+
+def lora(model, targets="all-linear", dropout=0.1):
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=dropout))
+    with torch.no_grad():  # LoRA B starts at zero; give it values so every path carries gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+def examples(lengths, prompt_len, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(1, VOCAB, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * prompt_len + ids[prompt_len:]})
+    return out
+
+
+PROBES = examples((7, 12, 5, 9, 16), 3, seed=1)
+EVALS = examples((6, 10, 8), 2, seed=2)
+
+
+def brute_grads(model, exs, params=None):
+    params = params or [p for p in model.parameters() if p.requires_grad]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    rows = []
+    for e in exs:
+        ids, labels = torch.tensor([e["input_ids"]]), torch.tensor(e["labels"])
+        logits = model(input_ids=ids).logits[0].float()
+        loss = F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
+        rows.append(torch.cat([g.reshape(-1).double() for g in torch.autograd.grad(loss, params)]))
+    for m, mode in modes:
+        m.training = mode
+    return torch.stack(rows)
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def check(model, engine, probes=PROBES, evals=EVALS, params=None, tol=TOL):
+    P, E = brute_grads(model, probes, params), brute_grads(model, evals, params)
+    r = engine.compute(probes, evals)
+    assert rel_err(r.dot, P @ E.T) <= tol
+    assert rel_err(r.eval_sq_norm, (E * E).sum(1)) <= tol
+    assert rel_err(r.probe_sq_norm, (P * P).sum(1)) <= tol
+    assert r.probe_tokens.tolist() == [sum(x != -100 for x in e["labels"][1:]) for e in probes]
+    return r
+
+
+MODELS = {
+    "lora-llama": lambda: lora(tiny_model()),
+    "lora-qwen2-with-lm-head": lambda: lora(
+        tiny_model("qwen2", tie=False), ["q_proj", "v_proj", "down_proj", "lm_head"]
+    ),
+    "full-llama-tied": lambda: tiny_model(tie=True),
+    "full-qwen2-biases-untied": lambda: tiny_model("qwen2", tie=False),
+}
+
+
+@functools.cache
+def model_for(name):
+    return MODELS[name]()
+
+
+@pytest.mark.parametrize("route", ["auto", "ghost", "materialize"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_matches_brute_force(name, route):
+    model = model_for(name)
+    engine = InfluenceEngine(model, route=route, micro_batch_size=3)
+    check(model, engine)
+    if route != "auto":
+        assert {b.route for b in engine.blocks if b.kind in {"linear", "embedding"}} == {route}
+
+
+def test_full_finetuning_covers_every_parameter_kind():
+    engine = InfluenceEngine(model_for("full-llama-tied"), route="ghost")
+    kinds = {b.kind for b in engine.blocks}
+    assert kinds == {"shared", "linear", "generic"}  # tied embedding/lm_head, projections, RMSNorm weights
+    assert engine.num_tracked_params == sum(p.numel() for p in model_for("full-llama-tied").parameters())
+
+
+def test_padding_and_batching_do_not_change_results():
+    model = model_for("lora-llama")
+    one = InfluenceEngine(model, micro_batch_size=1).compute(PROBES, EVALS)
+    many = InfluenceEngine(model, micro_batch_size=5).compute(PROBES, EVALS)
+    assert rel_err(many.dot, one.dot) <= 1e-5
+    assert rel_err(many.eval_sq_norm, one.eval_sq_norm) <= 1e-5
+
+
+def test_eval_chunking_under_memory_budget():
+    model = model_for("lora-llama")
+    full = InfluenceEngine(model).compute(PROBES, EVALS)
+    tiny_budget = InfluenceEngine(model, max_feature_bytes=1)  # one evaluation example per chunk
+    assert tiny_budget._eval_chunk_size(len(EVALS), 16) == 1
+    assert rel_err(tiny_budget.compute(PROBES, EVALS).dot, full.dot) <= 1e-6
+
+
+def test_param_filter_restricts_tracked_parameters():
+    model = model_for("lora-llama")
+    engine = InfluenceEngine(model, param_filter=r"down_proj\.lora_")
+    params = [p for n, p in model.named_parameters() if p.requires_grad and "down_proj.lora_" in n]
+    assert engine.num_tracked_params == sum(p.numel() for p in params)
+    check(model, engine, params=params)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_enabled_in_train_mode(reentrant):
+    model = lora(tiny_model(seed=3))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    check(model, InfluenceEngine(model, micro_batch_size=2))
+    assert model.training
+
+
+def test_hooks_firing_twice_under_activation_recomputation():
+    """Force non-reentrant checkpointing even in eval mode: tracked hooks fire again in backward."""
+    model = lora(tiny_model(seed=4), ["up_proj", "down_proj"])
+    reference = InfluenceEngine(model, micro_batch_size=2).compute(PROBES, EVALS)
+    fired = []
+    for layer in model.base_model.model.model.layers:
+        original = layer.mlp.forward
+        layer.mlp.forward = functools.partial(torch.utils.checkpoint.checkpoint, original, use_reentrant=False)
+    up = model.base_model.model.model.layers[0].mlp.up_proj.lora_A["default"]
+    handle = up.register_forward_hook(lambda *a: fired.append(1))
+    engine = InfluenceEngine(model, micro_batch_size=8)
+    with Capture(engine.blocks) as cap:  # the recording flag is what filters the replay
+        assert not cap.recording
+    P, E = brute_grads(model, PROBES), brute_grads(model, EVALS)
+    fired.clear()
+    result = engine.compute(PROBES, EVALS)
+    handle.remove()
+    assert len(fired) == 4  # (eval pass + probe pass) x (forward + recomputation)
+    assert rel_err(result.dot, P @ E.T) <= TOL
+    assert rel_err(result.dot, reference.dot) <= 1e-5
+
+
+def test_training_state_untouched():
+    model = lora(tiny_model(seed=5))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    ids = torch.tensor([PROBES[1]["input_ids"]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    grads = [p.grad.clone() for p in params]
+    opt_state = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    model.train()
+    model.base_model.model.model.layers[1].eval()  # mixed modes must come back as they were
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    requires = [p.requires_grad for p in model.parameters()]
+    InfluenceEngine(model).compute(PROBES, EVALS)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, params))
+    assert all(torch.equal(v, opt.state[params[0]][k]) for k, v in opt_state.items())
+    assert [m.training for m in model.modules()] == modes
+    assert torch.equal(rng, torch.get_rng_state())
+    assert [p.requires_grad for p in model.parameters()] == requires
+
+
+def test_bf16_model_accumulates_in_fp32():
+    model = lora(tiny_model(seed=6)).to(torch.bfloat16)
+    r = InfluenceEngine(model, micro_batch_size=2).compute(PROBES, EVALS)
+    assert r.dot.dtype == torch.float64 and torch.isfinite(r.dot).all()
+    P, E = brute_grads(model, PROBES), brute_grads(model, EVALS)
+    assert rel_err(r.dot, P @ E.T) <= 5e-2  # bf16 activations; brute force also runs in bf16
+
+
+def test_no_tracked_parameter_is_a_clear_error():
+    model = tiny_model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="No trainable parameter"):
+        InfluenceEngine(model)
+    with pytest.raises(ValueError, match="matches 'nothing'"):
+        InfluenceEngine(tiny_model(), param_filter="nothing")
