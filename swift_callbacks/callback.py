@@ -97,9 +97,7 @@ class InfluenceCallback(TrainerCallback):
         self._check_training_layout(allow_packing)
         for s in (*self.probe_sets, *self.eval_sets):
             tokenize_set(s, self._preparer(s.name))
-        self._masks = {
-            (p.name, e.name): pairing_mask(p.tasks, e.tasks) for p in self.probe_sets for e in self.eval_sets
-        }
+        self._masks = {(p.name, e.name): _pairing(p, e) for p in self.probe_sets for e in self.eval_sets}
         self._done: set[int] = set()
         self.store = InfluenceStore(trainer.args.output_dir)
 
@@ -246,6 +244,13 @@ def _pair_frame(step, p: ExampleSet, e: ExampleSet, paired, result: InfluenceRes
         "probe_tokens": result.probe_tokens[p_off + pi].numpy(), "eval_tokens": result.eval_tokens[e_off + ei].numpy(),
         "probe_loss": result.probe_loss[p_off + pi].numpy(), "eval_loss": result.eval_loss[e_off + ei].numpy(),
     })  # fmt: skip
+
+
+def _pairing(probe: ExampleSet, evals: ExampleSet) -> torch.Tensor:
+    try:
+        return pairing_mask(probe.tasks, evals.tasks)
+    except ValueError as err:
+        raise SetError(f"Probe set {probe.name!r} / evaluation set {evals.name!r}: {err}") from err
 
 
 def _metric_spec(m: Metric) -> dict[str, Any]:

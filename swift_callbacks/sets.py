@@ -105,15 +105,15 @@ def _read_rows(name: str, source: SetSource) -> list[dict]:
 
 
 def _read_file(name: str, path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix not in {".jsonl", ".json", ".parquet"}:
+        raise SetError(f"Set {name!r}: unknown file type {suffix!r} for {str(path)!r}; use .jsonl, .json or .parquet.")
     if not path.exists():
         raise SetError(f"Set {name!r}: file {str(path)!r} does not exist.")
-    suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    if suffix not in {".jsonl", ".json"}:
-        raise SetError(f"Set {name!r}: unknown file type {suffix!r} for {str(path)!r}; use .jsonl, .json or .parquet.")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:

@@ -181,7 +181,7 @@ def test_training_state_untouched():
     rng = torch.get_rng_state()
     requires = [p.requires_grad for p in model.parameters()]
     InfluenceEngine(model).compute(PROBES, EVALS)
-    assert all(torch.equal(g, p.grad) for g, p in zip(grads, params))
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, params, strict=True))
     assert all(torch.equal(v, opt.state[params[0]][k]) for k, v in opt_state.items())
     assert [m.training for m in model.modules()] == modes
     assert torch.equal(rng, torch.get_rng_state())
