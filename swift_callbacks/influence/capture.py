@@ -57,9 +57,7 @@ class Capture:
         if not args or not isinstance(args[0], torch.Tensor):
             raise TypeError(f"Tracked module {type(module).__name__} was called without a tensor input.")
         if not isinstance(output, torch.Tensor):
-            raise TypeError(
-                f"Tracked module {type(module).__name__} returned {type(output).__name__}, not a tensor."
-            )
+            raise TypeError(f"Tracked module {type(module).__name__} returned {type(output).__name__}, not a tensor.")
         self.calls.setdefault(id(module), []).append(Call(args[0].detach(), output))
 
     def outputs(self) -> list[torch.Tensor]:

@@ -47,9 +47,7 @@ def first_positions(order: list[int], n: int) -> torch.Tensor:
     for p, i in reversed(list(enumerate(order))):
         pos[i] = p
     if (pos < 0).any():
-        raise RuntimeError(
-            f"examples {torch.nonzero(pos < 0).flatten().tolist()} were not computed by any rank"
-        )
+        raise RuntimeError(f"examples {torch.nonzero(pos < 0).flatten().tolist()} were not computed by any rank")
     return pos
 
 

@@ -225,10 +225,7 @@ class InfluenceEngine:
                 ]
                 k += len(calls)
             length = int(attention_mask.sum(1).max())
-            feats = [
-                trim(block_feature(b, capture.calls, grads_by_module, len(examples)), length)
-                for b in self.blocks
-            ]
+            feats = [trim(block_feature(b, capture.calls, grads_by_module, len(examples)), length) for b in self.blocks]
         del outputs, grads, grads_by_module
         norm = torch.zeros(len(examples), dtype=ACC, device=input_ids.device)
         for f in feats:
@@ -272,9 +269,7 @@ def _select(side: _Side, rows: torch.Tensor) -> _Side:
     """Rows ``rows`` of every per-example field."""
     pick = lambda t: t[rows.to(t.device)]  # noqa: E731
     return _Side(
-        features=None
-        if side.features is None
-        else [select(f, rows.to(_device_of(f))) for f in side.features],
+        features=None if side.features is None else [select(f, rows.to(_device_of(f))) for f in side.features],
         dot=None if side.dot is None else pick(side.dot),
         sq_norm=pick(side.sq_norm),
         loss=pick(side.loss),

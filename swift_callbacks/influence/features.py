@@ -104,9 +104,7 @@ def _ghost(block: Block, calls: dict[int, list[Call]], grads: dict[int, list[tor
     return Ghost(torch.cat(a_parts, dim=1), torch.cat(g_parts, dim=1))
 
 
-def _materialize_call(
-    module: nn.Module, call: Call, g: torch.Tensor, tracked: set[int]
-) -> dict[int, torch.Tensor]:
+def _materialize_call(module: nn.Module, call: Call, g: torch.Tensor, tracked: set[int]) -> dict[int, torch.Tensor]:
     """Per-example gradients of ``module``'s tracked parameters for one call, shape ``(B, *param.shape)``."""
     out: dict[int, torch.Tensor] = {}
     g = g.to(ACC)
@@ -123,18 +121,14 @@ def _materialize_call(
         g3 = g.reshape(g.shape[0], -1, g.shape[-1])
         if module.padding_idx is not None:
             g3 = g3.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0.0)
-        weight = torch.zeros(
-            ids.shape[0], module.num_embeddings, module.embedding_dim, dtype=ACC, device=g.device
-        )
+        weight = torch.zeros(ids.shape[0], module.num_embeddings, module.embedding_dim, dtype=ACC, device=g.device)
         weight.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, g3.shape[-1]), g3)
         out[id(module.weight)] = weight
         return out
     return _materialize_generic(module, call, g, tracked)
 
 
-def _materialize_generic(
-    module: nn.Module, call: Call, g: torch.Tensor, tracked: set[int]
-) -> dict[int, torch.Tensor]:
+def _materialize_generic(module: nn.Module, call: Call, g: torch.Tensor, tracked: set[int]) -> dict[int, torch.Tensor]:
     """Any module: a vector-Jacobian product of the module alone, one example at a time.
 
     Used for norm layers and other small modules with their own parameters; the module's forward is replayed
@@ -231,9 +225,5 @@ def sq_norms(x: Feature) -> torch.Tensor:
     if isinstance(x, Materialized):
         return (x.vec * x.vec).sum(1)
     kg = torch.bmm(x.g, x.g.transpose(1, 2))
-    ka = (
-        (x.a[:, :, None] == x.a[:, None, :]).to(ACC)
-        if x.a.dim() == 2
-        else torch.bmm(x.a, x.a.transpose(1, 2))
-    )
+    ka = (x.a[:, :, None] == x.a[:, None, :]).to(ACC) if x.a.dim() == 2 else torch.bmm(x.a, x.a.transpose(1, 2))
     return (ka * kg).sum(dim=(1, 2))
