@@ -215,10 +215,17 @@ def tokenize_set(example_set: ExampleSet, prepare: Callable[[Any], Any]) -> None
             example with no supervised token.
     """
     from datasets import Dataset
+    from datasets.utils import logging as ds_logging
 
     keep = FORMATS[example_set.format] + PASSTHROUGH
     records = [{**{k: row[k] for k in keep if k in row}, ROW_COLUMN: i} for i, row in enumerate(example_set.rows)]
-    prepared = prepare(Dataset.from_list(records))
+    bars_were_on = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()  # one bar per preparation stage per set is noise in a training log
+    try:
+        prepared = prepare(Dataset.from_list(records))
+    finally:
+        if bars_were_on:
+            ds_logging.enable_progress_bar()
     out: list[dict | None] = [None] * len(example_set)
     for rec in prepared:
         out[rec[ROW_COLUMN]] = {
