@@ -149,6 +149,10 @@ class InfluenceCallback(TrainerCallback):
             self.store.write_metrics({m.label: _metric_spec(m) for m in self.metrics})
             if state.global_step > 0:
                 self._resume(args, state.global_step)
+            elif self.store.steps():  # a fresh run in a used output_dir: keep the old history, out of the way
+                label = f"previous-run-{time.strftime('%Y%m%d-%H%M%S')}"
+                self.store.set_aside(-1, label)
+                logger.warning("Moved an earlier influence history to %s/superseded/%s.", self.store.root, label)
         if self.at_step_zero and state.global_step == 0:
             self._run(state)
 

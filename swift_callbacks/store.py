@@ -93,6 +93,15 @@ class InfluenceStore:
         if (self.root / "metrics.json").exists():
             shutil.copy2(self.root / "metrics.json", side / "metrics.json")
 
+    def set_aside(self, after: int, label: str) -> list[int]:
+        """Move every recorded step ``> after`` to ``superseded/<label>/`` (never deleted). Returns the steps."""
+        moved = [s for s in self.steps() if s > after]
+        for step in moved:
+            dest = self.root / "superseded" / label / step_path(self.root, step).name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(step_path(self.root, step), dest)
+        return moved
+
     def resume(self, checkpoint_dir: str | os.PathLike | None, step: int) -> list[int]:
         """Make the history consistent with a run resumed at ``step``.
 
@@ -100,12 +109,9 @@ class InfluenceStore:
         ``step`` missing here are restored from the checkpoint's sidecar.
 
         Returns:
-            Steps up to ``step`` that are in neither place (a gap the caller should report).
+            Steps recorded in the sidecar that could not be restored here (a gap the caller should report).
         """
-        for later in (s for s in self.steps() if s > step):
-            dest = self.root / "superseded" / f"resumed-at-{step}" / step_path(self.root, later).name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(step_path(self.root, later), dest)
+        self.set_aside(step, f"resumed-at-{step}")
         side = Path(checkpoint_dir) / STORE_DIR if checkpoint_dir else None
         if side is None or not side.is_dir():
             return []

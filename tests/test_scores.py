@@ -52,3 +52,19 @@ def test_no_in_task_pair_gives_none_not_zero():
 def test_pairing_errors(probe, evals, match):
     with pytest.raises(ValueError, match=match):
         pairing_mask(probe, evals)
+
+
+def test_store_fresh_run_sets_old_history_aside(tmp_path):
+    import pandas as pd
+
+    from swift_callbacks.store import InfluenceStore
+
+    store = InfluenceStore(tmp_path)
+    frame = pd.DataFrame({"step": [5], "relinf": [0.5]})
+    store.write_step(5, frame)
+    with pytest.raises(FileExistsError):
+        store.write_step(5, frame)
+    assert store.set_aside(-1, "previous-run") == [5]
+    assert store.steps() == []
+    assert (store.root / "superseded" / "previous-run" / "step-000000005.parquet").exists()
+    assert not list(store.root.rglob(".*.tmp-*"))
