@@ -158,7 +158,10 @@ class InfluenceCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.every_n_steps and state.global_step % self.every_n_steps == 0:
+            # Trainer.log fires on_log, which clears control.should_log; keep the trainer's own loss log.
+            should_log = control.should_log
             self._run(state)
+            control.should_log = should_log
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._run(state)

@@ -86,8 +86,10 @@ class InfluenceStore:
     def snapshot(self, checkpoint_dir: str | os.PathLike, upto: int) -> None:
         """Copy the history up to step ``upto`` into ``checkpoint_dir`` (the resume sidecar)."""
         side = Path(checkpoint_dir) / STORE_DIR
+        # A checkpoint folder re-saved after a resume may hold an abandoned branch's sidecar: replace it whole.
+        shutil.rmtree(side, ignore_errors=True)
         for step in self.steps():
-            if step <= upto and not step_path(side, step).exists():
+            if step <= upto:
                 step_path(side, step).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(step_path(self.root, step), step_path(side, step))
         if (self.root / "metrics.json").exists():
@@ -96,8 +98,12 @@ class InfluenceStore:
     def set_aside(self, after: int, label: str) -> list[int]:
         """Move every recorded step ``> after`` to ``superseded/<label>/`` (never deleted). Returns the steps."""
         moved = [s for s in self.steps() if s > after]
+        folder, n = self.root / "superseded" / label, 1
+        while moved and folder.exists():  # never overwrite history set aside earlier
+            n += 1
+            folder = self.root / "superseded" / f"{label}-{n}"
         for step in moved:
-            dest = self.root / "superseded" / label / step_path(self.root, step).name
+            dest = folder / step_path(self.root, step).name
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(step_path(self.root, step), dest)
         return moved

@@ -6,9 +6,10 @@ training run takes about a second on CPU. Importing this module forces the Huggi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+import numpy as np
+import torch
+from transformers import TrainerCallback
 
-from swift_callbacks import InfluenceCallback, InfluenceEngine  # noqa: E402
-from swift_callbacks.demo import tiny  # noqa: E402
+from swift_callbacks import InfluenceCallback, InfluenceEngine
+from swift_callbacks.demo import tiny
 
 LORA_TARGETS = ["up_proj", "down_proj"]
 MODEL_KWARGS = {"hidden_size": 64, "num_layers": 2, "seed": 0}
@@ -35,13 +37,28 @@ BASE_CONFIG: dict[str, Any] = {
     "bf16": False,
     "report_to": [],
     "logging_steps": 5,
-    "gradient_checkpointing": False,
+    "activation_checkpointing": False,  # SFTConfig turns it on by default (alias: gradient_checkpointing)
     "max_length": 128,
     "seed": 0,
     "data_seed": 0,
     "disable_tqdm": True,
     "dataloader_num_workers": 0,
 }
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1) -> Iterator[None]:
+    """Run with ``n`` intra-op threads (restored after).
+
+    The models here are so small that one thread is as fast as several, while on a busy 2-core machine
+    OpenMP threads that spin-wait for a preempted sibling make a 1-second run take 15-30 seconds.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @functools.cache
@@ -199,11 +216,63 @@ def assert_close_rel(actual, expected, rtol: float, what: str = "") -> None:
     Inner products of nearly orthogonal gradients can be tiny; their error is bounded by the size of the
     vectors, not the product, so the tolerance floor scales with the largest magnitude.
     """
-    a = torch.as_tensor(actual, dtype=torch.float64)
-    e = torch.as_tensor(expected, dtype=torch.float64)
+    a = torch.tensor(np.asarray(actual), dtype=torch.float64)
+    e = torch.tensor(np.asarray(expected), dtype=torch.float64)
     assert a.shape == e.shape, (what, a.shape, e.shape)
     floor = 1e-3 * float(e.abs().max()) if e.numel() else 0.0
     bound = rtol * torch.clamp(e.abs(), min=floor)
     err = (a - e).abs()
     bad = err > bound
     assert not bad.any(), f"{what}: {int(bad.sum())} entries differ; worst rel err {float((err / e.abs()).max()):.3g}"
+
+
+def plain_examples(rows: Sequence[Mapping[str, str]]) -> list[dict]:
+    """``{"input_ids", "labels"}`` of prompt + completion + EOS, prompt tokens masked (no Trainer involved)."""
+    tok = tokenizer()
+    out = []
+    for r in rows:
+        prompt = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+        completion = tok(r["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        out.append({"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion})
+    return out
+
+
+# Engine settings exercised by the multi-process engine test: every route, several micro-batches, and (with a
+# one-byte feature budget) evaluation chunks smaller than the world size.
+ENGINE_CONFIGS: dict[str, dict[str, Any]] = {
+    "auto": {"micro_batch_size": 3},
+    "ghost_chunked": {"route": "ghost", "micro_batch_size": 2, "max_feature_bytes": 1},
+    "materialize": {"route": "materialize", "micro_batch_size": 4},
+}
+ENGINE_N_PROBE, ENGINE_N_EVAL = 7, 5
+
+
+def engine_examples() -> tuple[list[dict], list[dict]]:
+    """7 CoT probes and 5 evaluation examples, tokenized without a Trainer."""
+    probes = plain_examples(set_rows("cot_study_z_cot", ENGINE_N_PROBE))
+    evals = plain_examples(set_rows("cot_study_z_similar", ENGINE_N_EVAL))
+    return probes, evals
+
+
+def result_dict(result) -> dict[str, torch.Tensor]:
+    """The fields of an ``InfluenceResult`` as a plain dict (for ``torch.save``)."""
+    return {k: getattr(result, k) for k in result.__dataclass_fields__}
+
+
+# The multi-process training run: probe and evaluation set sizes not divisible by the world size (2), so the
+# engine pads the ranks' shares.
+DDP_CONFIG: dict[str, Any] = {
+    "max_steps": 10,
+    "save_steps": 5,
+    "ddp_backend": "gloo",
+    "ddp_find_unused_parameters": False,
+}
+DDP_SAVED_STEPS = [5, 10]
+
+
+def ddp_callback_kwargs() -> dict[str, Any]:
+    return {
+        "probe_sets": {"z_cot": set_rows("cot_study_z_cot", 5)},
+        "eval_sets": {"z_similar": set_rows("cot_study_z_similar", 3)},
+        "micro_batch_size": 2,
+    }

@@ -68,3 +68,15 @@ def test_store_fresh_run_sets_old_history_aside(tmp_path):
     assert store.steps() == []
     assert (store.root / "superseded" / "previous-run" / "step-000000005.parquet").exists()
     assert not list(store.root.rglob(".*.tmp-*"))
+
+
+def test_store_set_aside_never_overwrites(tmp_path):
+    import pandas as pd
+
+    from swift_callbacks.store import InfluenceStore
+
+    store = InfluenceStore(tmp_path)
+    for _ in range(2):
+        store.write_step(3, pd.DataFrame({"step": [3]}))
+        store.set_aside(-1, "previous-run")
+    assert sorted(p.name for p in (store.root / "superseded").iterdir()) == ["previous-run", "previous-run-2"]

@@ -1,0 +1,81 @@
+"""Multi-process worker for ``test_ddp.py``; run as ``torchrun --nproc_per_node 2 tests/ddp_worker.py MODE OUT``.
+
+Modes:
+    trainer  LoRA SFTTrainer (DDP, gloo, CPU) with an ``InfluenceCallback``; every rank writes the influence metrics
+             it logged to ``OUT/logs-rank{r}.json``, rank 0 the tokenized examples to ``OUT/examples.json``.
+    engine   ``InfluenceEngine.compute`` alone under a plain ``init_process_group("gloo")``; every rank saves its
+             results for each of ``helpers.ENGINE_CONFIGS`` to ``OUT/engine-rank{r}.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+import helpers  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+
+class RecordLogs(TrainerCallback):
+    """Keeps the influence metrics this rank logged and writes them at the end of training."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        swift = {k: v for k, v in (logs or {}).items() if k.startswith("swift/") and k != "swift/seconds"}
+        if swift:
+            self.records.append({"step": state.global_step, **swift})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.path.write_text(json.dumps(self.records, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+def run_trainer(out: Path) -> None:
+    rank = int(os.environ["RANK"])
+    trainer, cb = helpers.make_trainer(
+        out / "run",
+        callback_kwargs=helpers.ddp_callback_kwargs(),
+        extra_callbacks=[RecordLogs(out / f"logs-rank{rank}.json")],
+        **helpers.DDP_CONFIG,
+    )
+    assert trainer.args.world_size == 2, trainer.args.world_size
+    trainer.train()
+    if rank == 0:
+        probes, evals = helpers.examples_of(cb)
+        (out / "examples.json").write_text(json.dumps({"probes": probes, "evals": evals}), encoding="utf-8")
+
+
+def run_engine(out: Path) -> None:
+    dist.init_process_group("gloo")
+    try:
+        rank = dist.get_rank()
+        assert dist.get_world_size() == 2
+        model = helpers.build_model(seed=0)  # every parameter trainable: embeddings, norms, linears
+        probes, evals = helpers.engine_examples()
+        results = {
+            name: helpers.result_dict(helpers.engine_on(model, **kwargs).compute(probes, evals))
+            for name, kwargs in helpers.ENGINE_CONFIGS.items()
+        }
+        torch.save(results, out / f"engine-rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    {"trainer": run_trainer, "engine": run_engine}[mode](out)
+
+
+if __name__ == "__main__":
+    main()
