@@ -36,11 +36,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
+import torch
+from peft import LoraConfig, get_peft_model
 
-from swift_callbacks.demo.tiny import build_model, build_tokenizer, demo_corpus, load_rows  # noqa: E402
-from swift_callbacks.influence import InfluenceEngine, collate, example_losses  # noqa: E402
+from swift_callbacks.demo.tiny import build_model, build_tokenizer, demo_corpus, load_rows
+from swift_callbacks.influence import InfluenceEngine, collate, example_losses
 
 ROUTES = ("auto", "ghost", "materialize")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -92,7 +92,7 @@ def make_examples(tok, n: int, min_len: int, max_len: int, seed: int) -> list[di
         while len(tok(prompt + completion).input_ids) < target:
             row = rows[rng.randrange(len(rows))]
             completion += "\n" + row["prompt"] + row["completion"]
-        ids = tok(prompt + completion).input_ids[: target - 1] + [tok.eos_token_id]
+        ids = [*tok(prompt + completion).input_ids[: target - 1], tok.eos_token_id]
         n_prompt = min(len(tok(prompt).input_ids), len(ids) - 2)
         labels = [-100] * n_prompt + ids[n_prompt:]
         out.append({"input_ids": ids, "labels": labels})
@@ -152,8 +152,11 @@ def floor_pass(model, params, probes, evals, pad_id: int, micro_batch_size: int)
     return total
 
 
-def less_loop(model, params, probes, evals, pad_id: int) -> torch.Tensor:
-    """LESS-style: one backward per example, flattened gradient vectors, then all probe x eval dots."""
+def less_loop(model, params, probes, evals, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LESS-style: one backward per example, flattened gradient vectors, then all probe x eval dots.
+
+    Returns ``(dot, probe_sq_norm, eval_sq_norm)`` in float64.
+    """
 
     def vectors(examples):
         rows = []
@@ -163,14 +166,16 @@ def less_loop(model, params, probes, evals, pad_id: int) -> torch.Tensor:
             loss = example_losses(logits, labels).sum()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             rows.append(
-                torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+                torch.cat(
+                    [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads, strict=True)]
+                )
             )
         return torch.stack(rows)
 
     with torch.enable_grad():
         p_vec = vectors(probes)
         e_vec = vectors(evals)
-    return (p_vec @ e_vec.T).double()
+    return (p_vec @ e_vec.T).double(), (p_vec * p_vec).sum(1).double(), (e_vec * e_vec).sum(1).double()
 
 
 def max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -178,10 +183,19 @@ def max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30))
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def check(result, ref) -> float:
+    """Largest relative error of the dot matrix and both squared-norm vectors against the loop's."""
+    dot, p_sq, e_sq = ref
+    return max(
+        max_rel_err(result.dot, dot), max_rel_err(result.probe_sq_norm, p_sq), max_rel_err(result.eval_sq_norm, e_sq)
+    )
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -197,6 +211,7 @@ class Row:
     floor: float
     tracking: dict[str, float]
     loop: float
+    cpu_ratio: float
     err: dict[str, float]
     routes: str
 
@@ -208,33 +223,43 @@ def run_config(cfg: Config, tok, repeats: int, micro_batch_size: int) -> Row:
     probes = make_examples(tok, cfg.n_probe, cfg.min_len, cfg.max_len, seed=1)
     evals = make_examples(tok, cfg.n_eval, cfg.min_len, cfg.max_len, seed=2)
     lengths = [len(e["input_ids"]) for e in (*probes, *evals)]
-    engines = {
-        r: InfluenceEngine(model, pad_token_id=pad, route=r, micro_batch_size=micro_batch_size) for r in ROUTES
-    }
+    engines = {r: InfluenceEngine(model, pad_token_id=pad, route=r, micro_batch_size=micro_batch_size) for r in ROUTES}
     jobs: dict[str, Callable[[], object]] = {
         "floor": lambda: floor_pass(model, params, probes, evals, pad, micro_batch_size),
         **{r: (lambda e=e: e.compute(probes, evals)) for r, e in engines.items()},
         "loop": lambda: less_loop(model, params, probes, evals, pad),
     }
-    print(f"\n{cfg.name}: {sum(p.numel() for p in params):,} trainable params, {len(probes)} probes, "
-          f"{len(evals)} evals, tokens/example mean {statistics.mean(lengths):.1f} "
-          f"[{min(lengths)}, {max(lengths)}]", flush=True)
+    print(
+        f"\n{cfg.name}: {sum(p.numel() for p in params):,} trainable params, {len(probes)} probes, "
+        f"{len(evals)} evals, tokens/example mean {statistics.mean(lengths):.1f} "
+        f"[{min(lengths)}, {max(lengths)}]",
+        flush=True,
+    )
 
     # Warm-up (also the correctness check), then `repeats` interleaved rounds so that drift in machine load
     # affects every column alike.
     outputs = {name: fn() for name, fn in jobs.items()}
     ref = outputs["loop"]
-    err = {r: max_rel_err(outputs[r].dot, ref) for r in ROUTES}
+    err = {r: check(outputs[r], ref) for r in ROUTES}
     auto_routes = [b.route for b in engines["auto"].blocks]
     routes = ", ".join(f"{k}:{auto_routes.count(k)}" for k in ("ghost", "materialize") if auto_routes.count(k))
     times: dict[str, list[float]] = {name: [] for name in jobs}
+    cpu: dict[str, list[float]] = {name: [] for name in jobs}
     for _ in range(repeats):
         for name, fn in jobs.items():
-            times[name].append(timed(fn)[0])
+            wall, used = timed(fn)
+            times[name].append(wall)
+            cpu[name].append(used)
     med = {name: statistics.median(ts) for name, ts in times.items()}
+    med_cpu = {name: statistics.median(ts) for name, ts in cpu.items()}
     for name, ts in times.items():
-        print(f"  {name:12s} median {med[name]:7.3f}s  runs " + " ".join(f"{t:.3f}" for t in ts), flush=True)
-    print("  max rel err vs loop: " + ", ".join(f"{r}={e:.1e}" for r, e in err.items()) + f"; auto routes {routes}")
+        print(
+            f"  {name:12s} median {med[name]:7.3f}s wall, {med_cpu[name]:7.3f}s CPU;  wall runs "
+            + " ".join(f"{t:.3f}" for t in ts),
+            flush=True,
+        )
+    print("  max rel err vs loop (dot, sq norms): " + ", ".join(f"{r}={e:.1e}" for r, e in err.items()))
+    print(f"  auto routes: {routes}; tracking/floor by CPU time {med_cpu['auto'] / med_cpu['floor']:.2f}x")
     return Row(
         cfg.name,
         len(probes),
@@ -244,6 +269,7 @@ def run_config(cfg: Config, tok, repeats: int, micro_batch_size: int) -> Row:
         med["floor"],
         {r: med[r] for r in ROUTES},
         med["loop"],
+        med_cpu["auto"] / med_cpu["floor"],
         err,
         routes,
     )
@@ -267,7 +293,8 @@ def machine() -> str:
 def table(rows: list[Row]) -> str:
     head = (
         "| config | n_probe | n_eval | trainable params | mean tokens | floor s | tracking s (auto) | ratio "
-        "| ghost s (ratio) | materialize s (ratio) | LESS-loop s | speed-up | max rel err | auto routes |"
+        "| ghost s (ratio) | materialize s (ratio) | LESS-loop s | speed-up | max rel err | ratio (CPU time) "
+        "| auto routes |"
     )
     sep = "|" + "---|" * (head.count("|") - 1)
     lines = [head, sep]
@@ -278,7 +305,8 @@ def table(rows: list[Row]) -> str:
             f"| {t['auto']:.3f} | {t['auto'] / r.floor:.2f}x "
             f"| {t['ghost']:.3f} ({t['ghost'] / r.floor:.2f}x) "
             f"| {t['materialize']:.3f} ({t['materialize'] / r.floor:.2f}x) "
-            f"| {r.loop:.3f} | {r.loop / t['auto']:.1f}x | {max(r.err.values()):.1e} | {r.routes} |"
+            f"| {r.loop:.3f} | {r.loop / t['auto']:.2f}x | {max(r.err.values()):.1e} | {r.cpu_ratio:.2f}x "
+            f"| {r.routes} |"
         )
     return "\n".join(lines)
 
@@ -287,19 +315,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small smoke run (< 1 minute)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads value")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads value (default 1: on a small shared machine, oversubscribed OpenMP threads "
+        "make wall times swing by several x)",
+    )
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--only", default=None, help="run only configs whose name contains this string")
     parser.add_argument(
         "--out", default=str(Path(__file__).with_name("results.md")), help="Markdown results file ('' for none)"
     )
     args = parser.parse_args(argv)
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (2 if args.quick else 5)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"machine: {machine()}")
-    print(f"torch.set_num_threads({args.threads}); repeats={repeats} (median) after 1 warm-up; "
-          f"micro_batch_size={args.micro_batch_size}")
+    print(
+        f"torch.set_num_threads({args.threads}); repeats={repeats} (median) after 1 warm-up; "
+        f"micro_batch_size={args.micro_batch_size}"
+    )
 
     tok = build_tokenizer(demo_corpus())
     start = time.perf_counter()

@@ -175,11 +175,13 @@ class InfluenceEngine:
         Without ``eval_features`` the side keeps per-example features (the evaluation side); with them it keeps
         only the dot products against them (the probe side), so probe features never accumulate.
         """
+        if not dist_utils.is_distributed():
+            return self._local(examples, eval_features)
         index = dist_utils.shard(len(examples), dist_utils.world_size(), dist_utils.rank())
         local = self._local([examples[i] for i in index], eval_features)
         parts = dist_utils.all_gather_cpu((index, local))
         order = [i for idx, _ in parts for i in idx]
-        merged = _merge([part for _, part in parts]) if len(parts) > 1 else local
+        merged = _merge([part for _, part in parts])
         device = self._device()
         return dist_utils.map_tensors(
             _select(merged, dist_utils.first_positions(order, len(examples))), lambda t: t.to(device)
@@ -198,7 +200,10 @@ class InfluenceEngine:
                 feats = None
             order.extend(batch)
             parts.append(_Side(feats, dot, norm, loss, tokens))
-        return _select(_merge(parts), dist_utils.first_positions(order, len(examples)))
+        merged = parts[0] if len(parts) == 1 else _merge(parts)
+        if order == list(range(len(examples))):
+            return merged
+        return _select(merged, dist_utils.first_positions(order, len(examples)))
 
     def _micro_batches(self, examples: Sequence[Example]) -> Iterator[list[int]]:
         """Index lists of micro-batches, sorted by length so little compute is spent on padding."""

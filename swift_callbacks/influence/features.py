@@ -81,7 +81,7 @@ def block_feature(
         if grad is None:  # parameter unused in this forward: its gradient is zero
             grad = torch.zeros(batch_size, p.numel(), dtype=ACC, device=p.device)
         parts.append(grad.reshape(batch_size, -1))
-    return Materialized(torch.cat(parts, dim=1))
+    return Materialized(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
 
 
 def _ghost(block: Block, calls: dict[int, list[Call]], grads: dict[int, list[torch.Tensor]]) -> Ghost:
@@ -129,27 +129,34 @@ def _materialize_call(module: nn.Module, call: Call, g: torch.Tensor, tracked: s
 
 
 def _materialize_generic(module: nn.Module, call: Call, g: torch.Tensor, tracked: set[int]) -> dict[int, torch.Tensor]:
-    """Any module: a vector-Jacobian product of the module alone, one example at a time.
+    """Any module: a vector-Jacobian product of the module alone, per example.
 
-    Used for norm layers and other small modules with their own parameters; the module's forward is replayed
-    on the recorded input, so only modules whose output depends on their first positional input qualify.
+    Used for norm layers and other small modules with their own parameters. The module's forward is replayed
+    on the recorded input (so only modules whose output depends on their first positional input qualify),
+    vectorized over examples with ``torch.func.vmap``; modules vmap cannot handle are replayed one example at a
+    time.
     """
     names = [n for n, p in module.named_parameters(recurse=False) if id(p) in tracked]
-    pids = [id(getattr(module, n)) for n in names]
-    rows: list[list[torch.Tensor]] = [[] for _ in names]
+    params = {n: getattr(module, n).detach() for n in names}
+
+    def vjp_one(x: torch.Tensor, g_x: torch.Tensor) -> dict[str, torch.Tensor]:
+        y, pullback = torch.func.vjp(lambda p: functional_call(module, p, (x.unsqueeze(0),), strict=False), params)
+        if y.shape[1:] != g_x.shape:
+            raise NotImplementedError(
+                f"Cannot replay {type(module).__name__} for per-example gradients (output shape changed); "
+                "exclude its parameters with param_filter."
+            )
+        return pullback(g_x.unsqueeze(0).to(y.dtype))[0]
+
     with torch.enable_grad():
-        for i in range(call.inputs.shape[0]):
-            leaves = {n: getattr(module, n).detach().requires_grad_(True) for n in names}
-            y = functional_call(module, leaves, (call.inputs[i : i + 1],), strict=False)
-            if y.shape[1:] != g.shape[1:]:
-                raise NotImplementedError(
-                    f"Cannot replay {type(module).__name__} for per-example gradients (output shape changed); "
-                    "exclude its parameters with param_filter."
-                )
-            grads = torch.autograd.grad(y, list(leaves.values()), g[i : i + 1].to(y.dtype), allow_unused=True)
-            for k, gr in enumerate(grads):
-                rows[k].append(torch.zeros_like(leaves[names[k]], dtype=ACC) if gr is None else gr.to(ACC))
-    return {pid: torch.stack(r) for pid, r in zip(pids, rows, strict=True)}
+        try:
+            grads = torch.func.vmap(vjp_one)(call.inputs, g)
+        except NotImplementedError:
+            raise
+        except Exception:  # an op without a batching rule: same products, one example at a time
+            rows = [vjp_one(call.inputs[i], g[i]) for i in range(call.inputs.shape[0])]
+            grads = {n: torch.stack([r[n] for r in rows]) for n in names}
+    return {id(getattr(module, n)): grads[n].to(ACC) for n in names}
 
 
 # ------------------------------------------------------------------------------------------ combining
