@@ -3,15 +3,34 @@
 Public API::
 
     from swift_callbacks import InfluenceCallback, load_pairs, load_scores
+
+Names are imported lazily so that light subpackages (``swift_callbacks.builders``, ``swift_callbacks.generation``)
+and the CLI start without importing torch.
 """
 
-from .callback import InfluenceCallback
-from .influence import InfluenceEngine, InfluenceResult
-from .sets import ExampleSet, SetError, load_set
-from .store import load_metrics, load_pairs, load_scores
-from .studies import Metric, Study, clarify_study, cot_study, evaluation_study
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "InfluenceCallback": "callback",
+    "InfluenceEngine": "influence",
+    "InfluenceResult": "influence",
+    "ExampleSet": "sets",
+    "SetError": "sets",
+    "load_set": "sets",
+    "load_metrics": "store",
+    "load_pairs": "store",
+    "load_scores": "store",
+    "Metric": "studies",
+    "Study": "studies",
+    "clarify_study": "studies",
+    "cot_study": "studies",
+    "evaluation_study": "studies",
+}
 
 __all__ = [
     "ExampleSet",
@@ -30,3 +49,23 @@ __all__ = [
     "load_scores",
     "load_set",
 ]
+
+if TYPE_CHECKING:
+    from .callback import InfluenceCallback
+    from .influence import InfluenceEngine, InfluenceResult
+    from .sets import ExampleSet, SetError, load_set
+    from .store import load_metrics, load_pairs, load_scores
+    from .studies import Metric, Study, clarify_study, cot_study, evaluation_study
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'swift_callbacks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -80,3 +80,15 @@ def test_store_set_aside_never_overwrites(tmp_path):
         store.write_step(3, pd.DataFrame({"step": [3]}))
         store.set_aside(-1, "previous-run")
     assert sorted(p.name for p in (store.root / "superseded").iterdir()) == ["previous-run", "previous-run-2"]
+
+
+def test_public_api_is_lazy_and_complete():
+    import subprocess
+    import sys
+
+    import swift_callbacks
+
+    code = "import sys, swift_callbacks, swift_callbacks.sets; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    for name in swift_callbacks.__all__:
+        assert getattr(swift_callbacks, name) is not None
