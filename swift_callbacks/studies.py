@@ -123,9 +123,10 @@ def merge_studies(
                         "pass the same object to both studies or rename one."
                     )
                 target[name] = source
-        metrics.extend(m for m in study.metrics if m not in metrics)
-    labels = [m.label for m in metrics]
-    dup = sorted({x for x in labels if labels.count(x) > 1})
-    if dup:
-        raise ValueError(f"Metric labels {dup} are defined by more than one study.")
+        for m in study.metrics:
+            same = next((k for k in metrics if k.label == m.label), None)
+            if same is None:
+                metrics.append(m)
+            elif (same.probe_set, same.eval_set, same.context) != (m.probe_set, m.eval_set, m.context):
+                raise ValueError(f"Metric {m.label!r} is defined differently by studies {same.study!r}, {m.study!r}.")
     return probes, evals, metrics
