@@ -33,3 +33,14 @@ def test_demo_runs_a_complete_cot_study(tmp_path, capsys):
 def test_cli_parses_demo():
     args = build_parser().parse_args(["demo", "--output-dir", "x", "--model", "some/model"])
     assert (args.output_dir, args.model, args.command) == ("x", "some/model", "demo")
+
+
+@pytest.mark.slow
+def test_demo_with_a_model_path_uses_the_real_loading_code(tmp_path):
+    from swift_callbacks.demo.tiny import build_demo_assets
+
+    model_dir = tmp_path / "local-model"
+    build_demo_assets(model_dir)
+    cfg = DemoConfig(output_dir=str(tmp_path / "out"), model=str(model_dir), epochs=0.2, save_every=4)
+    result = run_demo(cfg)
+    assert len(load_scores(result["run_dir"]).step.unique()) >= 3
