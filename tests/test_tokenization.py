@@ -39,3 +39,19 @@ def test_sets_match_training_tokenization(tmp_path, to_row, extra):
         assert trained[tuple(ex["input_ids"])] == ex["labels"]
     if extra or "prompt" in rows[0]:  # completion-only / assistant-only: the prompt is masked
         assert all(ex["labels"][0] == -100 for ex in cb.probe_sets[0].examples)
+
+
+def test_plain_trainer_takes_pretokenized_sets(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from swift_callbacks import SetError
+
+    tok = build_tokenizer(demo_corpus())
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    trainer = Trainer(model=build_model(tok), args=args)
+    ids = tok("What is 1 plus 1? 2")["input_ids"]
+    rows = [{"id": "x", "input_ids": ids, "labels": [-100] * 6 + ids[6:]}]
+    cb = InfluenceCallback(trainer, probe_sets={"p": rows}, eval_sets={"e": rows})
+    assert cb.probe_sets[0].examples == [{"input_ids": ids, "labels": rows[0]["labels"]}]
+    with pytest.raises(SetError, match="give the set pre-tokenized"):
+        InfluenceCallback(trainer, probe_sets={"p": ROWS}, eval_sets={"e": ROWS})
