@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help="local path or Hub id of a causal LM (default: a tiny model)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    from .builders.cli import add_build_parser
+
+    add_build_parser(sub)
     return parser
 
 

@@ -1,5 +1,72 @@
-"""LLM generation backends behind one interface, with a persistent cache (no torch import at module load)."""
+"""LLM generation backends behind one interface, with a persistent cache.
+
+Importing this package is cheap and never imports torch, transformers, openai or vLLM: the backends are loaded
+on first use (``from swift_callbacks.generation import TransformersBackend`` imports only that module, and it
+imports torch only when a backend is built).
+
+Example::
+
+    from swift_callbacks.generation import GenerationRequest, Generator, OpenAICompatibleBackend
+
+    backend = OpenAICompatibleBackend("http://127.0.0.1:8000/v1", "Qwen/Qwen3-8B")
+    results = Generator(backend, ".swift_cache/generation").run(
+        [GenerationRequest.chat("q1", [{"role": "user", "content": "What is 2 + 2?"}])]
+    )
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from .base import Backend, GenerationRequest, GenerationResult, SamplingParams, ScriptedBackend
+from .cache import GenerationCache
+from .runner import Generator, RunStats
 
-__all__ = ["Backend", "GenerationRequest", "GenerationResult", "SamplingParams", "ScriptedBackend"]
+# Loaded on first access: each pulls in a heavy or optional dependency (openai, torch/transformers, vllm).
+_LAZY = {
+    "OpenAICompatibleBackend": "openai_backend",
+    "TransformersBackend": "transformers_backend",
+    "VLLMBackend": "vllm_backend",
+    "BackendConfigError": "factory",
+    "add_backend_arguments": "factory",
+    "backend_from_args": "factory",
+    "sampling_from_args": "factory",
+}
+
+__all__ = [
+    "Backend",
+    "BackendConfigError",
+    "GenerationCache",
+    "GenerationRequest",
+    "GenerationResult",
+    "Generator",
+    "OpenAICompatibleBackend",
+    "RunStats",
+    "SamplingParams",
+    "ScriptedBackend",
+    "TransformersBackend",
+    "VLLMBackend",
+    "add_backend_arguments",
+    "backend_from_args",
+    "sampling_from_args",
+]
+
+if TYPE_CHECKING:
+    from .factory import BackendConfigError, add_backend_arguments, backend_from_args, sampling_from_args
+    from .openai_backend import OpenAICompatibleBackend
+    from .transformers_backend import TransformersBackend
+    from .vllm_backend import VLLMBackend
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -1,0 +1,195 @@
+"""Reading build inputs (JSONL, JSON, CSV/TSV, Parquet, hub datasets) and writing outputs atomically.
+
+Inputs are read row by row so that one bad line (invalid UTF-8, invalid JSON) becomes a reject instead of
+stopping the build. Outputs are written to a temporary file and renamed into place, so a reader never sees half
+a file; the generation cache, not the output file, is what keeps a crashed build's finished work.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from .records import Reject
+
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+SourceRows = list[tuple[int, Any]]  # (position in the input, row as read)
+
+
+def read_source(
+    source: str | os.PathLike, *, split: str | None = None, config: str | None = None, limit: int | None = None
+) -> tuple[SourceRows, list[Reject]]:
+    """Reads the rows of a local file or a hub dataset.
+
+    Args:
+        source: A ``.jsonl``/``.json``/``.csv``/``.tsv``/``.parquet`` path, or a dataset id for
+            ``datasets.load_dataset`` (anything that is not an existing path and has no file suffix).
+        split: Dataset split (hub datasets only; default ``"train"``).
+        config: Dataset configuration name (hub datasets only).
+        limit: Read at most this many rows.
+
+    Returns:
+        ``(position, row)`` pairs and a reject for each line that could not be read.
+
+    Raises:
+        FileNotFoundError: A path with a file suffix that does not exist.
+        ValueError: A file suffix this reader does not know, or a JSON array file that is not valid UTF-8/JSON.
+    """
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if path.is_file():
+        if suffix not in FILE_SUFFIXES:
+            raise ValueError(f"unknown input file type {suffix!r} for {str(path)!r}; use one of {FILE_SUFFIXES}")
+        return _READERS[suffix](path, limit)
+    if suffix in FILE_SUFFIXES or path.is_dir():
+        raise FileNotFoundError(f"input file {str(path)!r} does not exist")
+    return _read_hub(str(source), split, config, limit), []
+
+
+def _read_jsonl(path: Path, limit: int | None) -> tuple[SourceRows, list[Reject]]:
+    rows: SourceRows = []
+    rejects: list[Reject] = []
+    position = 0
+    for line_no, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if limit is not None and position >= limit:
+            break
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            bad = {"line": line_no, "text": raw.decode("utf-8", "backslashreplace")}
+            rejects.append(Reject(str(position), "read", "invalid UTF-8", bad, f"{err.reason} at byte {err.start}"))
+        except json.JSONDecodeError as err:
+            bad = {"line": line_no, "text": raw.decode("utf-8")}
+            rejects.append(Reject(str(position), "read", "invalid JSON", bad, err.msg))
+        else:
+            rows.append((position, row))
+        position += 1
+    return rows, rejects
+
+
+def _read_json(path: Path, limit: int | None) -> tuple[SourceRows, list[Reject]]:
+    head = path.read_bytes()[:4096].lstrip()
+    if not head.startswith(b"["):
+        return _read_jsonl(path, limit)  # a .json file holding JSON lines
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{str(path)!r} is not a valid UTF-8 JSON array ({err}); use JSON lines to skip bad rows"
+        ) from err
+    return list(enumerate(data[:limit] if limit is not None else data)), []
+
+
+def _read_csv(path: Path, limit: int | None) -> tuple[SourceRows, list[Reject]]:
+    # surrogateescape keeps undecodable bytes as lone surrogates, so the CSV reader still sees quoted multi-line
+    # cells whole, and each record with bad bytes can be rejected on its own.
+    text = path.read_bytes().decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    rows: SourceRows = []
+    rejects: list[Reject] = []
+    reader = csv.DictReader(_io.StringIO(text, newline=""), delimiter=delimiter)
+    for position, record in enumerate(reader):
+        if limit is not None and position >= limit:
+            break
+        if _has_surrogates(record):
+            bad = {"line": reader.line_num, "row": {str(k): _printable(v) for k, v in record.items()}}
+            detail = f"undecodable bytes near line {reader.line_num}"
+            rejects.append(Reject(str(position), "read", "invalid UTF-8", bad, detail))
+        else:
+            rows.append((position, record))
+    return rows, rejects
+
+
+def _has_surrogates(record: dict) -> bool:
+    return any(isinstance(v, str) and _printable(v) != v for v in [*record.keys(), *record.values()])
+
+
+def _printable(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
+
+
+def _read_parquet(path: Path, limit: int | None) -> tuple[SourceRows, list[Reject]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if limit is not None:
+        table = table.slice(0, limit)
+    return list(enumerate(table.to_pylist())), []
+
+
+def _read_hub(name: str, split: str | None, config: str | None, limit: int | None) -> SourceRows:
+    from datasets import load_dataset
+
+    dataset = load_dataset(name, config, split=split or "train")
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return list(enumerate(dataset))
+
+
+_READERS: dict[str, Callable[[Path, int | None], tuple[SourceRows, list[Reject]]]] = {
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".tsv": _read_csv,
+    ".parquet": _read_parquet,
+}
+
+
+def rejects_path(output: str | os.PathLike) -> Path:
+    """``out.jsonl`` -> ``out.rejects.jsonl``."""
+    path = Path(output)
+    return path.with_name(f"{_stem(path)}.rejects.jsonl")
+
+
+def group_path(output: str | os.PathLike, group: str) -> Path:
+    """One dataset of a grouped build: ``out.jsonl`` and group ``exaggeration`` -> ``out.exaggeration.jsonl``."""
+    path = Path(output)
+    return path.with_name(f"{_stem(path)}.{group}{path.suffix or '.jsonl'}")
+
+
+def _stem(path: Path) -> str:
+    return path.stem if path.suffix.lower() in (*FILE_SUFFIXES, ".yaml", ".yml") else path.name
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
+    """Writes rows as JSON lines, atomically (temporary file, fsync, rename)."""
+
+    def write(fh: IO[bytes]) -> None:
+        for row in rows:
+            line = json.dumps(row, ensure_ascii=False, default=str) + "\n"
+            fh.write(line.encode("utf-8", "backslashreplace"))  # lone surrogates from a bad input row stay visible
+
+    return _atomic_write(Path(path), write)
+
+
+def write_yaml(path: str | os.PathLike, data: Any) -> Path:
+    """Writes a YAML document, atomically."""
+    text = yaml.safe_dump(data, allow_unicode=True, sort_keys=False, width=100)
+    return _atomic_write(Path(path), lambda fh: fh.write(text.encode("utf-8")))
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,65 @@
+"""End to end: ``swift-study build cot`` through OpenAICompatibleBackend against the local test chat server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from chat_server import ChatServer
+
+from swift_callbacks import load_set
+from swift_callbacks.builders import load_templates
+from swift_callbacks.builders.cli import add_build_parser
+
+REFS = [
+    {"id": "add", "query": "What is 38 plus 49?", "response": "87", "task": "math"},
+    {"id": "cap", "query": "Name the capital of France.", "response": "Paris", "task": "geo"},
+    {"id": "sub", "query": "What is 9 minus 4?", "response": "5", "task": "math"},
+]
+REPLIES = {
+    "add": "30 plus 40 is 70, and 8 plus 9 is 17; 70 plus 17 is 87. So the answer is 87.",
+    "cap": "France's government sits in its capital city. So the answer is Paris.",
+    "sub": "Taking 4 from 9 leaves 6. So the answer is 6.",  # wrong on purpose: must be rejected
+}
+
+
+def user_message(ref: dict) -> str:
+    """The user message the cot builder sends for a reference (the server answers by it)."""
+    templates = load_templates("en")
+    query = ref["query"] + templates.text("cot", "directive")
+    return templates.messages("cot", query=query, response=ref["response"])[-1]["content"]
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="swift-study")
+    add_build_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_build_cot_through_an_openai_compatible_server(tmp_path, capsys):
+    source = tmp_path / "refs.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in REFS), encoding="utf-8")
+    out = tmp_path / "cot.jsonl"
+    replies = {user_message(ref): REPLIES[ref["id"]] for ref in REFS}
+    with ChatServer(replies=replies) as server:
+        server.inject(user_message(REFS[1]), "500")  # one transient failure, retried by the backend
+        argv = ["build", "cot", "--input", str(source), "--output", str(out), "--base-url", server.base_url,
+                "--model", "test-model", "--cache-dir", str(tmp_path / "cache"), "--max-retries", "2"]  # fmt: skip
+        assert run_cli(argv) == 0
+        assert server.total == 4  # three requests, one retried
+        assert "3 requests: 0 cached, 3 sent, 3 ok, 0 failed" in capsys.readouterr().out
+        example_set = load_set("cot", out)
+        assert example_set.ids == ["add/cot", "cap/cot"] and example_set.tasks == ["math", "geo"]
+        row = example_set.rows[0]
+        assert row["completion"] == " " + REPLIES["add"]
+        assert (row["generator_backend"], row["generator_model"]) == ("openai", "test-model")
+        rejects = [json.loads(line) for line in (tmp_path / "cot.rejects.jsonl").read_text().splitlines()]
+        assert [(r["source_id"], r["reason"]) for r in rejects] == [("sub", "answer mismatch")]
+        system = server.bodies[0]["messages"][0]
+        assert system["role"] == "system" and server.bodies[0]["temperature"] == 0.0
+
+        assert run_cli(argv) == 0  # a rerun regenerates nothing
+        assert server.total == 4
+        assert "3 requests: 3 cached, 0 sent" in capsys.readouterr().out
+    assert out.read_text(encoding="utf-8").count("\n") == 2
