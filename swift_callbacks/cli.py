@@ -22,8 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     from .builders.cli import add_build_parser
+    from .report.cli import add_report_parser
 
     add_build_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

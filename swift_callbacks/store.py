@@ -22,9 +22,6 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-import torch
-
-from .influence.scores import block_scores
 
 STORE_DIR = "swift_influence"
 _STEP_FILE = re.compile(r"^step-(\d+)\.parquet$")
@@ -159,6 +156,11 @@ def load_scores(output_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 def scores_from_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per-block scores from a pairs table (the same arithmetic the callback logs)."""
+    import torch  # here, not at import: reading a history needs no torch until scores are computed
+
+    from .influence.scores import block_scores
+
     rows = []
     for (step, probe_set, eval_set), block in pairs.groupby(["step", "probe_set", "eval_set"], sort=True):
         s = block_scores(torch.tensor(block["relinf"].to_numpy()), torch.tensor(block["paired"].to_numpy()))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from swift_callbacks import load_metrics, load_scores
@@ -27,6 +29,7 @@ def test_demo_runs_a_complete_cot_study(tmp_path, capsys):
     steps = sorted(load_scores(result["run_dir"]).step.unique())
     assert steps[0] == 0 and len(steps) >= 4  # step 0 + at least 3 saves
     assert (tmp_path / "cot_study.png").stat().st_size > 10_000
+    assert "CoT → Cross-task non-CoT" in Path(result["report"]).read_text(encoding="utf-8")
     assert list((tmp_path / "run" / "runs").rglob("events.out.tfevents.*"))
 
 

@@ -6,7 +6,8 @@
    model that already knows something (a real pretrained model needs no warm-up).
 3. The study: LoRA SFT (up/down projections, as in the paper) on the base set with ``InfluenceCallback``
    tracking the CoT study (Z, Z', Z'') at step 0 and every save.
-4. A PNG figure of the four CoT-study curves and a summary table.
+4. A PNG figure of the four CoT-study curves (like the paper's Figure 1), a summary table, and the full
+   ``swift-study report`` (per-context panels, verdicts, length/gradient-norm diagnostics).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..report import plot_metrics, summary_table
+from ..report import build_report, plot_metrics, summary_table
 from .tiny import build_model, build_tokenizer, demo_corpus, load_rows
 
 logger = logging.getLogger(__name__)
@@ -114,14 +115,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     figure = out / "cot_study.png"
     plot_metrics(load_pairs(run_dir), metrics, figure, title="Swift study on CoT data (demo)")
     table = summary_table(metrics)
+    report = build_report(run_dir)
     accuracy = _accuracy(trainer.model, tok)
     _say(f"done in {time.perf_counter() - start:.0f}s")
     print("\nCoT swift study, average RelInf by metric over the recorded steps:")
     print(table.to_string(float_format=lambda v: f"{v:+.4f}"))
     print(f"\nexact-match accuracy of the final model on Z' (held-out, greedy): {accuracy:.0%}")
-    print(f"history: {run_dir}/swift_influence   figure: {figure}")
+    print(f"history: {run_dir}/swift_influence   figure: {figure}   report: {report}")
     print(f"load it with: swift_callbacks.load_scores({run_dir!r})")
-    return {"run_dir": run_dir, "figure": str(figure), "summary": table, "accuracy": accuracy}
+    return {"run_dir": run_dir, "figure": str(figure), "report": str(report), "summary": table, "accuracy": accuracy}
 
 
 def _accuracy(model, tok) -> float:

@@ -1,5 +1,61 @@
-"""Figures and summaries that read only the influence store."""
+"""Figures, verdicts and diagnostics that read only the influence store.
 
-from .figures import plot_metrics, summary_table
+Public API::
 
-__all__ = ["plot_metrics", "summary_table"]
+    from swift_callbacks.report import build_report, add_report_parser
+
+    build_report("out")                 # out/report/report.md + PNG figures
+    build_report("out", fmt="html")     # out/report/report.html, one self-contained file
+    analyse("out").verdicts             # the numbers alone, no figure drawn
+
+Names are imported lazily: the package imports without pandas, matplotlib or torch, so ``swift-study`` can
+register the ``report`` command for free.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "Analysis": "build",
+    "ReportError": "history",
+    "analyse": "build",
+    "add_report_parser": "cli",
+    "build_report": "build",
+    "plot_diagnostics": "figures",
+    "plot_metrics": "figures",
+    "plot_panels": "figures",
+    "summary_table": "figures",
+}
+
+__all__ = [
+    "Analysis",
+    "ReportError",
+    "add_report_parser",
+    "analyse",
+    "build_report",
+    "plot_diagnostics",
+    "plot_metrics",
+    "plot_panels",
+    "summary_table",
+]
+
+if TYPE_CHECKING:
+    from .build import Analysis, analyse, build_report
+    from .cli import add_report_parser
+    from .figures import plot_diagnostics, plot_metrics, plot_panels, summary_table
+    from .history import ReportError
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'swift_callbacks.report' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,0 +1,50 @@
+"""``swift-study report OUTPUT_DIR [--format md|html] [--out PATH]``: the argument parser and its handler.
+
+Importing this module is cheap (argparse only), so the ``swift-study`` entry point can register the command
+without loading pandas, matplotlib or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``report`` command on ``swift-study``'s sub-command parsers; returns its parser."""
+    parser = subparsers.add_parser(
+        "report",
+        help="figures, verdicts and diagnostics of a run's influence history (Markdown or one HTML file)",
+        description="Report a run's influence history: per study, figures like the swift-study paper's Figures "
+        "1-3 with 95%% bootstrap bands, a verdict table per strategy against its plain-QA baseline, and "
+        "length / gradient-norm / cosine diagnostics.",
+    )
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="training output_dir holding swift_influence/")
+    parser.add_argument(
+        "--format",
+        dest="fmt",
+        choices=("md", "html"),
+        default="md",
+        help="md: report.md with PNG files beside it; html: one self-contained file (default: md)",
+    )
+    parser.add_argument(
+        "--out", default=None, metavar="PATH", help="report file (default: OUTPUT_DIR/report/report.md or .html)"
+    )
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples per band point")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")  # fmt: skip
+    parser.set_defaults(func=run_report)
+    return parser
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Build the report; print its path, or the reason there is none (exit status 1)."""
+    from .build import build_report
+    from .history import ReportError
+
+    try:
+        path = build_report(args.output_dir, fmt=args.fmt, out=args.out, resamples=args.resamples, seed=args.seed)
+    except ReportError as err:
+        print(f"swift-study report: error: {err}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
