@@ -23,8 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     from .builders.cli import add_build_parser
     from .report.cli import add_report_parser
+    from .scoring import add_score_parser
+    from .training.train import add_train_parser
 
     add_build_parser(sub)
+    add_train_parser(sub)
+    add_score_parser(sub)
     add_report_parser(sub)
     return parser
 

@@ -1,0 +1,263 @@
+"""Post-hoc scoring: the influence history of an existing run, computed over its saved ``checkpoint-N`` folders.
+
+This is the paper's original workflow (train first, score the checkpoints afterwards) and the way to score a run
+trained without ``InfluenceCallback``, or to add sets to a finished run. The numbers are those the callback would
+have logged inline at each save: the sets are tokenized by the same ``InfluenceCallback`` on an ``SFTTrainer``
+built from the same training config (never trained), the checkpoint weights are those the live model had at the
+save, and the history is written in the same store (``swift_influence/pairs/step-N.parquet``; ``load_pairs``,
+``load_scores`` and ``swift-study report`` read it). Steps already in the history are skipped, so an interrupted
+scoring run continues where it stopped and a run scored inline is left alone.
+
+    swift-study score --run runs/cot-paper                       # config: runs/cot-paper/swift_train_config.yaml
+    swift-study score --run OUTPUT_DIR --config recipes/cot/config_paper.yaml
+
+Checkpoints with a LoRA adapter (``adapter_config.json``) are loaded as the config's base model plus
+``PeftModel.from_pretrained(..., is_trainable=True)``; others as full weights with ``AutoModelForCausalLM``. Each
+later checkpoint's weights are copied into the same model, so the base model is loaded once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .training.config import ConfigError, TrainConfig, load_config
+
+logger = logging.getLogger(__name__)
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every ``checkpoint-N`` folder of a run, by step."""
+    run = Path(run_dir)
+    found = [(int(m.group(1)), p) for p in run.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    return sorted(found)
+
+
+def score_run(
+    run_dir: str | os.PathLike,
+    config: TrainConfig | str | os.PathLike | None = None,
+    *,
+    output_dir: str | os.PathLike | None = None,
+    steps: Iterable[int] | None = None,
+) -> list[int]:
+    """Compute the influence history of ``run_dir``'s checkpoints that the history does not have yet.
+
+    Args:
+        run_dir: The training ``output_dir`` holding ``checkpoint-N`` folders.
+        config: The training config (object or YAML path) whose ``model``, ``training`` (tokenization fields such
+            as ``max_length``), ``data`` (the training data's format decides TRL's completion-only loss) and
+            ``influence`` sections apply. Default: ``run_dir/swift_train_config.yaml``, written by
+            ``swift-study train``.
+        output_dir: Where the history goes (default ``run_dir``). When it is ``run_dir``, each scored checkpoint
+            also gets the history sidecar the callback writes, so training can later resume from it with the
+            callback and no gap.
+        steps: Score only these checkpoint steps.
+
+    Returns:
+        The steps scored by this call (checkpoints already in the history are skipped).
+
+    Raises:
+        ConfigError: No config, or a config without an ``influence`` section.
+        FileNotFoundError: ``run_dir`` has no checkpoint (of the requested steps).
+        ValueError: Checkpoints of one run with different adapter configurations.
+    """
+    from .store import InfluenceStore
+
+    run = Path(run_dir)
+    config = _resolve_config(run, config)
+    if config.influence is None:
+        raise ConfigError("influence: the config has no influence section, so there is nothing to score")
+    out = Path(output_dir) if output_dir is not None else run
+    checkpoints = list_checkpoints(run)
+    if steps is not None:
+        wanted = set(steps)
+        checkpoints = [(s, p) for s, p in checkpoints if s in wanted]
+    if not checkpoints:
+        raise FileNotFoundError(f"{run} has no checkpoint-N folder{' of the requested steps' if steps else ''}.")
+    # Every rank lists the history before any rank can write to it (writing waits for all ranks' share of the
+    # first computation), so under a multi-process launch all ranks agree on the pending steps.
+    done = set(InfluenceStore(out).steps())
+    pending = [(s, p) for s, p in checkpoints if s not in done]
+    skipped = [s for s, _ in checkpoints if s in done]
+    if skipped:
+        logger.info("Skipping steps already in the history of %s: %s", out, skipped)
+    if not pending:
+        return []
+    trainer, callback = _scoring_trainer(config, pending[0][1], out)
+    _write_metric_specs(callback)
+    scored = []
+    for index, (step, checkpoint) in enumerate(pending):
+        if index:
+            _load_weights(trainer.model, checkpoint, pending[0][1], config)
+        start = time.perf_counter()
+        _score_step(trainer, callback, step)
+        logger.info("Scored %s (step %d) in %.1fs", checkpoint.name, step, time.perf_counter() - start)
+        scored.append(step)
+    return scored
+
+
+def _resolve_config(run: Path, config: TrainConfig | str | os.PathLike | None) -> TrainConfig:
+    if isinstance(config, TrainConfig):
+        return config
+    if config is None:
+        from .training.train import CONFIG_FILE
+
+        config = run / CONFIG_FILE
+        if not config.exists():
+            raise ConfigError(
+                f"{run} has no {CONFIG_FILE} (it is written by swift-study train); pass the training config with "
+                "--config"
+            )
+    return load_config(config)
+
+
+def _scoring_trainer(config: TrainConfig, first_checkpoint: Path, out: Path):
+    """An ``SFTTrainer`` on the first checkpoint's model, configured like training, and its callback."""
+    from trl import SFTTrainer
+
+    from .training.assets import load_model, load_tokenizer
+    from .training.data import build_mixture
+    from .training.tracking import build_callback
+    from .training.train import sft_config
+
+    # Only the tokenization-relevant settings matter here. Logging backends, evaluation and Hub pushes are off:
+    # this trainer never trains, and nothing but the history may be written.
+    args = sft_config(
+        config.training, output_dir=str(out), report_to=[], eval_strategy="no", load_best_model_at_end=False,
+        push_to_hub=False,
+    )  # fmt: skip
+    tokenizer = load_tokenizer(config.model)
+    if (first_checkpoint / ADAPTER_CONFIG).exists():
+        from peft import PeftModel
+
+        base = load_model(config.model, tokenizer)
+        model = PeftModel.from_pretrained(base, str(first_checkpoint), is_trainable=True)
+    else:
+        model = load_model(config.model, tokenizer, name_or_path=str(first_checkpoint))
+    # SFTTrainer decides completion-only loss from the first training example's format, and the sets are tokenized
+    # with that decision: one row of the real training mixture reproduces it without preparing the whole set.
+    with args.main_process_first(desc="loading the training data"):
+        sample = build_mixture(config.data.train, config.data.seed, config.data.shuffle).select([0])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=sample, processing_class=tokenizer)
+    return trainer, build_callback(trainer, config.influence)
+
+
+def _load_weights(model, checkpoint: Path, first_checkpoint: Path, config: TrainConfig) -> None:
+    """Copy ``checkpoint``'s weights into ``model`` in place (the callback's engine keeps hooks on its modules)."""
+    if (first_checkpoint / ADAPTER_CONFIG).exists():
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        if not (checkpoint / ADAPTER_CONFIG).exists():
+            raise ValueError(f"{checkpoint} has no LoRA adapter, but {first_checkpoint.name} of the same run has one.")
+        if _adapter_settings(checkpoint) != _adapter_settings(first_checkpoint):
+            raise ValueError(f"{checkpoint} has a different adapter configuration than {first_checkpoint.name}.")
+        result = set_peft_model_state_dict(model, load_peft_weights(str(checkpoint), device="cpu"))
+        if result.unexpected_keys:
+            raise ValueError(f"{checkpoint}: adapter weights {result.unexpected_keys[:5]} do not fit the model.")
+        return
+    from .training.assets import load_model
+
+    fresh = load_model(config.model, None, name_or_path=str(checkpoint))
+    model.load_state_dict(fresh.state_dict())
+    del fresh
+
+
+def _adapter_settings(checkpoint: Path) -> dict:
+    settings = json.loads((checkpoint / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    # Where the base model came from may be recorded differently by different saves; the adapter's shape may not.
+    for key in ("base_model_name_or_path", "revision", "inference_mode"):
+        settings.pop(key, None)
+    return settings
+
+
+def _score_step(trainer, callback, step: int) -> None:
+    """What the callback does at a save of ``step``: compute, log, write the step and the checkpoint sidecar."""
+    from transformers import TrainerControl, TrainerState
+
+    trainer.state.global_step = step  # the logged record carries the checkpoint's step
+    state = TrainerState(
+        global_step=step,
+        is_local_process_zero=trainer.is_local_process_zero(),
+        is_world_process_zero=trainer.is_world_process_zero(),
+    )
+    callback.on_save(trainer.args, state, TrainerControl())
+
+
+def _write_metric_specs(callback) -> None:
+    """Record the study metric names in the history (kept from an earlier config when labels differ)."""
+    if not callback.metrics or not callback.trainer.is_world_process_zero():
+        return
+    path = callback.store.root / "metrics.json"
+    specs = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    for m in callback.metrics:
+        specs[m.label] = {"study": m.study, "probe_set": m.probe_set, "eval_set": m.eval_set, "context": m.context}
+    callback.store.write_metrics(specs)
+
+
+# --------------------------------------------------------------------------------------------- command line
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="the training output_dir with checkpoint-N folders")
+    parser.add_argument(
+        "--config", default=None,
+        help="training config YAML (default: RUN/swift_train_config.yaml, written by swift-study train)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set influence.engine.micro_batch_size=4 (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--output-dir", default=None, help="write the history here instead of into RUN")
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help="score only these checkpoint steps")
+
+
+def add_score_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``score`` to a ``swift-study`` subparsers object; returns the new parser."""
+    parser = subparsers.add_parser(
+        "score", help="compute the influence history over the saved checkpoints of an existing run (post hoc)"
+    )
+    add_score_arguments(parser)
+    parser.set_defaults(func=score_command)
+    return parser
+
+
+def score_command(args: argparse.Namespace) -> int:
+    """Run ``score`` from parsed arguments; a config error is printed (with its key path) and returns 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("swift_callbacks").setLevel(logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        config = None
+        if args.config is not None or args.overrides:
+            from .training.train import CONFIG_FILE
+
+            config = load_config(args.config or Path(args.run) / CONFIG_FILE, args.overrides)
+        scored = score_run(args.run, config, output_dir=args.output_dir, steps=args.steps)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"scored steps {scored}" if scored else "nothing to score: every checkpoint is already in the history")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m swift_callbacks.scoring",
+        description="Compute the influence history over the saved checkpoints of an existing run.",
+    )
+    add_score_arguments(parser)
+    return score_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Post-hoc scoring (``swift_callbacks.scoring``) of runs trained without the callback: the paper's original
+workflow. A run trained with ``--no-influence`` and scored afterwards must have the history an identical run with
+the callback recorded inline (training is bit-identical with and without it), for LoRA adapters and for full
+fine-tuning checkpoints.
+"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from helpers import torch_threads
+from recipe_runs import assert_same_history, recipe, train_in_process
+
+from swift_callbacks import load_metrics, load_pairs
+from swift_callbacks.scoring import list_checkpoints, score_run
+from swift_callbacks.scoring import main as score_main
+from swift_callbacks.store import STORE_DIR, list_steps, store_dir
+from swift_callbacks.training import ConfigError, load_config
+
+pytestmark = pytest.mark.slow
+CHECKPOINT_STEPS = [2, 4]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def clarify_runs(tmp_path_factory):
+    """The clarification tiny recipe (LoRA) trained twice: with the callback, and without it."""
+    base = tmp_path_factory.mktemp("clarify")
+    train_in_process("clarify", base / "inline")
+    train_in_process("clarify", base / "plain", influence=False)
+    return base / "inline", base / "plain"
+
+
+def test_run_without_callback_has_no_history(clarify_runs):
+    _, plain = clarify_runs
+    assert not store_dir(plain).exists()
+    assert [s for s, _ in list_checkpoints(plain)] == CHECKPOINT_STEPS
+    assert not (plain / "checkpoint-2" / STORE_DIR).exists()
+
+
+def test_scoring_a_plain_run_gives_the_inline_history(clarify_runs):
+    inline, plain = clarify_runs
+    assert score_run(plain, recipe("clarify")) == CHECKPOINT_STEPS
+    expected = load_pairs(inline)
+    assert_same_history(load_pairs(plain), expected[expected.step.isin(CHECKPOINT_STEPS)], rtol=1e-5)
+    assert set(load_metrics(plain).metric) == set(load_metrics(inline).metric)
+    # Like the callback, scoring leaves a resume sidecar in each checkpoint it scored.
+    assert list_steps(plain / "checkpoint-2" / STORE_DIR) == [2]
+    assert list_steps(plain / "checkpoint-4" / STORE_DIR) == CHECKPOINT_STEPS
+    # Scoring again finds nothing to do (the command line says so).
+    assert score_run(plain, recipe("clarify")) == []
+
+
+def test_score_command(clarify_runs, capsys):
+    _, plain = clarify_runs
+    for _ in range(2):  # config: the run's own swift_train_config.yaml; the second call finds step 2 recorded
+        assert score_main(["--run", str(plain), "--steps", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("nothing to score")
+    assert score_main(["--run", str(plain), "--set", "influence.engine.rout=ghost"]) == 2
+    assert "influence.engine.rout: unknown key; did you mean 'route'?" in capsys.readouterr().err
+
+
+def test_full_finetuning_checkpoints(tmp_path):
+    """Without a lora section the checkpoints hold full weights, loaded with AutoModelForCausalLM."""
+    full = ["lora=null", "training.learning_rate=1e-4"]
+    train_in_process("evaluation", tmp_path / "inline", *full)
+    trainer = train_in_process("evaluation", tmp_path / "plain", *full, influence=False)
+    assert not hasattr(trainer.model, "peft_config")
+    assert not (tmp_path / "plain" / "checkpoint-2" / "adapter_config.json").exists()
+    config = load_config(recipe("evaluation"), [f"training.output_dir={tmp_path / 'plain'}", *full])
+    assert score_run(tmp_path / "plain", config) == CHECKPOINT_STEPS
+    expected = load_pairs(tmp_path / "inline")
+    assert_same_history(load_pairs(tmp_path / "plain"), expected[expected.step.isin(CHECKPOINT_STEPS)], rtol=1e-5)
+
+
+def test_scoring_errors(clarify_runs, tmp_path):
+    _, plain = clarify_runs
+    no_influence = yaml.safe_load(recipe("clarify").read_text(encoding="utf-8"))
+    del no_influence["influence"]
+    path = tmp_path / "no-influence.yaml"
+    path.write_text(yaml.safe_dump(no_influence), encoding="utf-8")
+    with pytest.raises(ConfigError, match="influence: the config has no influence section"):
+        score_run(plain, path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint-N folder"):
+        score_run(tmp_path, recipe("clarify"))
+    with pytest.raises(FileNotFoundError, match="of the requested steps"):
+        score_run(plain, recipe("clarify"), steps=[3])
+    with pytest.raises(ConfigError, match=r"has no swift_train_config\.yaml"):
+        (tmp_path / "checkpoint-1").mkdir()
+        score_run(tmp_path)
+
+
+def test_model_from_a_local_folder(tmp_path):
+    """The Hub code path (AutoTokenizer / AutoModelForCausalLM.from_pretrained) on a saved tiny model folder."""
+    from swift_callbacks.demo.tiny import build_demo_assets
+
+    build_demo_assets(tmp_path / "model", hidden_size=64, num_layers=2, seed=0)
+    model = [f"model.name_or_path={tmp_path / 'model'}", "model.dtype=float32"]
+    train_in_process("cot", tmp_path / "run", *model)
+    config = load_config(recipe("cot"), [f"training.output_dir={tmp_path / 'run'}", *model])
+    assert score_run(tmp_path / "run", config, output_dir=tmp_path / "posthoc") == CHECKPOINT_STEPS
+    expected = load_pairs(tmp_path / "run")
+    assert_same_history(load_pairs(tmp_path / "posthoc"), expected[expected.step.isin(CHECKPOINT_STEPS)], rtol=1e-5)
