@@ -135,11 +135,14 @@ class InfluenceCallback(TrainerCallback):
 
     @property
     def engine(self) -> InfluenceEngine:
-        if self._engine is None:
+        # trainer.model is the unwrapped model under DDP/DeepSpeed and the FSDP root under FSDP (transformers makes
+        # it the wrapped module before on_train_begin): rebuild when it changes, never hold a stale module.
+        model = self.trainer.model
+        if self._engine is None or self._engine.model is not model:
             tok = self.trainer.processing_class
             tok = getattr(tok, "tokenizer", tok)
             pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            self._engine = InfluenceEngine(self.trainer.model, pad_token_id=pad or 0, **self._engine_kwargs)
+            self._engine = InfluenceEngine(model, pad_token_id=pad or 0, **self._engine_kwargs)
         return self._engine
 
     # ------------------------------------------------------------------------------------------ events

@@ -1,7 +1,10 @@
 """Forward hooks that record, for every tracked module, its inputs and (in-graph) outputs.
 
 The output tensors are later differentiated with ``torch.autograd.grad`` so that parameter ``.grad``, the
-optimizer and any DDP reducer never see the tracking pass.
+optimizer and any DDP reducer never see the tracking pass. Modules whose per-example gradients need their
+weights (norm layers and other non-linear modules, see ``modules.needs_weights``) also get a copy of their
+tracked parameters taken inside their forward: under FSDP and ZeRO-3 that is the only moment the parameters are
+whole, and reading them there needs no collective of its own.
 """
 
 from __future__ import annotations
@@ -11,15 +14,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .modules import Block
+from . import sharding
+from .modules import Block, needs_weights
 
 
 @dataclass
 class Call:
-    """One forward call of a tracked module: its first positional input and its output."""
+    """One forward call of a tracked module: its first positional input, its output, and (for modules that need
+    them) the values of its tracked parameters as used by this call, by attribute name."""
 
     inputs: torch.Tensor
     output: torch.Tensor
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -28,21 +34,40 @@ class Capture:
 
     Gradient checkpointing replays a module's forward inside the backward pass, firing its hooks a second
     time. Those replays are not new uses of the weights, so only calls made while ``recording`` is True count.
+
+    With ``embedding`` (the input-embedding module) it also keeps that module's outputs in ``embedding_outputs``.
+    ``copy_weights`` copies the recorded parameter values (needed when the model is sharded, whose gathered
+    parameters are freed after use).
     """
 
     blocks: list[Block]
+    embedding: nn.Module | None = None
+    copy_weights: bool = False
     calls: dict[int, list[Call]] = field(default_factory=dict)
+    embedding_outputs: list[torch.Tensor] = field(default_factory=list)
     recording: bool = False
     _handles: list = field(default_factory=list)
+    _weights: dict[int, set[str]] = field(default_factory=dict)
+    _pending: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
 
     def __enter__(self) -> Capture:
-        seen: set[int] = set()
+        modules: dict[int, nn.Module] = {}
         for block in self.blocks:
             for _, module in block.modules:
-                if id(module) in seen:
-                    continue
-                seen.add(id(module))
-                self._handles.append(module.register_forward_hook(self._hook))
+                modules[id(module)] = module
+                if needs_weights(module):
+                    self._weights.setdefault(id(module), set()).update(block.tracked(module))
+        for mid, module in modules.items():
+            if mid in self._weights:
+                # Registered last, so it runs after a ZeRO-3 pre-hook has gathered the parameters.
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+            # Registered last too: it records the output the rest of the model consumes, after ZeRO-3's forward
+            # hook has wrapped it in its pre-backward function. Were it recorded before, differentiating w.r.t.
+            # the earliest tracked output (the input embedding's) would run that function, which gathers the
+            # module's parameters for a backward that never reaches the module and so never releases them.
+            self._handles.append(module.register_forward_hook(self._hook))
+        if self.embedding is not None:
+            self._handles.append(self.embedding.register_forward_hook(self._embedding_hook))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -50,6 +75,16 @@ class Capture:
             handle.remove()
         self._handles.clear()
         self.calls.clear()
+        self.embedding_outputs.clear()
+        self._weights.clear()
+        self._pending.clear()
+
+    def _pre_hook(self, module: nn.Module, args: tuple) -> None:
+        if not self.recording:
+            return
+        attrs = sorted(self._weights[id(module)])
+        values = {attr: sharding.full_value(getattr(module, attr), self.copy_weights) for attr in attrs}
+        self._pending.setdefault(id(module), []).append(values)
 
     def _hook(self, module: nn.Module, args: tuple, output) -> None:
         if not self.recording:
@@ -58,7 +93,13 @@ class Capture:
             raise TypeError(f"Tracked module {type(module).__name__} was called without a tensor input.")
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"Tracked module {type(module).__name__} returned {type(output).__name__}, not a tensor.")
-        self.calls.setdefault(id(module), []).append(Call(args[0].detach(), output))
+        pending = self._pending.get(id(module))
+        params = pending.pop() if pending else {}
+        self.calls.setdefault(id(module), []).append(Call(args[0].detach(), output, params))
+
+    def _embedding_hook(self, module: nn.Module, args: tuple, output) -> None:
+        if self.recording and isinstance(output, torch.Tensor) and output.requires_grad:
+            self.embedding_outputs.append(output)
 
     def outputs(self) -> list[torch.Tensor]:
         """All recorded output tensors, in a fixed order (for ``torch.autograd.grad``)."""

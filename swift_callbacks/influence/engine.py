@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist_utils
+from . import sharding
 from .capture import Capture, make_inputs_require_grad
 from .features import ACC, Feature, Materialized, block_feature, concat, pairwise, select, sq_norms, trim
 from .modules import Block, ParamFilter, find_blocks
@@ -60,14 +61,18 @@ class InfluenceEngine:
     """Per-example gradient inner products on a live model.
 
     Args:
-        model: A causal LM (``model(input_ids, attention_mask).logits``), unwrapped from DDP/DeepSpeed.
+        model: A causal LM (``model(input_ids, attention_mask).logits``), unwrapped from DDP and DeepSpeed
+            engines. Sharded models work as they are (FSDP2 ``fully_shard`` and ZeRO-3 shard in place); under
+            FSDP1 pass the root ``FullyShardedDataParallel`` wrapper, whose forward gathers the root's
+            parameters. See ``docs/sharding.md``.
         pad_token_id: Token id used to right-pad micro-batches. It never changes a result.
         param_filter: Regex (searched in parameter names) or predicate restricting the tracked trainable
             parameters. Default: every parameter with ``requires_grad=True``.
         route: ``"auto"`` (pick the cheaper exact route per block), ``"ghost"`` or ``"materialize"``.
         micro_batch_size: Examples per forward/backward.
-        max_feature_bytes: Budget for stored evaluation features; beyond it evaluation examples are processed
-            in chunks (probes are then re-run once per chunk).
+        max_feature_bytes: Budget for stored evaluation features, per process: under ``torch.distributed`` every
+            rank holds the gathered features of the whole chunk. Beyond it evaluation examples are processed in
+            chunks (probes are then re-run once per chunk).
     """
 
     def __init__(
@@ -91,6 +96,9 @@ class InfluenceEngine:
         self.micro_batch_size = micro_batch_size
         self.max_feature_bytes = max_feature_bytes
         self.blocks: list[Block] = find_blocks(model, param_filter)
+        # How the model is sharded, found again at every tracking pass (sharding may be applied after set-up).
+        self._sharded = False
+        self._zero3 = False
 
     @property
     def num_tracked_params(self) -> int:
@@ -106,6 +114,7 @@ class InfluenceEngine:
         """
         if not probes or not evals:
             raise ValueError("compute() needs at least one probe and one evaluation example.")
+        sharding.check_model(self.model)  # wrapped since set-up (an FSDP1 wrapper applied around it) is an error
         lengths = [len(e["input_ids"]) for e in (*probes, *evals)]
         self._choose_routes(len(probes), len(evals), sum(lengths) / len(lengths))
         chunk = self._eval_chunk_size(len(evals), max(lengths))
@@ -128,6 +137,7 @@ class InfluenceEngine:
 
     def per_example_features(self, examples: Sequence[Example]) -> list[Feature]:
         """Per-block features of ``examples``, one entry per block of ``self.blocks`` (for tests and tools)."""
+        sharding.check_model(self.model)
         lengths = [len(e["input_ids"]) for e in examples]
         self._choose_routes(len(examples), len(examples), sum(lengths) / len(lengths))
         with self._tracking():
@@ -166,8 +176,9 @@ class InfluenceEngine:
         return max(total, 1)
 
     def _eval_chunk_size(self, n_eval: int, t_max: int) -> int:
-        per_rank = max(1, self.max_feature_bytes // self._example_bytes(t_max))
-        return max(1, min(n_eval, per_rank * dist_utils.world_size()))
+        # Not multiplied by the world size: each rank computes 1/world of a chunk but, after the all-gather, holds
+        # the features of all of it.
+        return max(1, min(n_eval, self.max_feature_bytes // self._example_bytes(t_max)))
 
     def _side(self, examples: Sequence[Example], eval_features: list[Feature] | None = None) -> _Side:
         """Process ``examples`` split over ranks and gather the results, in example order, on every rank.
@@ -182,7 +193,7 @@ class InfluenceEngine:
         parts = dist_utils.all_gather_cpu((index, local))
         order = [i for idx, _ in parts for i in idx]
         merged = _merge([part for _, part in parts])
-        device = self._device()
+        device = local.sq_norm.device  # the compute device (not the parameters' under CPU offload)
         return dist_utils.map_tensors(
             _select(merged, dist_utils.first_positions(order, len(examples))), lambda t: t.to(device)
         )
@@ -214,14 +225,20 @@ class InfluenceEngine:
     def _forward_backward(self, examples: Sequence[Example]):
         input_ids, attention_mask, labels = collate(examples, self.pad_token_id, self._device())
         tokens = (labels[:, 1:] != IGNORE_INDEX).sum(1)
-        with Capture(self.blocks) as capture:
+        # ZeRO-3 gathers a module's parameters before its backward and releases them after, in autograd functions
+        # wrapped around the module's outputs and inputs. A backward that stops at the tracked outputs leaves the
+        # modules around the earliest ones gathered and marked active; carrying it down to the input embeddings
+        # (as a training backward goes) runs every release.
+        embedding = self.model.get_input_embeddings() if self._zero3 else None
+        with Capture(self.blocks, embedding, copy_weights=self._sharded) as capture:
             capture.recording = True
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             capture.recording = False
-            loss = example_losses(logits, labels)
+            device = logits.device  # the compute device, which a CPU-offloaded sharded model's parameters are not on
+            loss = example_losses(logits, labels.to(device))
             del logits
             outputs = capture.outputs()
-            grads = torch.autograd.grad(loss.sum(), outputs, allow_unused=True)
+            grads = torch.autograd.grad(loss.sum(), outputs + capture.embedding_outputs, allow_unused=True)
             grads_by_module, k = {}, 0
             for mid, calls in capture.calls.items():
                 grads_by_module[mid] = [
@@ -232,22 +249,26 @@ class InfluenceEngine:
             length = int(attention_mask.sum(1).max())
             feats = [trim(block_feature(b, capture.calls, grads_by_module, len(examples)), length) for b in self.blocks]
         del outputs, grads, grads_by_module
-        norm = torch.zeros(len(examples), dtype=ACC, device=input_ids.device)
+        norm = torch.zeros(len(examples), dtype=ACC, device=device)
         for f in feats:
             norm += sq_norms(f)
         return feats, norm, loss.detach().to(ACC), tokens
 
     def _device(self) -> torch.device:
-        return next(p for _, p in self.blocks[0].params).device
+        """Where inputs go: the device of a tracked parameter as the model holds it now. (Under FSDP with CPU
+        offload that is the CPU; the FSDP root moves inputs to its compute device itself.)"""
+        return self.blocks[0].current_param().device
 
     @contextlib.contextmanager
     def _tracking(self) -> Iterator[None]:
-        """Eval mode (no dropout), grad enabled, input-embedding output differentiable; all restored."""
+        """Eval mode (no dropout), grad enabled, input-embedding output differentiable, FSDP2 gradient reduction
+        off; all restored."""
+        self._sharded, self._zero3 = sharding.is_sharded(self.model), sharding.is_zero3(self.model)
         modes = [(m, m.training) for m in self.model.modules()]
         handle = make_inputs_require_grad(self.model)
         self.model.eval()
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), sharding.no_gradient_reduction(self.model):
                 yield
         finally:
             handle.remove()

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from .capture import Call
-from .modules import Block
+from .modules import Block, needs_weights
 
 ACC = torch.float32
 # Upper bound on the elements of one intermediate (n_x, n_y, T_x, T_y) ghost kernel before chunking.
@@ -71,17 +70,26 @@ def block_feature(
     if block.route == "ghost":
         return _ghost(block, calls, grads)
     sums: dict[int, torch.Tensor] = {}
+    device = None
     for _, module in block.modules:
+        slots = block.slots[id(module)]
         for call, g in zip(calls.get(id(module), []), grads.get(id(module), []), strict=True):
-            for pid, grad in _materialize_call(module, call, g, block.tracked_ids).items():
-                sums[pid] = grad if pid not in sums else sums[pid] + grad
+            device = g.device
+            for attr, grad in _materialize_call(module, call, g, set(slots)).items():
+                k = slots[attr]
+                sums[k] = grad if k not in sums else sums[k] + grad
     parts = []
-    for _, p in block.params:
-        grad = sums.get(id(p))
+    for k, shape in enumerate(block.shapes):
+        grad = sums.get(k)
         if grad is None:  # parameter unused in this forward: its gradient is zero
-            grad = torch.zeros(batch_size, p.numel(), dtype=ACC, device=p.device)
+            grad = torch.zeros(batch_size, shape.numel(), dtype=ACC, device=device or _any_device(grads))
         parts.append(grad.reshape(batch_size, -1))
     return Materialized(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+
+
+def _any_device(grads: dict[int, list[torch.Tensor]]) -> torch.device:
+    """The device activations live on (where features are built), from any recorded output gradient."""
+    return next((g.device for gs in grads.values() for g in gs), torch.device("cpu"))
 
 
 def _ghost(block: Block, calls: dict[int, list[Call]], grads: dict[int, list[torch.Tensor]]) -> Ghost:
@@ -96,7 +104,7 @@ def _ghost(block: Block, calls: dict[int, list[Call]], grads: dict[int, list[tor
             a_parts.append(ids)
         else:
             a = call.inputs.to(ACC)
-            if module.bias is not None and id(module.bias) in block.tracked_ids:
+            if module.bias is not None and "bias" in block.tracked(module):
                 a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
             a_parts.append(a.reshape(a.shape[0], -1, a.shape[-1]))
         g_parts.append(g.reshape(g.shape[0], -1, g.shape[-1]))
@@ -104,43 +112,50 @@ def _ghost(block: Block, calls: dict[int, list[Call]], grads: dict[int, list[tor
     return Ghost(torch.cat(a_parts, dim=1), torch.cat(g_parts, dim=1))
 
 
-def _materialize_call(module: nn.Module, call: Call, g: torch.Tensor, tracked: set[int]) -> dict[int, torch.Tensor]:
-    """Per-example gradients of ``module``'s tracked parameters for one call, shape ``(B, *param.shape)``."""
-    out: dict[int, torch.Tensor] = {}
+def _materialize_call(module: nn.Module, call: Call, g: torch.Tensor, tracked: set[str]) -> dict[str, torch.Tensor]:
+    """Per-example gradients of ``module``'s tracked parameters (by attribute name) for one call, each of shape
+    ``(B, *param.shape)``."""
+    out: dict[str, torch.Tensor] = {}
     g = g.to(ACC)
     if isinstance(module, nn.Linear):
         a = call.inputs.to(ACC)
         a3, g3 = a.reshape(a.shape[0], -1, a.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
-        if id(module.weight) in tracked:
-            out[id(module.weight)] = torch.einsum("bto,bti->boi", g3, a3)
-        if module.bias is not None and id(module.bias) in tracked:
-            out[id(module.bias)] = g3.sum(1)
+        if "weight" in tracked:
+            out["weight"] = torch.einsum("bto,bti->boi", g3, a3)
+        if module.bias is not None and "bias" in tracked:
+            out["bias"] = g3.sum(1)
         return out
-    if isinstance(module, nn.Embedding) and not module.max_norm and set(tracked) & {id(module.weight)}:
+    if not needs_weights(module):  # an embedding: scatter the output gradients into the rows looked up
         ids = call.inputs.reshape(call.inputs.shape[0], -1)
         g3 = g.reshape(g.shape[0], -1, g.shape[-1])
         if module.padding_idx is not None:
             g3 = g3.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0.0)
         weight = torch.zeros(ids.shape[0], module.num_embeddings, module.embedding_dim, dtype=ACC, device=g.device)
         weight.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, g3.shape[-1]), g3)
-        out[id(module.weight)] = weight
+        out["weight"] = weight
         return out
     return _materialize_generic(module, call, g, tracked)
 
 
-def _materialize_generic(module: nn.Module, call: Call, g: torch.Tensor, tracked: set[int]) -> dict[int, torch.Tensor]:
+def _materialize_generic(module: nn.Module, call: Call, g: torch.Tensor, tracked: set[str]) -> dict[str, torch.Tensor]:
     """Any module: a vector-Jacobian product of the module alone, per example.
 
     Used for norm layers and other small modules with their own parameters. The module's forward is replayed
-    on the recorded input (so only modules whose output depends on their first positional input qualify),
-    vectorized over examples with ``torch.func.vmap``; modules vmap cannot handle are replayed one example at a
-    time.
+    on the recorded input (so only modules whose output depends on their first positional input qualify), with
+    the parameter values recorded during the real forward (``call.params``), vectorized over examples with
+    ``torch.func.vmap``; modules vmap cannot handle are replayed one example at a time.
+
+    The replay calls ``forward`` on a hook-free shallow copy of the module: the module's own hooks (the capture's,
+    and FSDP's or ZeRO-3's, which would gather or release parameters) must not run for it.
     """
-    names = [n for n, p in module.named_parameters(recurse=False) if id(p) in tracked]
-    params = {n: getattr(module, n).detach() for n in names}
+    names = sorted(tracked)
+    missing = [n for n in names if n not in call.params]
+    if missing:
+        raise RuntimeError(f"No recorded value of {type(module).__name__}.{missing[0]} for its per-example gradient.")
+    params = {n: call.params[n] for n in names}
 
     def vjp_one(x: torch.Tensor, g_x: torch.Tensor) -> dict[str, torch.Tensor]:
-        y, pullback = torch.func.vjp(lambda p: functional_call(module, p, (x.unsqueeze(0),), strict=False), params)
+        y, pullback = torch.func.vjp(lambda p: _replay(module, p, x.unsqueeze(0)), params)
         if y.shape[1:] != g_x.shape:
             raise NotImplementedError(
                 f"Cannot replay {type(module).__name__} for per-example gradients (output shape changed); "
@@ -156,7 +171,15 @@ def _materialize_generic(module: nn.Module, call: Call, g: torch.Tensor, tracked
         except Exception:  # an op without a batching rule: same products, one example at a time
             rows = [vjp_one(call.inputs[i], g[i]) for i in range(call.inputs.shape[0])]
             grads = {n: torch.stack([r[n] for r in rows]) for n in names}
-    return {id(getattr(module, n)): grads[n].to(ACC) for n in names}
+    return {n: grads[n].to(ACC) for n in names}
+
+
+def _replay(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``module.forward(x)`` with ``params`` in place of its parameters, without running any module hook."""
+    twin = object.__new__(type(module))
+    twin.__dict__.update(module.__dict__)  # shares buffers, submodules and settings ...
+    twin.__dict__["_parameters"] = {**module._parameters, **params}  # ... but not the parameter dict
+    return twin.forward(x)
 
 
 # ------------------------------------------------------------------------------------------ combining

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import nn
+
+from . import sharding
 
 ParamFilter = Callable[[str], bool] | str | None
 BlockKind = Literal["linear", "embedding", "generic", "shared"]
@@ -23,34 +26,49 @@ BlockKind = Literal["linear", "embedding", "generic", "shared"]
 class Block:
     """A group of tracked parameters whose per-example gradients are computed together.
 
+    Parameters are identified by ``(module, attribute name)``, never by tensor identity: FSDP2 swaps a module's
+    sharded parameter for an unsharded one (another object) around each forward and backward.
+
     Attributes:
         name: Qualified name of the (first) module, used in errors and diagnostics.
         kind: ``linear`` and ``embedding`` blocks may use the ghost inner product; ``generic`` and ``shared``
             blocks are always materialized.
         modules: ``(qualified name, module)`` pairs whose forward calls contribute to the block.
-        params: ``(qualified name, parameter)`` pairs, in a fixed order.
+        param_names: Qualified names of the tracked parameters, in a fixed order. The block holds no parameter
+            tensors: they may be replaced (sharding applied after set-up, FSDP2's swaps), and a stale reference
+            would keep a full copy alive.
+        shapes: Global (unsharded) shape of each parameter, aligned with ``param_names``.
+        slots: For each module (by ``id``), ``{attribute name: index into param_names}`` of its tracked
+            parameters.
         route: ``"ghost"`` or ``"materialize"``; set by the engine once token counts are known.
     """
 
     name: str
     kind: BlockKind
     modules: list[tuple[str, nn.Module]]
-    params: list[tuple[str, nn.Parameter]]
+    param_names: list[str]
+    shapes: list[torch.Size]
+    slots: dict[int, dict[str, int]]
     route: str = "materialize"
-    tracked_ids: set[int] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        self.tracked_ids = {id(p) for _, p in self.params}
 
     @property
     def numel(self) -> int:
-        return sum(p.numel() for _, p in self.params)
+        return sum(s.numel() for s in self.shapes)
+
+    def current_param(self) -> nn.Parameter:
+        """The block's first parameter as its module holds it now."""
+        _, module = self.modules[0]
+        return getattr(module, next(iter(self.slots[id(module)])))
+
+    def tracked(self, module: nn.Module) -> set[str]:
+        """Attribute names of ``module``'s parameters tracked in this block."""
+        return set(self.slots.get(id(module), ()))
 
     @property
     def linear_dims(self) -> tuple[int, int]:
         """(input width including a bias column, output width) of a linear block."""
         module = self.modules[0][1]
-        has_bias = module.bias is not None and id(module.bias) in self.tracked_ids
+        has_bias = module.bias is not None and "bias" in self.tracked(module)
         return module.in_features + int(has_bias), module.out_features
 
 
@@ -70,35 +88,56 @@ def find_blocks(model: nn.Module, param_filter: ParamFilter = None) -> list[Bloc
     (a regex searched in the name, or a predicate). For a PEFT LoRA model these are the adapter weights.
 
     Args:
-        model: The model, unwrapped from DDP/DeepSpeed engines.
-        param_filter: Optional regex or predicate on parameter names.
+        model: The model, unwrapped from DDP/DeepSpeed engines; under FSDP1 the root ``FullyShardedDataParallel``
+            wrapper (FSDP2 and ZeRO-3 shard in place, so the model itself).
+        param_filter: Optional regex or predicate on parameter names, written without wrapper prefixes
+            (``_fsdp_wrapped_module.`` and the like are removed before matching).
 
     Returns:
         Blocks in module registration order.
 
     Raises:
-        ValueError: If no parameter is tracked.
+        ValueError: If no parameter is tracked, or the model is sharded in a way the engine cannot follow
+            (see ``sharding.check_model``).
     """
+    sharding.check_model(model)
     keep = _compile_filter(param_filter)
-    users: dict[int, list[tuple[str, nn.Module]]] = {}
+    fsdp1 = sharding.fsdp1_shapes(model)
+    # Per tracked parameter (by identity, which is stable while nothing runs): its users as
+    # (module name, module, attribute name), its qualified name and its global shape.
+    users: dict[int, list[tuple[str, nn.Module, str]]] = {}
     names: dict[int, str] = {}
     params: dict[int, nn.Parameter] = {}
+    shapes: dict[int, torch.Size] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
+        mod_name = sharding.clean_name(mod_name)
         for p_name, p in module.named_parameters(recurse=False):
             full = f"{mod_name}.{p_name}" if mod_name else p_name
             if not p.requires_grad or not keep(full):
                 continue
             names.setdefault(id(p), full)
             params[id(p)] = p
+            shapes.setdefault(id(p), sharding.global_shape(p, module, p_name, fsdp1))
             entry = users.setdefault(id(p), [])
-            if all(m is not module for _, m in entry):
-                entry.append((mod_name, module))
+            if all(m is not module for _, m, _ in entry):
+                entry.append((mod_name, module, p_name))
     if not params:
         raise ValueError(
             "No trainable parameter matched: the model has no parameter with requires_grad=True"
             + ("" if param_filter is None else f" whose name matches {param_filter!r}")
             + ". With PEFT, build the trainer first so the adapters exist."
         )
+
+    def block(name: str, kind: BlockKind, pids: list[int]) -> Block:
+        slots: dict[int, dict[str, int]] = {}
+        modules: list[tuple[str, nn.Module]] = []
+        for index, pid in enumerate(pids):
+            for mod_name, module, attr in users[pid]:
+                if id(module) not in slots:
+                    modules.append((mod_name, module))
+                slots.setdefault(id(module), {})[attr] = index
+        return Block(name, kind, modules, [names[p] for p in pids], [shapes[p] for p in pids], slots)
+
     blocks: list[Block] = []
     seen_modules: set[int] = set()
     seen_params: set[int] = set()
@@ -106,29 +145,37 @@ def find_blocks(model: nn.Module, param_filter: ParamFilter = None) -> list[Bloc
         if pid in seen_params:
             continue
         if len(mods) > 1:  # a shared parameter: one materialized block over all its users
-            group = [pid]
             seen_params.add(pid)
-            blocks.append(Block(names[pid], "shared", mods, [(names[pid], params[pid])]))
+            blocks.append(block(names[pid], "shared", [pid]))
             continue
-        mod_name, module = mods[0]
+        mod_name, module, _ = mods[0]
         if id(module) in seen_modules:
             continue
         seen_modules.add(id(module))
         own = [
-            (names[id(p)], p)
-            for _, p in module.named_parameters(recurse=False)
+            (attr, id(p))
+            for attr, p in module.named_parameters(recurse=False)
             if id(p) in params and len(users[id(p)]) == 1
         ]
-        group = [id(p) for _, p in own]
-        seen_params.update(group)
-        blocks.append(Block(mod_name, _kind(module, own), [(mod_name, module)], own))
+        seen_params.update(pid for _, pid in own)
+        blocks.append(block(mod_name, _kind(module, {attr for attr, _ in own}), [pid for _, pid in own]))
     return blocks
 
 
-def _kind(module: nn.Module, own: list[tuple[str, nn.Parameter]]) -> BlockKind:
-    ids = {id(p) for _, p in own}
-    if isinstance(module, nn.Linear) and id(module.weight) in ids:
+def _kind(module: nn.Module, attrs: set[str]) -> BlockKind:
+    if isinstance(module, nn.Linear) and "weight" in attrs:
         return "linear"
-    if isinstance(module, nn.Embedding) and id(module.weight) in ids:
+    if isinstance(module, nn.Embedding) and "weight" in attrs:
         return "embedding"
     return "generic"
+
+
+def needs_weights(module: nn.Module) -> bool:
+    """Whether per-example gradients of ``module``'s parameters need the parameter values.
+
+    Those of a ``Linear`` and of an ``Embedding`` follow from activations and output gradients alone; any other
+    module's are a vector-Jacobian product of its forward, replayed with its weights.
+    """
+    if isinstance(module, nn.Linear):
+        return False
+    return not (isinstance(module, nn.Embedding) and not module.max_norm)
