@@ -78,3 +78,14 @@ def test_posthoc_skips_steps_already_scored(launched, tmp_path):
     assert score_run(run, output_dir=out) == [4]
     assert step_path(store_dir(out), 2).read_bytes() == before[2]
     assert list_steps(store_dir(out)) == CHECKPOINT_STEPS
+
+
+@pytest.mark.parametrize("study", ["clarify", "evaluation"])
+def test_other_tiny_recipes_run_under_cpu_ddp(study, tmp_path):
+    run = tmp_path / "run"
+    accelerate_launch(study, run)
+    info = json.loads((run / "swift_run.json").read_text(encoding="utf-8"))
+    assert info["world_size"] == 2
+    assert list_steps(store_dir(run)) == INLINE_STEPS
+    prefix = {"clarify": "Clarify", "evaluation": "EvalPos"}[study]
+    assert any(m.startswith(f"{prefix} → Cross-task") for m in load_metrics(run).metric)
