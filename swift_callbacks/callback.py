@@ -14,9 +14,10 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .influence import InfluenceEngine, InfluenceResult, block_scores, pairing_mask, relinf
+from .influence import distributed as dist_utils
 from .influence.modules import ParamFilter
 from .sets import ExampleSet, SetError, SetSource, check_unique_names, load_set, tokenize_set
-from .store import InfluenceStore
+from .store import STORE_DIR, InfluenceStore
 from .studies import Metric, Study, merge_studies
 
 logger = logging.getLogger(__name__)
@@ -95,8 +96,9 @@ class InfluenceCallback(TrainerCallback):
         self.probe_sets = [load_set(n, s) for n, s in probe_sets.items()]
         self.eval_sets = [load_set(n, s) for n, s in eval_sets.items()]
         self._check_training_layout(allow_packing)
+        vocab = _vocab_size(trainer.model)
         for s in (*self.probe_sets, *self.eval_sets):
-            tokenize_set(s, self._preparer(s.name))
+            tokenize_set(s, self._preparer(s.name), vocab_size=vocab)
         self._masks = {(p.name, e.name): _pairing(p, e) for p in self.probe_sets for e in self.eval_sets}
         self._done: set[int] = set()
         self.store = InfluenceStore(trainer.args.output_dir)
@@ -139,24 +141,43 @@ class InfluenceCallback(TrainerCallback):
         # it the wrapped module before on_train_begin): rebuild when it changes, never hold a stale module.
         model = self.trainer.model
         if self._engine is None or self._engine.model is not model:
-            tok = self.trainer.processing_class
-            tok = getattr(tok, "tokenizer", tok)
-            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            self._engine = InfluenceEngine(model, pad_token_id=pad or 0, **self._engine_kwargs)
+            self._engine = InfluenceEngine(model, pad_token_id=self._pad_token_id(), **self._engine_kwargs)
         return self._engine
+
+    def _pad_token_id(self) -> int:
+        """Any id in the vocabulary works (padding never changes a number); prefer the tokenizer's pad token."""
+        tok = getattr(self.trainer, "processing_class", None)
+        tok = getattr(tok, "tokenizer", tok)
+        config = getattr(self.trainer.model, "config", None)
+        for source, attr in ((tok, "pad_token_id"), (tok, "eos_token_id"), (config, "pad_token_id"),
+                             (config, "eos_token_id")):  # fmt: skip
+            value = getattr(source, attr, None)
+            if isinstance(value, int):
+                return value
+        return 0
 
     # ------------------------------------------------------------------------------------------ events
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._check_single_instance()
+        self._done = set()  # a later train() on the same trainer (e.g. a resume) starts a new schedule
+        step = state.global_step
         if state.is_world_process_zero:
             self.store.write_metrics({m.label: _metric_spec(m) for m in self.metrics})
-            if state.global_step > 0:
-                self._resume(args, state.global_step)
+            if step > 0:
+                self._resume(args, step)
             elif self.store.steps():  # a fresh run in a used output_dir: keep the old history, out of the way
                 label = f"previous-run-{time.strftime('%Y%m%d-%H%M%S')}"
                 self.store.set_aside(-1, label)
                 logger.warning("Moved an earlier influence history to %s/superseded/%s.", self.store.root, label)
-        if self.at_step_zero and state.global_step == 0:
+        missing = step > 0 and dist_utils.from_rank0(
+            step not in self.store.steps() if state.is_world_process_zero else None
+        )
+        if missing:
+            # The run stopped between writing checkpoint-N and recording its influence (or the checkpoint was
+            # made without the callback). The weights just loaded are those of step N: record it now.
+            logger.warning("Influence of the resumed step %d is not recorded; computing it now.", step)
+        if missing or (self.at_step_zero and step == 0):
             self._run(state)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -178,6 +199,24 @@ class InfluenceCallback(TrainerCallback):
         gap = self.store.resume(ckpt if ckpt.is_dir() else None, step)
         if gap:
             logger.warning("Influence history has no record of steps %s before the resumed step %d.", gap, step)
+        if not (ckpt / STORE_DIR).is_dir() and not any(s <= step for s in self.store.steps()):
+            logger.warning(
+                "Resumed at step %d, but %s has no influence sidecar and the history has no step up to %d: the "
+                "history before this step is not restored (was the run resumed from a checkpoint outside "
+                "output_dir, or saved without the callback?).", step, ckpt, step,
+            )  # fmt: skip
+
+    def _check_single_instance(self) -> None:
+        handler = getattr(self.trainer, "callback_handler", None)
+        others = [
+            cb for cb in getattr(handler, "callbacks", [])
+            if isinstance(cb, InfluenceCallback) and cb is not self and cb.store.root == self.store.root
+        ]  # fmt: skip
+        if others:
+            raise ValueError(
+                "Two InfluenceCallbacks would write the same influence history; register every probe and "
+                "evaluation set (and study) in one callback."
+            )
 
     # ----------------------------------------------------------------------------------------- compute
 
@@ -225,16 +264,25 @@ class InfluenceCallback(TrainerCallback):
         return pd.concat(frames, ignore_index=True), metrics
 
     def _check_norms(self, result: InfluenceResult) -> None:
-        offset = 0
-        for e in self.eval_sets:
-            norms = result.eval_sq_norm[offset : offset + len(e)]
-            bad = [e.ids[i] for i in range(len(e)) if not torch.isfinite(norms[i]) or norms[i] <= 0]
-            if bad:
-                raise SetError(
-                    f"Set {e.name!r}: evaluation examples {bad[:10]} have a zero (or non-finite) gradient norm on the "
-                    "tracked parameters, so RelInf is undefined (eq. 3 divides by it)."
-                )
-            offset += len(e)
+        """Eval norms must be positive (eq. 3 divides by them); every norm must be finite."""
+        for sets, norms, side in ((self.eval_sets, result.eval_sq_norm, "evaluation"),
+                                  (self.probe_sets, result.probe_sq_norm, "probe")):  # fmt: skip
+            offset = 0
+            for s in sets:
+                part = norms[offset : offset + len(s)]
+                bad = [
+                    s.ids[i]
+                    for i in range(len(s))
+                    if not torch.isfinite(part[i]) or (side == "evaluation" and part[i] <= 0)
+                ]
+                if bad:
+                    reason = "a zero (or non-finite)" if side == "evaluation" else "a non-finite"
+                    raise SetError(
+                        f"Set {s.name!r}: {side} examples {bad[:10]} have {reason} gradient norm on the tracked "
+                        "parameters"
+                        + (", so RelInf is undefined (eq. 3 divides by it)." if side == "evaluation" else ".")
+                    )
+                offset += len(s)
 
 
 def _pair_frame(step, p: ExampleSet, e: ExampleSet, paired, result: InfluenceResult, rel, sl, p_off, e_off):
@@ -261,6 +309,13 @@ def _pairing(probe: ExampleSet, evals: ExampleSet) -> torch.Tensor:
         return pairing_mask(probe.tasks, evals.tasks)
     except ValueError as err:
         raise SetError(f"Probe set {probe.name!r} / evaluation set {evals.name!r}: {err}") from err
+
+
+def _vocab_size(model) -> int | None:
+    try:
+        return int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, TypeError):
+        return None
 
 
 def _metric_spec(m: Metric) -> dict[str, Any]:

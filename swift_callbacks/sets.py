@@ -206,13 +206,13 @@ def check_unique_names(*groups: Mapping[str, Any]) -> None:
             seen.add(name)
 
 
-def tokenize_set(example_set: ExampleSet, prepare: Callable[[Any], Any]) -> None:
+def tokenize_set(example_set: ExampleSet, prepare: Callable[[Any], Any], vocab_size: int | None = None) -> None:
     """Tokenize ``example_set`` with ``prepare`` (a ``datasets.Dataset -> Dataset`` function producing
     ``input_ids`` and ``labels``, e.g. the trainer's own dataset preparation) and store the result.
 
     Raises:
-        SetError: If preparation dropped a row (for TRL: no trainable token left after truncation) or left an
-            example with no supervised token.
+        SetError: If preparation dropped a row (for TRL: no trainable token left after truncation), left an
+            example with no supervised token, or produced labels / token ids that do not fit (length, range).
     """
     from datasets import Dataset
     from datasets.utils import logging as ds_logging
@@ -239,9 +239,23 @@ def tokenize_set(example_set: ExampleSet, prepare: Callable[[Any], Any]) -> None
             "and truncation (max_length), so their loss is undefined; shorten them or raise max_length."
         )
     for i, ex in enumerate(out):
+        _check_tokens(example_set.name, example_set.ids[i], ex, vocab_size)
         if not any(label != IGNORE_INDEX for label in ex["labels"][1:]):
             raise SetError(
                 f"Set {example_set.name!r}, example {example_set.ids[i]!r}: no supervised token (all labels are "
                 "-100 after the one-token shift); the example contributes no loss."
             )
     example_set.examples = out
+
+
+def _check_tokens(name: str, example_id: str, ex: dict, vocab_size: int | None) -> None:
+    ids, labels = ex["input_ids"], ex["labels"]
+    where = f"Set {name!r}, example {example_id!r}"
+    if len(labels) != len(ids):
+        raise SetError(f"{where}: 'labels' has {len(labels)} entries but 'input_ids' has {len(ids)}.")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in (*ids, *labels)):
+        raise SetError(f"{where}: 'input_ids' and 'labels' must hold ints.")
+    limit = vocab_size if vocab_size is not None else float("inf")
+    bad = [t for t in ids if not 0 <= t < limit] + [t for t in labels if t != IGNORE_INDEX and not 0 <= t < limit]
+    if bad:
+        raise SetError(f"{where}: token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}).")

@@ -41,6 +41,15 @@ def all_gather_cpu(obj: Any) -> list[Any]:
     return out
 
 
+def from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a decision only rank 0 can make, e.g. from files it writes)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def first_positions(order: list[int], n: int) -> torch.Tensor:
     """For each example ``i < n``, the first position of ``i`` in ``order``."""
     pos = torch.full((n,), -1, dtype=torch.long)

@@ -26,7 +26,7 @@ from torch import nn
 from . import distributed as dist_utils
 from . import sharding
 from .capture import Capture, make_inputs_require_grad
-from .features import ACC, Feature, Materialized, block_feature, concat, pairwise, select, sq_norms, trim
+from .features import ACC, Feature, Materialized, block_feature, concat, pairwise, select, sq_norms
 from .modules import Block, ParamFilter, find_blocks
 
 Example = Mapping[str, Sequence[int]]
@@ -231,6 +231,7 @@ class InfluenceEngine:
         # (as a training backward goes) runs every release.
         embedding = self.model.get_input_embeddings() if self._zero3 else None
         with Capture(self.blocks, embedding, copy_weights=self._sharded) as capture:
+            capture.batch_size, capture.width = input_ids.shape
             capture.recording = True
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             capture.recording = False
@@ -239,15 +240,8 @@ class InfluenceEngine:
             del logits
             outputs = capture.outputs()
             grads = torch.autograd.grad(loss.sum(), outputs + capture.embedding_outputs, allow_unused=True)
-            grads_by_module, k = {}, 0
-            for mid, calls in capture.calls.items():
-                grads_by_module[mid] = [
-                    torch.zeros_like(c.output) if g is None else g
-                    for c, g in zip(calls, grads[k : k + len(calls)], strict=True)
-                ]
-                k += len(calls)
-            length = int(attention_mask.sum(1).max())
-            feats = [trim(block_feature(b, capture.calls, grads_by_module, len(examples)), length) for b in self.blocks]
+            grads_by_module = capture.output_grads(grads, length=int(attention_mask.sum(1).max()))
+            feats = [block_feature(b, capture.calls, grads_by_module, len(examples)) for b in self.blocks]
         del outputs, grads, grads_by_module
         norm = torch.zeros(len(examples), dtype=ACC, device=device)
         for f in feats:

@@ -218,13 +218,6 @@ def to(feature: Feature, device: torch.device | str) -> Feature:
     return Ghost(feature.a.to(device), feature.g.to(device))
 
 
-def trim(feature: Feature, length: int) -> Feature:
-    """Drop token positions >= ``length`` (positions where every example's output gradient is zero)."""
-    if isinstance(feature, Materialized) or feature.g.shape[1] <= length:
-        return feature
-    return Ghost(feature.a[:, :length], feature.g[:, :length])
-
-
 # -------------------------------------------------------------------------------------- inner products
 
 

@@ -121,6 +121,7 @@ def find_blocks(model: nn.Module, param_filter: ParamFilter = None) -> list[Bloc
             entry = users.setdefault(id(p), [])
             if all(m is not module for _, m, _ in entry):
                 entry.append((mod_name, module, p_name))
+    _reject_unsupported(model, users, names)
     if not params:
         raise ValueError(
             "No trainable parameter matched: the model has no parameter with requires_grad=True"
@@ -179,3 +180,22 @@ def needs_weights(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return False
     return not (isinstance(module, nn.Embedding) and not module.max_norm)
+
+
+def _reject_unsupported(model: nn.Module, users: dict, names: dict) -> None:
+    """Raise for tracked parameters whose per-example gradients cannot be recovered from module calls."""
+    for pid, mods in users.items():
+        for _, module, _ in mods:
+            if isinstance(module, nn.ParameterDict | nn.ParameterList):
+                raise ValueError(
+                    f"Tracked parameter {names[pid]!r} lives in a {type(module).__name__} and is used without a "
+                    "module call (e.g. PEFT LoRA on an Embedding layer), so its per-example gradient cannot be "
+                    "captured. Exclude it with param_filter."
+                )
+    for name, module in model.named_modules():
+        magnitude = getattr(module, "lora_magnitude_vector", None)
+        if isinstance(magnitude, nn.ModuleDict) and len(magnitude) > 0:
+            raise ValueError(
+                f"{sharding.clean_name(name)!r} is a DoRA adapter (use_dora=True); DoRA's weight normalisation is not "
+                "supported by the per-example gradient engine. Use plain LoRA."
+            )

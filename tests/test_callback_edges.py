@@ -1,0 +1,93 @@
+"""Edge cases of the callback's life cycle: re-training, interrupted saves, resuming elsewhere, misuse."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+from helpers import StopAt, assert_close_rel, build_model, make_trainer, tokenizer, torch_threads
+from transformers import Trainer, TrainingArguments
+
+from swift_callbacks import InfluenceCallback, SetError, load_pairs
+from swift_callbacks.store import list_steps, store_dir
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def stopped_at_10(tmp_path_factory):
+    out = tmp_path_factory.mktemp("edges") / "run"
+    trainer, _ = make_trainer(out, extra_callbacks=[StopAt(10)], save_steps=5, max_steps=20, n_train=64)
+    trainer.train()
+    return out
+
+
+def test_second_train_call_on_the_same_callback_recomputes_its_steps(tmp_path):
+    trainer, _ = make_trainer(tmp_path, extra_callbacks=[StopAt(15)], save_steps=5, max_steps=20, n_train=64)
+    trainer.train()
+    trainer.callback_handler.callbacks = [c for c in trainer.callback_handler.callbacks if not isinstance(c, StopAt)]
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-10"))
+    assert list_steps(store_dir(tmp_path)) == [5, 10, 15, 20]
+
+
+def test_interrupted_save_is_recorded_on_resume(stopped_at_10, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(stopped_at_10, run)
+    reference = load_pairs(run)
+    (store_dir(run) / "pairs" / "step-000000010.parquet").unlink()  # killed after checkpoint-10, before its record
+    shutil.rmtree(run / "checkpoint-10" / "swift_influence")
+    trainer, _ = make_trainer(run, save_steps=5, max_steps=20, n_train=64)
+    trainer.train(resume_from_checkpoint=str(run / "checkpoint-10"))
+    assert list_steps(store_dir(run)) == [5, 10, 15, 20]
+    redone = load_pairs(run)
+    assert_close_rel(redone[redone.step == 10]["dot"], reference[reference.step == 10]["dot"], 1e-6, "step 10")
+
+
+def test_resume_from_a_checkpoint_outside_output_dir_warns(stopped_at_10, tmp_path, caplog):
+    trainer, _ = make_trainer(tmp_path / "elsewhere", save_steps=5, max_steps=20, n_train=64)
+    with caplog.at_level(logging.WARNING, logger="swift_callbacks.callback"):
+        trainer.train(resume_from_checkpoint=str(stopped_at_10 / "checkpoint-10"))
+    assert "history before this step is not restored" in caplog.text
+    assert list_steps(store_dir(tmp_path / "elsewhere")) == [10, 15, 20]  # the resumed step is recorded, no gap after
+
+
+def test_two_callbacks_on_one_trainer_fail_before_training(tmp_path):
+    trainer, cb = make_trainer(tmp_path, max_steps=4, save_steps=2)
+    trainer.add_callback(
+        InfluenceCallback(trainer, probe_sets={"p2": cb.probe_sets[0].rows}, eval_sets={"e2": cb.eval_sets[0].rows})
+    )
+    with pytest.raises(ValueError, match="Two InfluenceCallbacks"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+@pytest.mark.parametrize(
+    ("row", "match"),
+    [
+        ({"input_ids": [5, 6, 7], "labels": [-100, 6]}, "'labels' has 2 entries but 'input_ids' has 3"),
+        ({"input_ids": [5, 6, 10**6], "labels": [-100, 6, 7]}, r"token ids \[1000000\] are outside"),
+        ({"input_ids": [5, -3, 7], "labels": [-100, 6, 7]}, r"token ids \[-3\] are outside"),
+    ],
+)
+def test_bad_pretokenized_rows(tmp_path, row, match):
+    trainer, _ = make_trainer(tmp_path, callback=False)
+    with pytest.raises(SetError, match=rf"Set 'p', example 'bad': {match}"):
+        InfluenceCallback(trainer, probe_sets={"p": [{"id": "bad", **row}]}, eval_sets={"e": [{"id": "x", **row}]})
+
+
+def test_plain_trainer_without_a_tokenizer_trains(tmp_path):
+    tok = tokenizer()
+    ids = tok("What is 1 plus 1? 2")["input_ids"]
+    rows = [{"id": "x", "input_ids": ids, "labels": [-100] * 6 + ids[6:]}]
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2, save_steps=2)
+    train = [{"input_ids": torch.tensor(ids), "labels": torch.tensor(ids)}] * 4
+    trainer = Trainer(model=build_model(), args=args, train_dataset=train)
+    trainer.add_callback(InfluenceCallback(trainer, probe_sets={"p": rows}, eval_sets={"e": rows}))
+    trainer.train()
+    assert list_steps(store_dir(tmp_path)) == [2]
