@@ -22,11 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     from .builders.cli import add_build_parser
+    from .builders.scalequest.cli import add_scalequest_parser
     from .report.cli import add_report_parser
     from .scoring import add_score_parser
     from .training.train import add_train_parser
 
     add_build_parser(sub)
+    add_scalequest_parser(sub)
     add_train_parser(sub)
     add_score_parser(sub)
     add_report_parser(sub)

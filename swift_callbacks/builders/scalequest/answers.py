@@ -1,0 +1,197 @@
+"""Strict readers of model replies: the final ``\\boxed{}`` answer, a final Yes/No verdict, a final-marker rewrite.
+
+Each reader returns what it found or ``None``; it never guesses. A reply that does not follow the requested format
+is treated as carrying no answer, because a silent fallback (the first "yes" anywhere, an unbalanced box cut
+short) turns formatting noise into wrong labels.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable
+from fractions import Fraction
+
+from ..parsing import clean_reply
+
+BOX_COMMANDS = ("\\boxed", "\\fbox")
+# Characters peeled from both ends of a verdict line: whitespace, Markdown emphasis, quotes, brackets.
+_VERDICT_WRAP = " \t*_`\"'“”‘’()[]"
+_VERDICT_TRAIL = ".!。！"
+# An optional label before the verdict word, e.g. "Verdict: Yes" or "**Final answer:** No".
+_VERDICT_LINE = re.compile(
+    r"^(?:(?:final\s+)?(?:answer|verdict|judg(?:e)?ment|decision)\s*[:：-]\s*)?(yes|no)$", re.IGNORECASE
+)
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
+
+
+def boxed_answer(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``.
+
+    Braces nest (``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``) and escaped braces (``\\{``, ``\\}``) do not
+    count. Only the *last* box is the final answer: when its braces do not balance before the text ends, the reply
+    has no final answer, even if an earlier box is well formed. An empty box is no answer either.
+
+    Args:
+        text: A model reply.
+
+    Returns:
+        The stripped content of the final box, or ``None``.
+    """
+    start = _last_box_start(text)
+    if start is None:
+        return None
+    content = _balanced(text, start)
+    if content is None:
+        return None
+    content = content.strip()
+    return content or None
+
+
+def _last_box_start(text: str) -> int | None:
+    """Index just after the ``{`` of the last box command, or None."""
+    best: int | None = None
+    for command in BOX_COMMANDS:
+        for match in re.finditer(re.escape(command) + r"\s*\{", text):
+            if best is None or match.end() > best:
+                best = match.end()
+    return best
+
+
+def _balanced(text: str, start: int) -> str | None:
+    depth, pos = 1, start
+    while pos < len(text):
+        char = text[pos]
+        if char == "\\":
+            pos += 2  # an escaped character, "\{" and "\}" included, never opens or closes a group
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:pos]
+        pos += 1
+    return None
+
+
+def normalize_answer(answer: str) -> str:
+    """A canonical form of a final answer, so that equal answers written differently compare equal.
+
+    Removes ``$``, ``\\left``/``\\right``, ``\\!``, ``\\,``, ``\\text{...}`` wrappers, spaces, thousands separators
+    in numbers and a trailing period; turns ``\\dfrac``/``\\tfrac`` into ``\\frac``; and writes numbers (integers,
+    decimals, ``a/b`` and ``\\frac{a}{b}`` with integer parts, percentages excluded) as reduced fractions, so
+    ``0.5``, ``1/2`` and ``\\frac{1}{2}`` agree.
+
+    Args:
+        answer: An extracted answer.
+
+    Returns:
+        The canonical string (empty when nothing is left).
+    """
+    text = unicodedata.normalize("NFKC", answer).strip()
+    text = re.sub(r"\\text\{([^{}]*)\}", r"\1", text)
+    for junk in ("$", "\\left", "\\right", "\\!", "\\,", "\\;", "\\ "):
+        text = text.replace(junk, "")
+    text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    text = "".join(text.split()).rstrip(".")
+    text = re.sub(r"(?<=\d),(?=\d{3}(?:\D|$))", "", text)
+    number = _as_number(text)
+    return text.lower() if number is None else _format_number(number)
+
+
+def _as_number(text: str) -> Fraction | None:
+    match = re.fullmatch(r"\\frac\{(-?\d+)\}\{(-?\d+)\}", text) or re.fullmatch(r"(-?\d+)/(-?\d+)", text)
+    if match:
+        numerator, denominator = int(match.group(1)), int(match.group(2))
+        return Fraction(numerator, denominator) if denominator else None
+    if re.fullmatch(r"[-+]?(?:\d+\.?\d*|\.\d+)", text):
+        return Fraction(text)
+    return None
+
+
+def _format_number(number: Fraction) -> str:
+    return str(number.numerator) if number.denominator == 1 else f"{number.numerator}/{number.denominator}"
+
+
+def majority_answer(answers: Iterable[str | None]) -> str | None:
+    """The most frequent normalized answer (ties: the one seen first); ``None`` when no answer was given."""
+    counts = Counter(normalize_answer(a) for a in answers if a is not None)
+    counts.pop("", None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(answer for answer in counts if counts[answer] == best)
+
+
+def parse_final_verdict(reply: str) -> bool | None:
+    """Reads a Yes/No verdict from the end of a judge's reply, strictly.
+
+    The verdict is read from the last non-empty line of the reply (after any leading ``<think>...</think>``
+    block). That line, with Markdown emphasis (``*``, backticks) removed, quotes and brackets peeled from both ends
+    and a trailing ``.`` or ``!`` dropped, must be exactly ``yes`` or ``no`` (any case), optionally after one label
+    ``Answer:``, ``Final answer:``, ``Verdict:``, ``Judgement:`` or ``Decision:``. If it is not, the last sentence
+    of that line
+    is tried the same way (so "So the problem is well posed. Yes." reads as yes). Anything else — a hedge
+    ("Yes, probably"), both words, a verdict only earlier in the text, no final line — is no verdict.
+
+    Args:
+        reply: The judge's reply.
+
+    Returns:
+        True for yes, False for no, None when there is no verdict (the caller must reject the row, not keep it).
+    """
+    lines = [line for line in clean_reply(reply).splitlines() if line.strip()]
+    if not lines:
+        return None
+    last = lines[-1]
+    for candidate in (last, _SENTENCE_SPLIT.split(last.strip())[-1]):
+        verdict = _verdict_word(candidate)
+        if verdict is not None:
+            return verdict == "yes"
+    return None
+
+
+def _verdict_word(text: str) -> str | None:
+    text = re.sub(r"[*`]", "", text)  # Markdown emphasis anywhere ("**Verdict:** Yes")
+    previous = None
+    while previous != text:  # peel "**Yes.**" or '"No"' layer by layer
+        previous = text
+        text = text.strip(_VERDICT_WRAP).rstrip(_VERDICT_TRAIL)
+    match = _VERDICT_LINE.fullmatch(text)
+    return match.group(1).lower() if match else None
+
+
+def text_after_final_marker(reply: str, marker: str) -> str | None:
+    """The text after the last line that starts with ``marker`` (e.g. ``"Final question:"``).
+
+    The marker is matched case-insensitively at the start of a line, allowing Markdown decoration around it
+    (``**Final question:**``, ``### Final question:``). The result is everything after the marker on that line and
+    on the following lines, with a wrapping code fence or quotes removed.
+
+    Args:
+        reply: A model reply.
+        marker: The marker the prompt asked for.
+
+    Returns:
+        The stripped text after the marker (possibly empty: an empty rewrite), or ``None`` when no line starts with
+        the marker.
+    """
+    label = re.escape(marker.strip().rstrip(":：").strip())
+    pattern = re.compile(rf"^[ \t>#*_]*{label}[ \t*_]*[:：][ \t*_]*", re.IGNORECASE | re.MULTILINE)
+    text = clean_reply(reply)
+    matches = list(pattern.finditer(text))
+    if not matches:
+        return None
+    return _unwrap(text[matches[-1].end() :])
+
+
+def _unwrap(text: str) -> str:
+    text = text.strip()
+    fence = re.fullmatch(r"```[A-Za-z]*\n?(.*?)\n?```", text, re.DOTALL)
+    if fence:
+        text = fence.group(1).strip()
+    if len(text) >= 2 and text[0] in "\"“'" and text[-1] in "\"”'":
+        text = text[1:-1].strip()
+    return text

@@ -1,0 +1,150 @@
+"""The question filters: language (all-ASCII, non-empty) and solvability (an LLM judge with a strict final verdict).
+
+Example::
+
+    filter_language("generate.jsonl", "language.jsonl")
+    with Generator(judge_backend, "cache", desc="solvable") as judge:
+        filter_solvable("language.jsonl", "solvable.jsonl", judge=judge)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...generation.base import GenerationRequest
+from ..records import Reject
+from .answers import parse_final_verdict
+from .contract import StageResult, StageStats, finish, generation_counts, read_rows
+from .contract import fingerprint as make_fingerprint
+from .metrics import ratio
+from .prompts import DEFAULT_PROMPTS, Prompts
+from .settings import Sampling, settings_dict
+
+
+@dataclass(frozen=True)
+class LanguageSettings:
+    """Settings of ``filter-language``.
+
+    Attributes:
+        question_field: The column holding the question.
+    """
+
+    question_field: str = "question"
+
+
+def filter_language(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    settings: LanguageSettings = LanguageSettings(),
+    fingerprint: str | None = None,
+) -> StageResult:
+    """The ``filter-language`` stage: keeps questions that are non-empty after stripping and entirely ASCII.
+
+    The question is written back stripped of surrounding whitespace. Dropped rows go to the rejects file with the
+    reason ``empty question`` or ``non-ASCII characters`` (the detail lists the first offending characters).
+
+    Args:
+        input: Input JSONL with the question column.
+        output: Output JSONL.
+        settings: Stage settings.
+        fingerprint: The run's fingerprint (computed when None).
+
+    Returns:
+        The stage result.
+    """
+    started = time.perf_counter()
+    rows, rejects, rows_in = read_rows(input, [settings.question_field])
+    kept = []
+    for row in rows:
+        text = row[settings.question_field].strip()
+        if not text:
+            rejects.append(Reject(row["id"], "filter", "empty question", row))
+        elif not text.isascii():
+            odd = sorted({c for c in text if not c.isascii()})[:8]
+            rejects.append(Reject(row["id"], "filter", "non-ASCII characters", row, f"characters: {''.join(odd)!r}"))
+        else:
+            kept.append({**row, settings.question_field: text})
+    stats = StageStats(
+        "filter-language", unit="questions", rows_in=rows_in, rows_out=len(kept),
+        settings=settings_dict(settings),
+        fingerprint=fingerprint or make_fingerprint("filter-language", settings, [input]),
+    )  # fmt: skip
+    return finish(output, kept, rejects, stats, started=started)
+
+
+@dataclass(frozen=True)
+class SolvableSettings:
+    """Settings of ``filter-solvable``.
+
+    Attributes:
+        question_field: The column holding the question.
+        sampling: The judge's sampling (greedy: a verdict should not depend on luck).
+    """
+
+    question_field: str = "question"
+    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, top_p=1.0, max_tokens=1024))
+
+
+def filter_solvable(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    judge: Any,
+    settings: SolvableSettings = SolvableSettings(),
+    prompts: Prompts = DEFAULT_PROMPTS,
+    fingerprint: str | None = None,
+) -> StageResult:
+    """The ``filter-solvable`` stage: an LLM judge reasons about each question and ends with a Yes/No verdict.
+
+    The verdict is parsed strictly from the reply's final line (see
+    :func:`~swift_callbacks.builders.scalequest.answers.parse_final_verdict`). Yes keeps the row; No drops it as
+    ``judged unsolvable``; a reply without a final verdict drops it as ``no final verdict`` (never a silent yes);
+    a failed request drops it as ``generation failed``.
+
+    Args:
+        input: Input JSONL with the question column.
+        output: Output JSONL (the kept rows, unchanged).
+        judge: A :class:`~swift_callbacks.generation.Generator` for the judge model.
+        settings: Stage settings.
+        prompts: The prompt templates (``solvability_judge``).
+        fingerprint: The run's fingerprint (computed when None).
+
+    Returns:
+        The stage result; ``metrics.solvable_ratio`` is yes / (yes + no).
+    """
+    started = time.perf_counter()
+    rows, rejects, rows_in = read_rows(input, [settings.question_field])
+    params = settings.sampling.params()
+    requests = [
+        GenerationRequest.chat(row["id"], prompts.messages("solvability_judge", row[settings.question_field]), params)
+        for row in rows
+    ]
+    results = judge.run(requests) if requests else {}
+    kept, verdicts = [], {"yes": 0, "no": 0, "none": 0, "failed": 0}
+    for row in rows:
+        result = results[row["id"]]
+        if not result.ok:
+            verdicts["failed"] += 1
+            rejects.append(Reject(row["id"], "generate", "generation failed", row, result.error or ""))
+            continue
+        reply = result.texts[0]
+        verdict = parse_final_verdict(reply)
+        verdicts[{True: "yes", False: "no", None: "none"}[verdict]] += 1
+        if verdict:
+            kept.append(row)
+        elif verdict is None:
+            rejects.append(Reject(row["id"], "parse", "no final verdict", row, f"reply ends: {reply[-300:]!r}"))
+        else:
+            rejects.append(Reject(row["id"], "check", "judged unsolvable", row, f"reply ends: {reply[-300:]!r}"))
+    stats = StageStats(
+        "filter-solvable", unit="questions", rows_in=rows_in, rows_out=len(kept),
+        metrics={"verdicts": verdicts, "solvable_ratio": ratio(verdicts["yes"], verdicts["yes"] + verdicts["no"])},
+        generation={"judge": generation_counts(judge)}, settings=settings_dict(settings),
+        fingerprint=fingerprint or make_fingerprint("filter-solvable", {"settings": settings, "prompts": prompts},
+                                                    [input], [getattr(judge.backend, "model", "")]),
+    )  # fmt: skip
+    return finish(output, kept, rejects, stats, started=started)

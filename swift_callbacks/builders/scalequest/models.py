@@ -1,0 +1,313 @@
+"""Which model plays each role of a stage: model specs and the loaders of local models.
+
+A model spec is a string or a mapping:
+
+- ``"tiny:hidden_size=64,num_layers=2,seed=0"``: the offline tiny Llama of ``swift_callbacks.demo.tiny``, built
+  from config (no download); for a scoring role, the same body with a one-output regression head.
+- ``"stage:qft"``: the model a training stage of this pipeline wrote (resolved by the runner).
+- ``"scripted:arithmetic"``: a deterministic offline stand-in for an instruction-following LLM (see
+  :mod:`.scripted`); only for smoke tests of the pipeline's plumbing.
+- ``"vllm:PATH"``: vLLM's offline engine.
+- any other string: a local folder or hub id run with transformers.
+- a mapping with ``backend:`` one of ``transformers``, ``vllm``, ``openai``, ``tiny``, ``scripted``, ``stage`` and
+  that backend's options (``openai`` needs ``base_url`` and ``model``; the key comes from the environment variable
+  ``api_key_env`` names, never from the file).
+
+The backends that run a spec are in :mod:`.backends`. torch and transformers are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .contract import path_digest
+
+BACKENDS = ("transformers", "vllm", "openai", "tiny", "scripted", "stage")
+# Keyword arguments of demo.tiny.build_model (plus the tokenizer's vocab_size) a tiny spec may set, with types.
+TINY_KEYS: dict[str, type] = {
+    "hidden_size": int, "num_layers": int, "num_heads": int, "intermediate_size": int,
+    "max_position_embeddings": int, "seed": int, "tie_word_embeddings": bool, "arch": str, "vocab_size": int,
+}  # fmt: skip
+# Options each backend accepts in the mapping form (besides "backend").
+_OPTIONS = {
+    "transformers": {"model", "tokenizer", "batch_size", "device", "dtype", "trust_remote_code"},
+    "vllm": {"model", "tokenizer", "engine", "chunk_size"},
+    "openai": {"model", "base_url", "api_key_env", "tokenizer", "max_concurrency", "timeout", "max_retries",
+               "extra_body"},
+    "tiny": {"tiny", "batch_size", "device"},
+    "scripted": {"model"},
+    "stage": {"model", "run_with", "batch_size", "device", "dtype", "engine", "chunk_size", "trust_remote_code"},
+}  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """An invalid pipeline config or model spec; the message starts with the key path of the problem."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model and how to run it (see the module docstring for the forms).
+
+    Attributes:
+        backend: One of ``BACKENDS``.
+        model: Folder or hub id (transformers, vLLM), server model name (openai), stand-in name (scripted),
+            stage name (stage).
+        tokenizer: Tokenizer folder or hub id when it differs from ``model`` (for openai: where to read the chat
+            template that makes question-generation prefixes).
+        tiny: Keyword arguments of the tiny model.
+        base_url: Server URL (openai).
+        api_key_env: Name of the environment variable holding the API key (openai).
+        batch_size: Prompts per batch (transformers, tiny) or per scoring batch.
+        device: Device for transformers (default: CUDA when available).
+        dtype: Weights dtype for transformers, e.g. ``"bfloat16"``.
+        engine: Keyword arguments of ``vllm.LLM``.
+        chunk_size: Requests per vLLM call.
+        max_concurrency: Parallel HTTP requests (openai).
+        timeout: Seconds per HTTP attempt (openai).
+        max_retries: Retries per request (openai).
+        extra_body: Extra JSON fields of every request (openai).
+        trust_remote_code: Let transformers run the checkpoint's own modelling code (transformers backend; for vLLM
+            put it in ``engine``).
+        run_with: For ``stage`` models: generate with ``"transformers"`` (default) or ``"vllm"``.
+        fingerprint: Set by the runner for ``stage:`` models: the producing stage's fingerprint.
+    """
+
+    backend: str
+    model: str = ""
+    tokenizer: str | None = None
+    tiny: dict[str, Any] = field(default_factory=dict)
+    base_url: str | None = None
+    api_key_env: str | None = None
+    batch_size: int = 8
+    device: str | None = None
+    dtype: str | None = None
+    engine: dict[str, Any] = field(default_factory=dict)
+    chunk_size: int = 256
+    max_concurrency: int = 8
+    timeout: float = 60.0
+    max_retries: int = 5
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    trust_remote_code: bool = False
+    run_with: str = "transformers"
+    fingerprint: str | None = None
+
+    @classmethod
+    def parse(cls, value: Any, path: str = "model") -> ModelSpec:
+        """Reads a spec from its string or mapping form.
+
+        Raises:
+            ConfigError: Unknown backend or option, a wrong type, or a missing required option.
+        """
+        if isinstance(value, ModelSpec):
+            return value
+        if isinstance(value, str):
+            return _parse_string(value.strip(), path)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a model spec (string or mapping), got {type(value).__name__}")
+        return _parse_mapping(value, path)
+
+    def identity(self) -> str:
+        """What distinguishes this model's answers: part of the cache keys and the stage fingerprints."""
+        if self.backend == "tiny":
+            return "tiny:" + ",".join(f"{k}={v}" for k, v in sorted(self.tiny.items()))
+        if self.backend in ("scripted", "openai"):
+            return f"{self.backend}:{self.model}" + (f"@{self.base_url}" if self.base_url else "")
+        if self.fingerprint:
+            return f"{self.model}@{self.fingerprint[:16]}"
+        if os.path.isdir(self.model):
+            # A local folder may be overwritten by a new training run; its listing tells the versions apart.
+            return f"{self.model}@{path_digest(self.model)[:16]}"
+        return self.model
+
+
+def resolve_stage_model(spec: ModelSpec, folder: str | os.PathLike, stage_fingerprint: str) -> ModelSpec:
+    """The concrete spec of a ``stage:`` model: the stage's output folder, known by the stage's fingerprint."""
+    if spec.backend != "stage":
+        return spec
+    return dataclasses.replace(spec, backend=spec.run_with, model=str(folder), fingerprint=stage_fingerprint)
+
+
+def _parse_string(text: str, path: str) -> ModelSpec:
+    kind, sep, rest = text.partition(":")
+    if sep and kind == "tiny":
+        return ModelSpec("tiny", tiny=parse_tiny_kwargs(rest, path))
+    if text == "tiny":
+        return ModelSpec("tiny")
+    if sep and kind in ("scripted", "stage", "vllm"):
+        if not rest:
+            raise ConfigError(f"{path}: {kind!r} spec needs a name after the colon")
+        return ModelSpec(kind, model=rest)
+    if sep and kind == "openai":
+        raise ConfigError(f"{path}: give an OpenAI-compatible server as a mapping: {{backend: openai, base_url: ..., "
+                          "model: ...}")  # fmt: skip
+    if not text:
+        raise ConfigError(f"{path}: empty model spec")
+    return ModelSpec("transformers", model=text)
+
+
+def _parse_mapping(value: Mapping[str, Any], path: str) -> ModelSpec:
+    backend = value.get("backend")
+    if backend not in BACKENDS:
+        raise ConfigError(f"{path}.backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    allowed = _OPTIONS[backend]
+    for key in value:
+        if key != "backend" and key not in allowed:
+            raise ConfigError(f"{path}.{key}: unknown key for backend {backend!r}; expected one of {sorted(allowed)}")
+    kwargs = {k: v for k, v in value.items() if k != "backend"}
+    if backend == "tiny":
+        tiny_value = kwargs.get("tiny") or {}
+        kwargs["tiny"] = (parse_tiny_kwargs(tiny_value, f"{path}.tiny") if isinstance(tiny_value, str)
+                          else _check_tiny(tiny_value, f"{path}.tiny"))  # fmt: skip
+    elif not isinstance(kwargs.get("model"), str) or not kwargs["model"]:
+        raise ConfigError(f"{path}.model: required for backend {backend!r}")
+    if backend == "openai" and not kwargs.get("base_url"):
+        raise ConfigError(f"{path}.base_url: required for backend 'openai'")
+    if kwargs.get("run_with", "transformers") not in ("transformers", "vllm"):
+        raise ConfigError(f"{path}.run_with: expected 'transformers' or 'vllm', got {kwargs['run_with']!r}")
+    _check_types(kwargs, path)
+    return ModelSpec(backend, **kwargs)
+
+
+def _check_types(kwargs: dict[str, Any], path: str) -> None:
+    types = {f.name: f.type for f in dataclasses.fields(ModelSpec)}
+    expected = {"int": int, "float": (int, float), "str | None": (str, type(None)), "str": str, "dict[str, Any]": dict,
+                "bool": bool}  # fmt: skip
+    for key, value in kwargs.items():
+        want = expected.get(str(types[key]))
+        if want is not None and (not isinstance(value, want) or (isinstance(value, bool) and want is not bool)):
+            raise ConfigError(f"{path}.{key}: expected {types[key]}, got {type(value).__name__}")
+
+
+def parse_tiny_kwargs(text: str, path: str = "model") -> dict[str, Any]:
+    """``"hidden_size=64,num_layers=2"`` -> ``{"hidden_size": 64, "num_layers": 2}`` (checked)."""
+    result: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, raw = part.partition("=")
+        if not sep:
+            raise ConfigError(f"{path}: tiny option {part!r} is not KEY=VALUE")
+        result[key.strip()] = raw.strip()
+    return _check_tiny(result, path, from_text=True)
+
+
+def _check_tiny(values: Mapping[str, Any], path: str, from_text: bool = False) -> dict[str, Any]:
+    out = {}
+    for key, raw in values.items():
+        kind = TINY_KEYS.get(key)
+        if kind is None:
+            raise ConfigError(f"{path}: unknown tiny model option {key!r}; expected one of {sorted(TINY_KEYS)}")
+        try:
+            out[key] = _convert(kind, raw) if from_text else raw
+        except ValueError:
+            raise ConfigError(f"{path}: tiny option {key}={raw!r} is not a {kind.__name__}") from None
+        if not isinstance(out[key], kind) or (kind is int and isinstance(out[key], bool)):
+            raise ConfigError(f"{path}: tiny option {key} must be a {kind.__name__}, got {raw!r}")
+    return out
+
+
+def _convert(kind: type, raw: str) -> Any:
+    if kind is bool:
+        if raw.lower() not in ("true", "false"):
+            raise ValueError(raw)
+        return raw.lower() == "true"
+    return kind(raw)
+
+
+# ------------------------------------------------------------------------------------------------ building models
+
+
+def device_of(spec: ModelSpec) -> str:
+    import torch
+
+    return spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_tokenizer(spec: ModelSpec) -> Any:
+    """The tokenizer of ``spec`` (the demo tokenizer for tiny models).
+
+    Raises:
+        ConfigError: An OpenAI-compatible or scripted model without a ``tokenizer`` to read a chat template from.
+    """
+    if spec.backend == "tiny":
+        return build_tiny_tokenizer(spec)
+    source = spec.tokenizer or (spec.model if spec.backend in ("transformers", "vllm") else None)
+    if not source:
+        raise ConfigError(f"model {spec.identity()!r} needs a 'tokenizer' (folder or hub id) to build chat prefixes")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
+
+
+def build_tiny_tokenizer(spec: ModelSpec) -> Any:
+    from ...demo import tiny
+
+    kwargs = spec.tiny
+    return tiny.build_tokenizer(
+        tiny.demo_corpus(),
+        vocab_size=kwargs.get("vocab_size", 512),
+        model_max_length=kwargs.get("max_position_embeddings", 256),
+    )
+
+
+def build_tiny(spec: ModelSpec) -> tuple[Any, Any]:
+    """The tiny tokenizer and causal LM of a ``tiny:`` spec (deterministic)."""
+    from ...demo import tiny
+
+    tokenizer = build_tiny_tokenizer(spec)
+    model = tiny.build_model(tokenizer, **{k: v for k, v in spec.tiny.items() if k != "vocab_size"})
+    model.config._name_or_path = spec.identity()
+    return tokenizer, model
+
+
+def load_causal_lm(spec: ModelSpec) -> tuple[Any, Any]:
+    """Tokenizer and causal LM to train (tiny: built from config; else ``from_pretrained``)."""
+    if spec.backend == "tiny":
+        return build_tiny(spec)
+    if spec.backend not in ("transformers", "vllm"):
+        raise ConfigError(f"a training stage needs local weights, not a {spec.backend!r} model")
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(spec)
+    dtype = spec.dtype or "auto"
+    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=dtype, trust_remote_code=spec.trust_remote_code)
+    return tokenizer, model
+
+
+def load_regression_model(spec: ModelSpec) -> tuple[Any, Any]:
+    """Tokenizer and a one-output sequence regression model (a reward model, or the base of the difficulty scorer).
+
+    A tiny spec gets the tiny Llama body with a fresh ``score`` head; a folder is loaded with
+    ``AutoModelForSequenceClassification`` (``num_labels=1``), adding a head when the checkpoint has none.
+    """
+    import torch
+
+    if spec.backend == "tiny":
+        from transformers import AutoModelForSequenceClassification
+
+        tokenizer, causal = build_tiny(spec)
+        config = causal.config
+        config.num_labels, config.problem_type = 1, "regression"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.tiny.get("seed", 0))
+            model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+        model.config._name_or_path = spec.identity()
+    elif spec.backend in ("transformers", "vllm"):
+        from transformers import AutoModelForSequenceClassification
+
+        tokenizer = load_tokenizer(spec)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            spec.model, num_labels=1, dtype=spec.dtype or "auto", trust_remote_code=spec.trust_remote_code
+        )
+    else:
+        raise ConfigError(f"a scoring model needs local weights, not a {spec.backend!r} model")
+    if model.config.pad_token_id is None:
+        # Sequence classification pools the last non-pad token, so batches need a pad id.
+        model.config.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model

@@ -1,0 +1,180 @@
+"""QPO (question preference optimization): make the QFT model prefer solvable, harder questions.
+
+``qpo-pairs`` samples questions from the QFT model (chat prefix only), then, for each, picks one aspect at random
+with a seeded RNG — solvability (a math-teacher prompt that solves, checks solvability and rewrites) or difficulty
+(a make-it-harder prompt: methods, plan, rewrite, review) — and has a strong model rewrite it. The rewrite is read
+after the prompt's final marker. Each usable rewrite gives one DPO pair: ``prompt`` = the chat prefix only,
+``chosen`` = the rewrite, ``rejected`` = the original, both followed by the EOS text (as in the QFT data; TRL's
+DPOTrainer adds no second one). Empty rewrites, rewrites without the marker, and rewrites equal to the original are
+dropped and counted.
+
+``qpo`` runs TRL's ``DPOTrainer`` on the pairs with the paper's settings (learning rate 5e-7, beta 0.1, 1 epoch,
+batch 128).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...generation.base import GenerationRequest
+from ..records import Reject
+from .answers import text_after_final_marker
+from .contract import StageResult, StageStats, finish, generation_counts
+from .contract import fingerprint as make_fingerprint
+from .generate import GenerateSettings, sample_questions
+from .metrics import ratio
+from .models import ModelSpec
+from .prompts import DEFAULT_PROMPTS, Prompts
+from .qft import train_stage
+from .settings import Sampling, settings_dict
+
+ASPECTS = {"solvability": "solvability_rewrite", "difficulty": "difficulty_rewrite"}
+
+
+@dataclass(frozen=True)
+class QpoPairsSettings:
+    """Settings of ``qpo-pairs``.
+
+    Attributes:
+        num_questions: Questions to sample from the QFT model (the paper: about 10K per generator).
+        samples_per_request: Samples per generation request.
+        solvability_probability: Chance that a question is rewritten for solvability (else for difficulty).
+        seed: Seeds both the sampling and the aspect choice (per question id, so the choice does not depend on
+            which other questions exist).
+        system_prompt: A system message in the prefix, or None for the template's default.
+        sampling: Question sampling (the paper's generation settings).
+        rewrite_sampling: The rewriter's sampling.
+    """
+
+    num_questions: int = 10000
+    samples_per_request: int = 16
+    solvability_probability: float = 0.5
+    seed: int = 0
+    system_prompt: str | None = None
+    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, top_p=0.99, max_tokens=512))
+    rewrite_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, top_p=1.0, max_tokens=2048))
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.solvability_probability <= 1.0:
+            raise ValueError(f"solvability_probability must be in [0, 1], got {self.solvability_probability}")
+
+    def generate_settings(self) -> GenerateSettings:
+        return GenerateSettings(num_questions=self.num_questions, samples_per_request=self.samples_per_request,
+                                seed=self.seed, system_prompt=self.system_prompt, id_prefix="qpo",
+                                sampling=self.sampling)  # fmt: skip
+
+
+def choose_aspect(seed: int, question_id: str, solvability_probability: float) -> str:
+    """``"solvability"`` or ``"difficulty"`` for one question, from an RNG seeded by ``seed`` and its id."""
+    draw = random.Random(f"{seed}/{question_id}").random()
+    return "solvability" if draw < solvability_probability else "difficulty"
+
+
+def qpo_pairs(
+    output: str | os.PathLike,
+    *,
+    sampler: Any,
+    rewriter: Any,
+    prefix: str,
+    prompt: str,
+    eos_token: str,
+    settings: QpoPairsSettings = QpoPairsSettings(),
+    prompts: Prompts = DEFAULT_PROMPTS,
+    fingerprint: str | None = None,
+) -> StageResult:
+    """The ``qpo-pairs`` stage: sampled questions, their rewrites, and the DPO pairs they make.
+
+    The unit is the sampled question: ``rows_in`` = ``num_questions``; every question that gives no pair is a
+    reject (``generation failed``, ``empty sample``, ``no final marker``, ``empty rewrite``,
+    ``rewrite identical to original``).
+
+    Args:
+        output: Output JSONL: ``id``, ``prompt``, ``chosen``, ``rejected``, ``aspect``, ``original``, ``rewrite``.
+        sampler: A Generator over the QFT model (prefix-capable backend).
+        rewriter: A Generator over the strong model.
+        prefix: The chat prefix the sampler continues (see :func:`~.generate.chat_prefix`).
+        prompt: The DPO prompt (the prefix as a TRL prompt, see :func:`~.generate.training_prompt`).
+        eos_token: The QFT model's EOS text.
+        settings: Stage settings.
+        prompts: The prompt templates (the two rewrite prompts and the final marker).
+        fingerprint: The run's fingerprint (computed when None).
+
+    Returns:
+        The stage result; ``metrics.pairs_by_aspect`` and ``metrics.aspects_drawn`` count the aspects.
+    """
+    started = time.perf_counter()
+    sampled, rejects = sample_questions(sampler, prefix, settings.generate_settings())
+    jobs = []
+    for row in sampled:
+        if not row["question"]:
+            rejects.append(Reject(row["id"], "generate", "empty sample", row))
+        else:
+            jobs.append({**row, "aspect": choose_aspect(settings.seed, row["id"], settings.solvability_probability)})
+    params = settings.rewrite_sampling.params()
+    requests = [GenerationRequest.chat(job["id"], prompts.messages(ASPECTS[job["aspect"]], job["question"]), params)
+                for job in jobs]  # fmt: skip
+    results = rewriter.run(requests) if requests else {}
+    pairs = []
+    for job in jobs:
+        outcome = _pair(job, results[job["id"]], prompts.final_marker, prompt, eos_token)
+        (pairs if isinstance(outcome, dict) else rejects).append(outcome)
+    stats = StageStats(
+        "qpo-pairs", unit="sampled questions", rows_in=settings.num_questions, rows_out=len(pairs),
+        metrics={"aspects_drawn": dict(Counter(j["aspect"] for j in jobs)),
+                 "pairs_by_aspect": dict(Counter(p["aspect"] for p in pairs)),
+                 "pair_ratio": ratio(len(pairs), settings.num_questions)},
+        generation={"sampler": generation_counts(sampler), "rewriter": generation_counts(rewriter)},
+        settings=settings_dict(settings),
+        fingerprint=fingerprint or make_fingerprint(
+            "qpo-pairs", {"settings": settings, "prompts": prompts, "prefix": prefix, "prompt": prompt,
+                          "eos": eos_token},
+            models=[getattr(sampler.backend, "model", ""), getattr(rewriter.backend, "model", "")]),
+    )  # fmt: skip
+    return finish(output, pairs, rejects, stats, started=started)
+
+
+def _pair(job: dict[str, Any], result: Any, marker: str, prompt: str, eos: str) -> dict[str, Any] | Reject:
+    """The DPO pair of one rewrite, or the reject saying why there is none."""
+    raw = {"id": job["id"], "question": job["question"], "aspect": job["aspect"]}
+    if not result.ok:
+        return Reject(job["id"], "generate", "generation failed", raw, result.error or "")
+    reply = result.texts[0]
+    rewrite = text_after_final_marker(reply, marker)
+    if rewrite is None:
+        return Reject(job["id"], "parse", "no final marker", raw, f"reply ends: {reply[-300:]!r}")
+    if not rewrite:
+        return Reject(job["id"], "check", "empty rewrite", raw, f"reply ends: {reply[-300:]!r}")
+    if " ".join(rewrite.split()).casefold() == " ".join(job["question"].split()).casefold():
+        return Reject(job["id"], "check", "rewrite identical to original", raw)
+    return {"id": job["id"], "prompt": prompt, "chosen": rewrite + eos, "rejected": job["question"] + eos,
+            "aspect": job["aspect"], "original": job["question"], "rewrite": rewrite}  # fmt: skip
+
+
+def train_qpo(
+    input: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    model: ModelSpec | str,
+    training: Mapping[str, Any] | None = None,
+    fingerprint: str | None = None,
+) -> StageResult:
+    """The ``qpo`` stage: DPO of the QFT model on the ``qpo-pairs`` rows; the result is saved to ``output_dir``.
+
+    Args:
+        input: The ``qpo-pairs`` output.
+        output_dir: The model folder to write.
+        model: The QFT model (spec string, mapping or :class:`ModelSpec`).
+        training: ``trl.DPOConfig`` fields over the paper's settings (see ``training.QPO_DEFAULTS``).
+        fingerprint: The run's fingerprint (computed when None).
+
+    Returns:
+        The stage result (``rows_out``: pairs trained on).
+    """
+    return train_stage("qpo", "dpo", input, output_dir, model=model, training=training,
+                       required=("prompt", "chosen", "rejected"), fingerprint=fingerprint)  # fmt: skip

@@ -1,0 +1,233 @@
+"""Responses: sample several step-by-step solutions per question, keep those with a final ``\\boxed{}`` answer, then
+keep the best one per question by a reward model.
+
+Example::
+
+    with Generator(solver_backend, "cache", desc="respond") as solver:
+        respond("questions.jsonl", "responses.jsonl", responder=solver)       # n = 5 samples per question
+    with Generator(score_backend(ModelSpec.parse("path/to/reward-model"), text_format="chat"), "cache") as rm:
+        reward_select("responses.jsonl", "best.jsonl", scorer=rm)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...generation.base import GenerationRequest, SamplingParams
+from ..records import Reject
+from .answers import boxed_answer
+from .contract import StageResult, StageStats, finish, generation_counts, read_rows
+from .contract import fingerprint as make_fingerprint
+from .metrics import distribution, histogram, ratio
+from .prompts import DEFAULT_PROMPTS, Prompts
+from .settings import Sampling, settings_dict
+
+
+@dataclass(frozen=True)
+class RespondSettings:
+    """Settings of ``respond``.
+
+    Attributes:
+        n: Solutions sampled per question (the paper: 5).
+        question_field: The column holding the question.
+        seed: Sampling seed of every request (None: the backend's own randomness; the cache still makes reruns
+            reproduce the first run).
+        sampling: The paper's settings: temperature 0.7, top-p 0.95.
+    """
+
+    n: int = 5
+    question_field: str = "question"
+    seed: int | None = None
+    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.95, max_tokens=2048))
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+
+
+def respond(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    responder: Any,
+    settings: RespondSettings = RespondSettings(),
+    prompts: Prompts = DEFAULT_PROMPTS,
+    fingerprint: str | None = None,
+) -> StageResult:
+    """The ``respond`` stage: ``n`` chain-of-thought samples per question, each kept only with a final boxed answer.
+
+    The unit is the sample: ``rows_in`` is questions x ``n``, ``rows_out`` the samples kept. A sample without a
+    final ``\\boxed{}`` answer is dropped as ``no final boxed answer``; the ``n`` samples of a failed request are
+    dropped as ``generation failed``; invalid input rows count ``n`` samples each as well. Output rows:
+    ``id`` (``<question id>/<k>``), ``question_id``, ``question``, ``response``, ``answer``, ``sample_index``.
+
+    Args:
+        input: Input JSONL with the question column.
+        output: Output JSONL.
+        responder: A :class:`~swift_callbacks.generation.Generator` for the solver model.
+        settings: Stage settings.
+        prompts: The prompt templates (``respond``).
+        fingerprint: The run's fingerprint (computed when None).
+
+    Returns:
+        The stage result; ``metrics.answer_presence_ratio`` is the fraction of generated samples with an answer.
+    """
+    started = time.perf_counter()
+    rows, bad, rows_in = read_rows(input, [settings.question_field])
+    rejects = [Reject(f"{r.source_id}/{k}", r.stage, r.reason, r.row, r.detail) for r in bad for k in range(settings.n)]
+    params = settings.sampling.params(settings.n, settings.seed)
+    requests = [GenerationRequest.chat(row["id"], prompts.messages("respond", row[settings.question_field]), params)
+                for row in rows]  # fmt: skip
+    results = responder.run(requests) if requests else {}
+    kept: list[dict[str, Any]] = []
+    answered = generated = 0
+    for row in rows:
+        result = results[row["id"]]
+        samples = _samples(row, result, settings)
+        generated += len(samples) if result.ok else 0
+        row_kept = [s for s in samples if isinstance(s, dict)]
+        answered += bool(row_kept)
+        kept += row_kept
+        rejects += [s for s in samples if isinstance(s, Reject)]
+    stats = StageStats(
+        "respond", unit="samples", rows_in=rows_in * settings.n, rows_out=len(kept),
+        metrics={"questions_in": rows_in, "samples_generated": generated,
+                 "answer_presence_ratio": ratio(len(kept), generated),
+                 "questions_with_an_answer": answered, "questions_without_an_answer": len(rows) - answered},
+        generation={"responder": generation_counts(responder)}, settings=settings_dict(settings),
+        fingerprint=fingerprint or make_fingerprint("respond", {"settings": settings, "prompts": prompts}, [input],
+                                                    [getattr(responder.backend, "model", "")]),
+    )  # fmt: skip
+    return finish(output, kept, rejects, stats, started=started)
+
+
+def _samples(row: dict[str, Any], result: Any, settings: RespondSettings) -> list[dict[str, Any] | Reject]:
+    """The kept samples (dicts) and dropped ones (rejects) of one question."""
+    qid, question = row["id"], row[settings.question_field]
+    if not result.ok:
+        return [
+            Reject(f"{qid}/{k}", "generate", "generation failed", row, result.error or "") for k in range(settings.n)
+        ]
+    out: list[dict[str, Any] | Reject] = []
+    for k, text in enumerate(result.texts[: settings.n]):
+        answer = boxed_answer(text)
+        sample = {"id": f"{qid}/{k}", "question_id": qid, "question": question, "response": text, "answer": answer,
+                  "sample_index": k}  # fmt: skip
+        if answer is None:
+            out.append(Reject(sample["id"], "check", "no final boxed answer", sample, f"ends: {text[-200:]!r}"))
+        else:
+            out.append(sample)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ reward-select
+
+
+@dataclass(frozen=True)
+class RewardSettings:
+    """Settings of ``reward-select``.
+
+    Attributes:
+        bins: Bins of the reward histogram in the stats (over the observed range).
+    """
+
+    bins: int = 10
+
+
+def reward_select(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    scorer: Any,
+    settings: RewardSettings = RewardSettings(),
+    fingerprint: str | None = None,
+) -> StageResult:
+    """The ``reward-select`` stage: scores every response and keeps the best one per question.
+
+    The scorer sees the conversation (the question as the user turn, the response as the assistant turn) and
+    answers with a number (a :class:`~.models.SequenceScoreBackend` over a reward model, or a scripted scorer).
+    The unit is the response: ``rows_in`` responses, ``rows_out`` selected ones (one per question); the others
+    are dropped as ``not the best response`` (ties go to the lowest sample index), and responses whose scoring
+    failed or was not a number are dropped with that reason. Output rows carry ``reward``, ``candidates`` and a
+    ready SFT ``messages`` column.
+
+    Args:
+        input: The ``respond`` output (``question_id``, ``question``, ``response``, ``answer``, ``sample_index``).
+        output: Output JSONL.
+        scorer: A :class:`~swift_callbacks.generation.Generator` whose backend returns scores.
+        settings: Stage settings.
+        fingerprint: The run's fingerprint (computed when None).
+
+    Returns:
+        The stage result; ``metrics.reward_all`` / ``reward_selected`` are min/median/max/mean distributions.
+    """
+    started = time.perf_counter()
+    rows, rejects, rows_in = read_rows(input, ["question_id", "question", "response"])
+    scored = _score(rows, scorer, rejects)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in scored:
+        groups.setdefault(row["question_id"], []).append(row)
+    selected = []
+    for candidates in groups.values():
+        best = max(candidates, key=lambda r: (r["reward"], -int(r.get("sample_index") or 0)))
+        selected.append(_final_row(best, len(candidates)))
+        rejects += [Reject(r["id"], "select", "not the best response", r, _why_not(r, best))
+                    for r in candidates if r is not best]  # fmt: skip
+    rewards = [r["reward"] for r in scored]
+    stats = StageStats(
+        "reward-select", unit="responses", rows_in=rows_in, rows_out=len(selected),
+        metrics={"questions": len(groups), "reward_all": distribution(rewards),
+                 "reward_selected": distribution([r["reward"] for r in selected]),
+                 "reward_histogram": _histogram(rewards, settings.bins)},
+        generation={"scorer": generation_counts(scorer)}, settings=settings_dict(settings),
+        fingerprint=fingerprint or make_fingerprint("reward-select", settings, [input],
+                                                    [getattr(scorer.backend, "model", "")]),
+    )  # fmt: skip
+    return finish(output, selected, rejects, stats, started=started)
+
+
+def _score(rows: list[dict[str, Any]], scorer: Any, rejects: list[Reject]) -> list[dict[str, Any]]:
+    """The rows that got a finite score, with ``reward`` set; the others become rejects."""
+    messages = [[{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["response"]}]
+                for r in rows]  # fmt: skip
+    requests = [GenerationRequest.chat(r["id"], m, SamplingParams()) for r, m in zip(rows, messages, strict=True)]
+    results = scorer.run(requests) if requests else {}
+    scored = []
+    for row in rows:
+        result = results[row["id"]]
+        if not result.ok:
+            rejects.append(Reject(row["id"], "generate", "scoring failed", row, result.error or ""))
+            continue
+        try:
+            reward = float(result.texts[0])
+        except (ValueError, IndexError):
+            reward = math.nan
+        if not math.isfinite(reward):
+            rejects.append(Reject(row["id"], "parse", "score is not a number", row, repr(result.texts[:1])))
+            continue
+        scored.append({**row, "reward": reward})
+    return scored
+
+
+def _why_not(row: dict[str, Any], best: dict[str, Any]) -> str:
+    if row["reward"] < best["reward"]:
+        return f"reward {row['reward']:.6g} < {best['reward']:.6g} of {best['id']}"
+    return f"reward tied with {best['id']}, which has the lower sample index"
+
+
+def _final_row(best: dict[str, Any], candidates: int) -> dict[str, Any]:
+    row = {k: v for k, v in best.items() if k not in ("id", "question_id")}
+    messages = [{"role": "user", "content": best["question"]}, {"role": "assistant", "content": best["response"]}]
+    return {"id": best["question_id"], "response_id": best["id"], **row, "candidates": candidates,
+            "messages": messages}  # fmt: skip
+
+
+def _histogram(values: list[float], bins: int) -> dict[str, Any] | None:
+    if not values:
+        return None
+    low, high = min(values), max(values)
+    return histogram(values, bins, low, high if high > low else low + 1.0)
