@@ -29,7 +29,7 @@ class DemoConfig:
     output_dir: str
     model: str | None = None
     warmup_epochs: float = 8.0
-    epochs: float = 3.0
+    epochs: float = 6.0  # as in the paper
     save_every: int = 30
     batch_size: int = 16
     learning_rate: float = 1e-3
