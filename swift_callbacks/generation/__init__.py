@@ -16,9 +16,9 @@ Example::
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from ..lazy import lazy_exports
 from .base import Backend, GenerationRequest, GenerationResult, SamplingParams, ScriptedBackend
 from .cache import GenerationCache
 from .runner import Generator, RunStats
@@ -59,14 +59,4 @@ if TYPE_CHECKING:
     from .vllm_backend import VLLMBackend
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -9,8 +9,9 @@ Modules: ``config`` (the YAML sections and their checks), ``schema`` (checking d
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 # Imported on first use: ``python -m swift_callbacks.training.train`` must not find ``train`` already imported by
 # this package (runpy warns that the module would then run twice).
@@ -39,10 +40,4 @@ if TYPE_CHECKING:
     from .train import add_train_parser, build_trainer, run_training
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'swift_callbacks.training' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
