@@ -281,3 +281,26 @@ def test_builders_import_without_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_bom_at_the_start_of_json_files_loses_no_rows(tmp_path):
+    row = {"query": "What is 1+1?", "response": "2"}
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps(row) + "\r\n").encode() * 2)
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([row, row]).encode())
+    for name in ("bom.jsonl", "bom.json"):
+        rows, rejects = read_source(tmp_path / name)
+        assert [r for _, r in rows] == [row, row] and rejects == [], name
+
+
+def test_csv_cells_over_128_kib_are_read_and_csv_errors_become_rejects(tmp_path, monkeypatch):
+    import swift_callbacks.builders.io as builders_io
+
+    path = tmp_path / "big.csv"
+    path.write_text('query,response\n"' + "x" * 200_000 + '",2\nok?,2\n', encoding="utf-8")
+    rows, rejects = read_source(path)
+    assert [len(r["query"]) for _, r in rows] == [200_000, 3] and rejects == []
+
+    monkeypatch.setattr(builders_io, "_CSV_FIELD_LIMIT", 1000)  # a cell the reader refuses: one reject, no crash
+    rows, rejects = read_source(path)
+    assert [r["query"] for _, r in rows] == ["ok?"]
+    assert [(r.stage, r.reason) for r in rejects] == [("read", "invalid CSV")]

@@ -221,3 +221,16 @@ def test_check_rewrite_structure():
         check_rewrite("The ___ is the largest organ.", "Which organ is the largest?", ["skin", "liver"], 0)
     with pytest.raises(Exception, match=r"number '12'"):
         check_rewrite("What is 12 times 3?", "What is a dozen times 3?", ["36", "30"], 0)
+
+
+def test_rules_apply_rewrites_a_rules_file_even_when_all_its_rows_are_rejected(tmp_path):
+    source = tmp_path / "mmlu.jsonl"
+    row = {"id": "m1", "question": "Which planet is largest?", "choices": ["Mars", "Jupiter"], "answer": 1}
+    source.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    replies = ["If planets held a size contest, which one would take the crown?", "Which planet is largest?"]
+    for i, reply in enumerate(replies):  # the second rewrite is unchanged, so rejected
+        gen = Generator(ScriptedBackend(lambda req, reply=reply: reply, model=f"v{i}"), None, progress=False)
+        result = run_build("rules-apply", source, tmp_path / "out.jsonl", generator=gen, rule_names=["Exaggeration"])
+        assert str(tmp_path / "out.exaggeration.jsonl") in result.files
+    assert result.stats.rows_out == 0
+    assert (tmp_path / "out.exaggeration.jsonl").read_text(encoding="utf-8") == ""  # no stale rows from run 1

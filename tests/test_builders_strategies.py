@@ -199,3 +199,17 @@ def test_templates_can_be_overridden_through_the_api():
     assert user_text(gen, "add/cot") == "Q: What is 38 plus 49?" + DIRECTIVE + "\nRef: 87"
     assert result.rows[0]["template_version"] == "swift-study-builders@1+terse@2"
     assert build_cot(REFS[:1], gen, templates=load_templates("en")).rows[0]["template_version"].endswith("@1")
+
+
+def test_a_truncated_reply_is_rejected_even_when_it_parses():
+    from dataclasses import replace
+
+    class Truncating(ScriptedBackend):
+        def generate(self, requests):
+            for result in super().generate(requests):
+                yield replace(result, finish_reasons=["length"] * len(result.texts))
+
+    gen = Generator(Truncating(lambda req: "38 plus 49 is 87. So the answer is 87."), None, progress=False)
+    result = build_cot(REFS[:1], gen)
+    assert result.rows == [] and reasons(result) == {"add": "truncated reply"}
+    assert result.rejects[0].stage == "parse"

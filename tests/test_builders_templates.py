@@ -133,6 +133,44 @@ def test_ends_with_answer(text, answer, expected):
     assert ends_with_answer(text, answer) is expected
 
 
+@pytest.mark.parametrize(
+    ("text", "answer", "expected"),
+    [
+        ("So the answer is -87.", "87", False),
+        ("So the answer is 1.87.", "87", False),
+        ("So the answer is 0.87", "87", False),
+        ("So the answer is 2/87", "87", False),
+        ("So the answer is $-87$.", "87", False),
+        ("So the answer is $-87$.", "-87", True),
+        ("The answer is not 87.", "87", False),
+        ("The answer isn't 87.", "87", False),
+        ("So the answer is 87.0.", "87", True),
+        ("So the total is 1,000.", "1000", True),
+        ("So the answer is \\frac{2}{3}.", "2/3", True),
+        ("所以答案是13", "3", False),
+        ("所以答案是十三", "三", False),
+        ("So the answer is x-b.", "b", False),
+        ("So the answer is 4/b.", "b", False),
+        ("<think>So the answer is 87.</think>I am not sure.", "87", False),
+        ("<think>Is it 86? So the answer is", "87", False),
+        ("<think>86?</think>\nSo the answer is 87.", "87", True),
+    ],
+)
+def test_ends_with_answer_checks_numbers_by_value_and_rejects_lookalikes(text, answer, expected):
+    assert ends_with_answer(text, answer) is expected
+
+
+def test_parse_verdict_rejects_a_negated_passing_phrase():
+    passing = ["the output meets all the requirements of the input", "the output meets all the requirements"]
+    failing = [
+        "the output does not meet all the requirements of the input",
+        "the output does not meet all the requirements",
+    ]
+    with pytest.raises(Rejection, match="no verdict"):
+        parse_verdict("Blah. It is false that the output meets all the requirements.", passing, failing)
+    assert parse_verdict("Blah. Therefore, the output meets all the requirements.", passing, failing) is True
+
+
 def test_parse_list_variants():
     reply = (
         "Here are the requirements:\n1. Use the letter K\n   for the first word.\n2) Two words only\n\nHope it helps!"

@@ -172,7 +172,16 @@ def test_cache_is_wal_threadsafe_and_stores_json(tmp_path):
     with sqlite3.connect(tmp_path / CACHE_FILENAME) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         value = json.loads(conn.execute("SELECT value FROM generations WHERE key='0-1'").fetchone()[0])
-    assert set(value) == {"texts", "prompt_tokens", "completion_tokens", "created"}
+    assert set(value) == {"texts", "prompt_tokens", "completion_tokens", "finish_reasons", "created"}
+
+
+def test_finish_reasons_are_recorded_and_cached(tmp_path):
+    cache = GenerationCache(tmp_path)
+    cache.put("a", GenerationResult("k", texts=["x", "y"], finish_reasons=["stop", "length"]))
+    hit = cache.get("a")
+    assert hit.finish_reasons == ["stop", "length"] and not hit.truncated(0) and hit.truncated(1)
+    cache.close()
+    assert not GenerationResult("k", texts=["x"]).truncated(0)  # a backend that does not say: not truncated
 
 
 def test_cache_keys_depend_on_everything_that_shapes_the_answer():

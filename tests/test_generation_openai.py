@@ -250,9 +250,10 @@ def _start_build(srv: ChatServer, cache_dir: Path, out: Path, count: int) -> sub
 def test_killed_build_resumes_without_resending_finished_items(tmp_path):
     count, finished = 10, 4
     requests = build_requests(count)
-    key_of = {r.cache_key("openai", "test-model"): r.messages[-1][1] for r in requests}
     cache_dir, out = tmp_path / "cache", tmp_path / "out.json"
     with ChatServer(delay=0.2, hold_after=finished) as srv:
+        identity = OpenAICompatibleBackend(srv.base_url, "test-model").cache_identity  # model @ server URL
+        key_of = {r.cache_key("openai", identity): r.messages[-1][1] for r in requests}
         proc = _start_build(srv, cache_dir, out, count)
         try:
             deadline = time.monotonic() + 30
@@ -282,3 +283,38 @@ def test_killed_build_resumes_without_resending_finished_items(tmp_path):
     results = json.loads(out.read_text())
     assert {k: v["texts"] for k, v in results.items()} == {f"k{i}": [f"echo: item-{i}"] for i in range(count)}
     assert sum(v["cached"] for v in results.values()) == finished
+
+
+def test_cache_identity_includes_base_url_and_extra_body(tmp_path):
+    req = [GenerationRequest.chat("q", [{"role": "user", "content": "hi"}], SamplingParams(temperature=0.7))]
+    with ChatServer(replies={"hi": "A"}) as a, ChatServer(replies={"hi": "B"}) as b:
+        thinking = {"chat_template_kwargs": {"enable_thinking": True}}
+        first = Generator(OpenAICompatibleBackend(a.base_url, "m", extra_body=thinking), tmp_path, progress=False)
+        assert first.run(req)["q"].texts == ["A"]
+        same = Generator(OpenAICompatibleBackend(a.base_url + "/", "m", extra_body=thinking), tmp_path, progress=False)
+        assert same.run(req)["q"].cached and a.total == 1  # one server, one setting: one key
+        off = {"chat_template_kwargs": {"enable_thinking": False}}
+        other = Generator(OpenAICompatibleBackend(a.base_url, "m", extra_body=off), tmp_path, progress=False)
+        assert not other.run(req)["q"].cached and a.total == 2
+        server_b = Generator(OpenAICompatibleBackend(b.base_url, "m", extra_body=thinking), tmp_path, progress=False)
+        result = server_b.run(req)["q"]
+        assert not result.cached and result.texts == ["B"] and b.total == 1
+
+
+def test_cache_key_normalizes_sampling_numbers():
+    def key(**params):
+        return GenerationRequest.chat("q", [{"role": "user", "content": "hi"}], SamplingParams(**params)).cache_key(
+            "openai", "m"
+        )
+
+    assert key(temperature=1) == key(temperature=1.0)
+    assert key(top_p=1) == key(top_p=1.0)
+    assert key(temperature=1) != key(temperature=0.5)
+
+
+def test_finish_reason_comes_back_from_the_server():
+    with ChatServer(replies={"hi": "ok"}) as srv:
+        result = Generator(OpenAICompatibleBackend(srv.base_url, "m"), None, progress=False).run(
+            [GenerationRequest.chat("q", [{"role": "user", "content": "hi"}])]
+        )["q"]
+    assert result.finish_reasons == ["stop"] and not result.truncated(0)

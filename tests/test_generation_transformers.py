@@ -105,3 +105,24 @@ def test_vllm_backend_on_the_tiny_model(model_dir):  # pragma: no cover - runs o
     backend = VLLMBackend(str(model_dir), gpu_memory_utilization=0.2, enforce_eager=True)
     results = Generator(backend, None, progress=False).run([chat(i, p, max_tokens=6) for i, p in enumerate(PROMPTS)])
     assert all(r.ok and len(r.texts) == 1 and r.completion_tokens >= 1 for r in results.values())
+
+
+def test_local_checkpoint_is_cached_by_content_not_path(tmp_path, monkeypatch):
+    from swift_callbacks.demo.tiny import build_model, build_tokenizer, demo_corpus
+
+    tok = build_tokenizer(demo_corpus())
+    path, cache = tmp_path / "ckpt", tmp_path / "cache"
+    req = [chat(0, "What is 2 plus 2?", max_tokens=8)]
+    identities = []
+    for seed in (0, 1):  # a retrained checkpoint written over the same path
+        build_model(tok, seed=seed).save_pretrained(path)
+        tok.save_pretrained(path)
+        backend = TransformersBackend(str(path), device="cpu")
+        identities.append(backend.cache_identity)
+        fresh = Generator(backend, None, progress=False).run(req)["r0"].texts
+        cached = Generator(backend, cache, progress=False).run(req)["r0"]
+        assert not cached.cached and cached.texts == fresh
+    assert identities[0] != identities[1]
+    monkeypatch.chdir(tmp_path)  # "./ckpt" and the absolute path are one model
+    again = Generator(TransformersBackend("./ckpt", device="cpu"), cache, progress=False).run(req)["r0"]
+    assert again.cached

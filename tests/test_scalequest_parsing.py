@@ -160,3 +160,60 @@ def test_short_texts_match_only_whole():
     assert index.match("") is None and index.match("?!") is None
     index.add("eval", "empty", "  ")  # an eval text with no tokens indexes nothing
     assert index.match("anything at all") is None
+
+
+def test_cjk_characters_are_one_token_each():
+    assert normalized_tokens("小明有5个苹果，还剩几个？") == list("小明有5个苹果还剩几个")
+    index = ContaminationIndex(13)
+    question = "小明有五个苹果，他又买了三个苹果，然后送给小红两个苹果，请问小明现在一共有多少个苹果呢？"
+    index.add("cmath", "0", question)
+    assert index.match("请回答下面的问题：" + question) is not None  # a verbatim eval question inside a longer row
+    assert index.match("小明有五个梨。") is None
+
+
+def _eval_question(i: int) -> str:
+    return f"Tom has {i} apples and buys {i + 3} more at the market; a friend gives him {i + 5} more, so how many?"
+
+
+def test_decontaminate_indexes_eval_rows_by_position_and_names_sets_uniquely(tmp_path):
+    import json
+
+    from swift_callbacks.builders.scalequest import StageError
+    from swift_callbacks.builders.scalequest.decontaminate import DecontaminateSettings, EvalSet, decontaminate
+
+    def write(path, rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return str(path)
+
+    gsm = write(tmp_path / "gsm8k" / "test.jsonl", [{"question": _eval_question(1)}, {"question": _eval_question(2)}])
+    math = write(tmp_path / "math" / "test.jsonl", [{"problem": _eval_question(3)}])
+    repeated = [{"id": "x", "question": _eval_question(12)}, {"id": "x", "question": _eval_question(13)}]
+    dup = write(tmp_path / "dup.jsonl", [{"id": None, "question": _eval_question(i)} for i in (10, 11)] + repeated)
+    rows = write(tmp_path / "in.jsonl", [{"question": _eval_question(i)} for i in (1, 2, 3, 10, 11, 12, 13, 50)])
+    settings = DecontaminateSettings(eval_sets=[EvalSet(gsm), EvalSet(math, fields=["problem"]), EvalSet(dup)])
+    result = decontaminate(rows, tmp_path / "out.jsonl", settings=settings)
+    assert [r["question"] for r in result.rows] == [_eval_question(50)]
+    metrics = result.stats.metrics
+    assert metrics["eval_set_rows"] == {"gsm8k/test": 2, "math/test": 1, "dup": 4}
+    assert metrics["contaminated_by_set"] == {"gsm8k/test": 2, "math/test": 1, "dup": 4}
+
+    same_name = DecontaminateSettings(eval_sets=[EvalSet(gsm, name="a"), EvalSet(math, name="a", fields=["problem"])])
+    with pytest.raises(StageError, match="share the name"):
+        decontaminate(rows, tmp_path / "out2.jsonl", settings=same_name)
+
+
+def test_boxes_and_verdicts_inside_think_blocks_do_not_count():
+    shown = "<think>Maybe \\boxed{4}? No, inconsistent.</think>\nThe problem cannot be solved as stated."
+    assert boxed_answer(shown) is None
+    assert boxed_answer("<think>Try 12 - 5 = 7, so \\boxed{7}. Hmm, but 12*5 =") is None  # truncated reasoning
+    assert boxed_answer("<think>\\boxed{1}</think><think>\\boxed{2}</think> So \\boxed{3}.") == "3"
+    assert parse_final_verdict("<think>Is it solvable?\nYes\n") is None
+    assert parse_final_verdict("<think>Hmm.\nNo</think>\nChecked.\nYes") is True
+
+
+@pytest.mark.parametrize(("a", "b"), [("[1,100]", "[1100]"), ("(2,500)", "(2500)"), ("\\{1,234\\}", "\\{1234\\}")])
+def test_thousands_separators_are_stripped_only_in_plain_numbers(a, b):
+    assert normalize_answer(a) != normalize_answer(b)
+    assert normalize_answer("1,000,000") == normalize_answer("1000000") == "1000000"
+    assert normalize_answer("$-1,234.5$") == normalize_answer("-1234.5")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from swift_callbacks.builders.scalequest import STAGE_ORDER, run_pipeline
 
@@ -72,3 +73,27 @@ def test_tiny_cpu_pipeline_runs_every_stage_end_to_end(tmp_path, capsys):
     assert time.perf_counter() - started < 10
     assert {n: s.fingerprint for n, s in again.items()} == {n: s.fingerprint for n, s in stats.items()}
     assert capsys.readouterr().out.count("complete, skipped") == len(STAGE_ORDER)
+
+    # Real contamination: an evaluation set holding one of the final questions (reworded in case and punctuation).
+    # Only decontaminate reruns, and it removes exactly the rows of that question.
+    selected = read_jsonl(out / "reward-select.jsonl")
+    leaked = selected[0]["question"]
+    (tmp_path / "data").symlink_to(CONFIG.parent / "data", target_is_directory=True)
+    (tmp_path / "leak.jsonl").write_text(json.dumps({"id": None, "question": leaked.upper() + " ?"}) + "\n")
+    config = yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
+    config["stages"]["decontaminate"]["eval_sets"].append({"path": "leak.jsonl", "name": "leak"})
+    leaky = tmp_path / "pipeline_leak.yaml"
+    leaky.write_text(yaml.safe_dump(config), encoding="utf-8")
+    capsys.readouterr()
+    rerun = run_pipeline(leaky, out)
+    printed = capsys.readouterr().out
+    assert printed.count("complete, skipped") == len(STAGE_ORDER) - 1 and "[decontaminate] running" in printed
+    removed = sum(1 for r in selected if r["question"] == leaked)
+    assert rerun["decontaminate"].metrics["contaminated_by_set"]["leak"] >= removed >= 1
+    assert (
+        rerun["decontaminate"].rows_out
+        == stats["decontaminate"].rows_out - rerun["decontaminate"].metrics["contaminated_by_set"]["leak"]
+    )
+    assert leaked not in {r["question"] for r in read_jsonl(out / "decontaminate.jsonl")}
+    rejects = read_jsonl(out / "decontaminate.rejects.jsonl")
+    assert any(r["reason"] == "contaminated: leak" and r["row"]["question"] == leaked for r in rejects)

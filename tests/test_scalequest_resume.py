@@ -159,6 +159,50 @@ def test_runner_skips_complete_stages_and_reruns_what_changed(tmp_path, capsys):
     assert rerun["filter-language"].rows_in == 3 and rerun["respond"].rows_in == 6
 
 
+def test_runner_reruns_a_stage_whose_generations_failed_asking_only_the_failed(tmp_path, capsys):
+    questions = write_jsonl(tmp_path / "questions.jsonl", QUESTIONS[:6])
+    out = tmp_path / "out"
+    replies = {judge_content(q["question"]): "Checked.\nYes" for q in QUESTIONS[:6]}
+    with ChatServer(replies=replies) as server:
+        server.inject(judge_content(QUESTIONS[2]["question"]), "503")  # fails on the first run only
+        data = base_config(tmp_path, questions)
+        data["stages"]["filter-solvable"]["judge"] = {"backend": "openai", "base_url": server.base_url,
+                                                      "model": "judge", "max_retries": 0, "timeout": 5}  # fmt: skip
+        config = write_config(tmp_path / "pipeline.yaml", data)
+        stages = ["filter-language", "filter-solvable"]
+        first = run_pipeline(config, out, stages)["filter-solvable"]
+        assert first.rows_out == 5 and first.dropped == {"generate: generation failed": 1}
+        sent = server.total
+        capsys.readouterr()
+
+        again = run_pipeline(config, out, stages)["filter-solvable"]  # the server answers now
+        printed = capsys.readouterr().out
+        assert "[filter-language] complete, skipped" in printed and "[filter-solvable] running" in printed
+        assert server.total - sent == 1  # only the failed request is asked again; the cache answers the rest
+        assert again.rows_out == 6 and again.dropped == {}
+        capsys.readouterr()
+        run_pipeline(config, out, stages)
+        assert "[filter-solvable] complete, skipped" in capsys.readouterr().out
+
+
+def test_runner_reruns_decontaminate_when_an_eval_set_file_changes(tmp_path, capsys):
+    rows = write_jsonl(tmp_path / "final.jsonl", QUESTIONS[:4])
+    eval_set = write_jsonl(tmp_path / "eval.jsonl", [{"question": "Something else entirely, with 7 words."}])
+    data = base_config(tmp_path, rows)
+    data["stages"]["decontaminate"] = {"input": str(rows), "eval_sets": [{"path": str(eval_set)}]}
+    config = write_config(tmp_path / "pipeline.yaml", data)
+    out = tmp_path / "out"
+    assert run_pipeline(config, out, ["decontaminate"])["decontaminate"].rows_out == 4
+    capsys.readouterr()
+    run_pipeline(config, out, ["decontaminate"])
+    assert "[decontaminate] complete, skipped" in capsys.readouterr().out
+
+    write_jsonl(eval_set, [{"question": QUESTIONS[1]["question"]}])  # same path and settings, new content
+    again = run_pipeline(config, out, ["decontaminate"])["decontaminate"]
+    assert "[decontaminate] running" in capsys.readouterr().out
+    assert again.rows_out == 3 and [r["id"] for r in read_jsonl(out / "decontaminate.jsonl")] == ["q00", "q02", "q03"]
+
+
 def test_runner_names_the_missing_input_and_unknown_stages(tmp_path):
     config = write_config(tmp_path / "p.yaml", base_config(tmp_path, tmp_path / "questions.jsonl"))
     with pytest.raises(StageError, match=r"input .* does not exist"):

@@ -480,3 +480,23 @@ def test_openai_prefix_requests_use_the_completions_endpoint():
     backend._client.completions = _FakeCompletions(["only one"])
     (short,) = list(backend.generate([prefix_request("k", "p", params)]))
     assert not short.ok and "1 usable choice(s), 2 requested" in short.error
+
+
+def test_filter_solvable_and_respond_reject_truncated_replies(tmp_path):
+    from dataclasses import replace
+
+    class Truncating(ScriptedBackend):  # reports every reply as cut at max_tokens, as a server would
+        def generate(self, requests):
+            for result in super().generate(requests):
+                yield replace(result, finish_reasons=["length"] * len(result.texts))
+
+    rows = write_jsonl(tmp_path / "in.jsonl", QUESTIONS[:1])
+    judge = Generator(Truncating(lambda req: "<think>Is it solvable?\nYes"), tmp_path / "cache", progress=False)
+    filter_solvable(rows, tmp_path / "solvable.jsonl", judge=judge)
+    out, rejects, _ = check_contract(tmp_path / "solvable.jsonl", ["a"])
+    assert out == [] and [r["reason"] for r in rejects] == ["truncated reply"]
+
+    responder = Generator(Truncating(lambda req: "Try 12 - 5 = 7, so \\boxed{7}. Hmm, but"), None, progress=False)
+    respond(rows, tmp_path / "respond.jsonl", responder=responder, settings=RespondSettings(n=1))
+    out, rejects, _ = check_contract(tmp_path / "respond.jsonl", id_key="question_id")
+    assert out == [] and [r["reason"] for r in rejects] == ["truncated reply"]

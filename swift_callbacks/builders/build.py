@@ -156,7 +156,11 @@ def write_result(
     elif builder.group_by is None:
         files.append(write_jsonl(output, result.rows))
     else:
-        for group, rows in result.outputs().items():
+        # One file per selected rule, empty when all its rows were rejected: a file left from an earlier run would
+        # otherwise stay in place, looking current.
+        groups = {rule.name: [] for rule in getattr(builder, "rules", ())} if builder.kind == "rules-apply" else {}
+        groups.update(result.outputs())
+        for group, rows in groups.items():
             files.append(write_jsonl(group_path(output, slugify(str(group))), rows))
     files.append(write_jsonl(rejects_path(output), (r.to_dict() for r in result.rejects)))
     return [str(f) for f in files]

@@ -11,8 +11,9 @@ import csv
 import io as _io
 import json
 import os
+import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,6 +22,8 @@ import yaml
 from .records import Reject
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+_BOM = b"\xef\xbb\xbf"
+_CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
 SourceRows = list[tuple[int, Any]]  # (position in the input, row as read)
 
 
@@ -58,7 +61,8 @@ def _read_jsonl(path: Path, limit: int | None) -> tuple[SourceRows, list[Reject]
     rows: SourceRows = []
     rejects: list[Reject] = []
     position = 0
-    for line_no, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+    # A UTF-8 byte order mark (Windows tools write one) would make the first line invalid JSON.
+    for line_no, raw in enumerate(path.read_bytes().removeprefix(_BOM).split(b"\n"), start=1):
         if limit is not None and position >= limit:
             break
         if not raw.strip():
@@ -78,11 +82,11 @@ def _read_jsonl(path: Path, limit: int | None) -> tuple[SourceRows, list[Reject]
 
 
 def _read_json(path: Path, limit: int | None) -> tuple[SourceRows, list[Reject]]:
-    head = path.read_bytes()[:4096].lstrip()
+    head = path.read_bytes()[:4096].removeprefix(_BOM).lstrip()
     if not head.startswith(b"["):
         return _read_jsonl(path, limit)  # a .json file holding JSON lines
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(
             f"{str(path)!r} is not a valid UTF-8 JSON array ({err}); use JSON lines to skip bad rows"
@@ -98,16 +102,42 @@ def _read_csv(path: Path, limit: int | None) -> tuple[SourceRows, list[Reject]]:
     rows: SourceRows = []
     rejects: list[Reject] = []
     reader = csv.DictReader(_io.StringIO(text, newline=""), delimiter=delimiter)
-    for position, record in enumerate(reader):
-        if limit is not None and position >= limit:
-            break
-        if _has_surrogates(record):
-            bad = {"line": reader.line_num, "row": {str(k): _printable(v) for k, v in record.items()}}
-            detail = f"undecodable bytes near line {reader.line_num}"
-            rejects.append(Reject(str(position), "read", "invalid UTF-8", bad, detail))
-        else:
-            rows.append((position, record))
+    previous_limit = csv.field_size_limit(_CSV_FIELD_LIMIT)  # the default 128 KiB is less than a long document
+    try:
+        for position, record in enumerate(_csv_records(reader, path)):
+            if limit is not None and position >= limit:
+                break
+            _add_csv_record(rows, rejects, position, record, reader.line_num)
+    finally:
+        csv.field_size_limit(previous_limit)
     return rows, rejects
+
+
+def _csv_records(reader: csv.DictReader, path: Path) -> Iterator[dict | Reject]:
+    """The records of a CSV reader; a record the reader cannot parse (a NUL byte) comes as a reject."""
+    while True:
+        line = reader.line_num
+        try:
+            record: dict | Reject = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            if reader.line_num == line:  # no progress: the rest of the file cannot be read
+                raise ValueError(f"{str(path)!r}: unreadable CSV near line {line + 1}: {err}") from err
+            record = Reject("", "read", "invalid CSV", {"line": reader.line_num}, f"line {reader.line_num}: {err}")
+        yield record
+
+
+def _add_csv_record(rows: SourceRows, rejects: list[Reject], position: int, record: Any, line: int) -> None:
+    if isinstance(record, Reject):
+        rejects.append(Reject(str(position), record.stage, record.reason, record.row, record.detail))
+        return
+    if _has_surrogates(record):
+        bad = {"line": line, "row": {str(k): _printable(v) for k, v in record.items()}}
+        detail = f"undecodable bytes near line {line}"
+        rejects.append(Reject(str(position), "read", "invalid UTF-8", bad, detail))
+    else:
+        rows.append((position, record))
 
 
 def _has_surrogates(record: dict) -> bool:

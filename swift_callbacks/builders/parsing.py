@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from fractions import Fraction
 from typing import Any
 
 import yaml
@@ -19,7 +20,22 @@ SHORT_ANSWER_MAX_CHARS = 32
 _TRAILING = ".,;:!?。，、；：！？…"
 _QUOTES = "\"'`“”‘’「」『』*_"
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:[.,]\d+)*|\.\d+)%?")
-_THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+# A number as a final answer: sign, thousands groups, decimals; optionally a fraction "a/b".
+_NUM = r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
+_ANSWER_NUMBER = re.compile(rf"(?<![\d.,/])({_NUM})(?:\s*/\s*({_NUM}))?%?(?![\d/]|[.,]\d)")
+_LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]*?)\s*\}\s*\{\s*([^{}]*?)\s*\}")
+# A negation right before the final answer: "is not 87", "isn't 87", "≠ 87", "不是87".
+_NEGATED = re.compile(
+    r"(?:\b(?:not|never|no|false|incorrect|wrong)\b|n't|≠|!=|不是|不等于|并非)[\s:=*$`\"'“”]*"
+    r"(?:(?:equal|equals|be|to|that|exactly|quite|just)\b[\s:=*$`\"'“”]*)*$",
+    re.IGNORECASE,
+)
+_VERDICT_NEGATION = re.compile(
+    r"\b(?:not|never|no|false|untrue|incorrect|wrong|fails?)\b|n't|不|没|並非|并非", re.IGNORECASE
+)
+_NON_BOUNDARY = "-./,"
+_CJK_NUMERALS = "零〇一二三四五六七八九十百千万萬亿億两兩"
 _FENCE = re.compile(r"```[ \t]*([A-Za-z]*)[ \t]*\n(.*?)\n?```", re.DOTALL)
 # "1." "1)" "(1)" "1、" "①" or a bullet; "3.5 kg" and "**bold**" are not items.
 _LIST_ITEM = re.compile(r"^\s*(?:[-*]\s|[•·]|\(?\d{1,3}(?:[.)、:：](?!\d))|\(\d{1,3}\)|[①-⑳])\s*(.*)$")
@@ -43,9 +59,15 @@ class Rejection(Exception):
 
 
 def clean_reply(text: str) -> str:
-    """Drops a leading ``<think>...</think>`` block (reasoning models behind OpenAI-compatible servers) and
-    surrounding whitespace."""
-    return _THINK.sub("", text, count=1).strip()
+    """The visible answer of a reply: the text after the last ``</think>`` (reasoning models behind
+    OpenAI-compatible servers), stripped. A reply that opens a ``<think>`` block and never closes it (generation
+    stopped inside the reasoning) has no answer: the empty string."""
+    close = text.rfind(_THINK_CLOSE)
+    if close >= 0:
+        return text[close + len(_THINK_CLOSE) :].strip()
+    if text.lstrip().startswith(_THINK_OPEN):
+        return ""
+    return text.strip()
 
 
 def normalize(text: str) -> str:
@@ -78,13 +100,68 @@ def short_final_answer(response: str) -> str | None:
 
 
 def ends_with_answer(text: str, answer: str) -> bool:
-    """Whether ``text`` ends with ``answer`` after :func:`normalize` (so "So the answer is **87**." ends with
-    "87"), with a word boundary before it for alphanumeric answers ("187" does not end with "87")."""
+    """Whether the reply ``text`` gives ``answer`` as its final answer.
+
+    A numeric answer (``"87"``, ``"-3.5"``, ``"1,000"``, ``"2/3"``) is compared by value with the last number of
+    the reply, sign and decimals included ("-87", "1.87", "0.87" and "2/87" are not 87). Any other answer must end
+    the reply after :func:`normalize` (so "So the answer is **B**." ends with "B"), with a boundary before it: a
+    letter or digit, ``-``, ``.``, ``,`` or ``/`` right before an alphanumeric answer means it is part of a longer
+    token ("187" does not end with "87", "十三" does not end with "三"). A negated answer ("The answer is not 87")
+    never counts.
+    """
+    text = clean_reply(text)
+    value = _number_value(answer)
+    if value is not None:
+        return _last_number_is(text, value)
     tail, want = normalize(text), normalize(answer)
     if not want or not tail.endswith(want):
         return False
     before = tail[: len(tail) - len(want)]
-    return not (before and _is_word(before[-1]) and _is_word(want[0]))
+    if _NEGATED.search(before.rstrip()):
+        return False
+    if not before:
+        return True
+    prev, first = before[-1], want[0]
+    if first in _CJK_NUMERALS:
+        return prev not in _CJK_NUMERALS and not prev.isdigit()
+    if not (_is_word(first) or first in "+-."):
+        return True
+    return not (_is_word(prev) or prev.isdigit() or prev in _NON_BOUNDARY)
+
+
+def _number_value(text: str) -> Fraction | None:
+    """The value of a numeric answer (``"87"``, ``"$-3.5$"``, ``"1,000"``, ``"2/3"``, ``"\\frac{2}{3}"``), else None."""
+    text = _plain_numbers(text).strip().strip("$").replace(" ", "").rstrip(".")
+    match = _ANSWER_NUMBER.fullmatch(text)
+    return _match_value(match) if match else None
+
+
+def _plain_numbers(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text).replace("\u2212", "-")
+    return _LATEX_FRAC.sub(r"\1/\2", text)
+
+
+def _match_value(match: re.Match[str]) -> Fraction | None:
+    try:
+        value = Fraction(match.group(1).replace(",", ""))
+        if match.group(2) is not None:
+            value /= Fraction(match.group(2).replace(",", ""))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value
+
+
+def _last_number_is(text: str, value: Fraction) -> bool:
+    text = _plain_numbers(text)
+    found = list(_ANSWER_NUMBER.finditer(text))
+    if not found:
+        return False
+    last = found[-1]
+    if text[last.end() :].strip(_TRAILING + _QUOTES + " \t\n$\\)]}"):  # the reply goes on after its last number
+        return False
+    if _NEGATED.search(text[: last.start()].rstrip()):
+        return False
+    return _match_value(last) == value
 
 
 def contains_phrase(text: str, phrase: str) -> bool:
@@ -166,8 +243,13 @@ def parse_verdict(text: str, passing: list[str], failing: list[str]) -> bool:
     # Failing phrases first: in some languages the failing phrase contains the passing one ("不满足" vs "满足").
     if any(ends_with_answer(last, phrase) for phrase in failing):
         return False
-    if any(ends_with_answer(last, phrase) for phrase in passing):
-        return True
+    for phrase in passing:
+        if ends_with_answer(last, phrase):
+            # "It is false that the output meets ..." states the failing verdict with the passing phrase.
+            before = normalize(last)[: -len(normalize(phrase))]
+            if _VERDICT_NEGATION.search(before):
+                raise Rejection("no verdict", f"negated verdict: {last[:200]!r}", stage="parse")
+            return True
     raise Rejection("no verdict", f"final sentence: {last[:200]!r}", stage="parse")
 
 

@@ -131,7 +131,7 @@ def complete(builder: Builder, plan: Plan, generator: Any, params: SamplingParam
             detail = f"[{job.key}] {result.error}"
             rejects.append(Reject(job.source_id, "generate", "generation failed", job.raw, detail))
             continue
-        for output in _first_accepted(builder, job, result.texts):
+        for output in _first_accepted(builder, job, result.texts, result.finish_reasons):
             if isinstance(output, Reject):
                 rejects.append(output)
             else:
@@ -154,11 +154,16 @@ def execute(
     return complete(builder, prepare(builder, positioned(rows), mapping=mapping), generator, params)
 
 
-def _first_accepted(builder: Builder, job: Job, texts: list[str]) -> list[Any]:
-    """The outputs of the first sample that passes (with ``n > 1`` the others are spares)."""
+def _first_accepted(
+    builder: Builder, job: Job, texts: list[str], finish_reasons: Sequence[str | None] = ()
+) -> list[Any]:
+    """The outputs of the first sample that passes (with ``n > 1`` the others are spares). A sample the token
+    limit cut short is rejected: its answer or verdict may be missing, or stated before the reasoning ended."""
     first: Rejection | None = None
-    for text in texts:
+    for i, text in enumerate(texts):
         try:
+            if i < len(finish_reasons) and finish_reasons[i] == "length":
+                raise Rejection("truncated reply", "generation stopped at max_tokens", stage="parse")
             return builder.finish(job, text)
         except Rejection as rejection:
             first = first or rejection

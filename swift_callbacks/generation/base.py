@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -49,14 +51,27 @@ class GenerationRequest:
         return [{"role": r, "content": c} for r, c in self.messages]
 
     def cache_key(self, backend: str, model: str) -> str:
-        """Stable hash of everything that determines the answer: backend, model, messages, sampling."""
-        payload = {"backend": backend, "model": model, "messages": self.messages, "params": asdict(self.params)}
+        """Stable hash of everything that determines the answer: backend, model, messages, sampling.
+
+        Sampling numbers are normalized first (``temperature=1`` and ``temperature=1.0`` are one setting).
+        """
+        params = asdict(self.params)
+        for name in ("temperature", "top_p"):
+            params[name] = float(params[name])
+        for name in ("max_tokens", "n", "seed"):
+            if params[name] is not None:
+                params[name] = int(params[name])
+        payload = {"backend": backend, "model": model, "messages": self.messages, "params": params}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 @dataclass
 class GenerationResult:
-    """The outcome of one request: ``texts`` (n samples) on success, ``error`` on failure."""
+    """The outcome of one request: ``texts`` (n samples) on success, ``error`` on failure.
+
+    ``finish_reasons`` holds, per text, why generation stopped as the backend reported it (``"stop"``, or
+    ``"length"`` when ``max_tokens`` cut the text short); empty when the backend did not say.
+    """
 
     key: str
     texts: list[str] = field(default_factory=list)
@@ -64,10 +79,43 @@ class GenerationResult:
     completion_tokens: int = 0
     cached: bool = False
     error: str | None = None
+    finish_reasons: list[str | None] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def truncated(self, index: int = 0) -> bool:
+        """Whether text ``index`` was cut short by the token limit (a final answer read from it is not one)."""
+        return index < len(self.finish_reasons) and self.finish_reasons[index] == "length"
+
+
+def backend_identity(backend: Any) -> str:
+    """What tells a backend's answers apart in the cache: its ``cache_identity`` when it has one (a server's URL
+    and extra request fields, a checkpoint's content digest), else its ``model``."""
+    return getattr(backend, "cache_identity", None) or str(backend.model)
+
+
+def folder_digest(path: str | os.PathLike) -> str:
+    """A content-based identity of a model folder, independent of where it lies.
+
+    Small files (configs, tokenizers: up to 1 MiB) are hashed by content; larger ones (weights) by relative
+    name, size and modification time, which is cheap even for large checkpoints and changes whenever they are
+    rewritten.
+    """
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(str(file.relative_to(root).as_posix()).encode("utf-8") + b"\0")
+        if stat.st_size <= _SMALL_FILE:
+            digest.update(b"c" + hashlib.sha256(file.read_bytes()).digest())
+        else:
+            digest.update(f"s{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+_SMALL_FILE = 1 << 20
 
 
 @runtime_checkable

@@ -99,6 +99,7 @@ class GenerationCache:
                 "texts": list(result.texts),
                 "prompt_tokens": int(result.prompt_tokens),
                 "completion_tokens": int(result.completion_tokens),
+                "finish_reasons": list(result.finish_reasons),
                 "created": time.time(),
             },
             ensure_ascii=False,
@@ -127,4 +128,5 @@ def _decode(value: str) -> GenerationResult:
         prompt_tokens=int(data.get("prompt_tokens", 0)),
         completion_tokens=int(data.get("completion_tokens", 0)),
         cached=True,
+        finish_reasons=list(data.get("finish_reasons") or []),
     )

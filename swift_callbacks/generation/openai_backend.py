@@ -11,6 +11,7 @@ text or the cache.
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import math
 import os
@@ -129,6 +130,9 @@ class OpenAICompatibleBackend:
         self.backoff = backoff
         self.backoff_max = backoff_max
         self.extra_body = dict(extra_body or {})
+        # The cache identity: another server, or other extra fields (chat_template_kwargs, top_k), answer differently.
+        extra = json.dumps(self.extra_body, sort_keys=True, ensure_ascii=False, default=str) if self.extra_body else ""
+        self.cache_identity = f"{model}@{base_url.rstrip('/')}" + (f"#{extra}" if extra else "")
         key = resolve_api_key(api_key)
         self._scrub = _Scrubber(key)
         # max_retries=0: the client's own retries would hide attempts from our policy and double the wait.
@@ -271,6 +275,7 @@ def _to_result(req: GenerationRequest, response: Any) -> GenerationResult:
         texts=texts,
         prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
         completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+        finish_reasons=[getattr(c, "finish_reason", None) for c in choices[: req.params.n]],
     )
 
 

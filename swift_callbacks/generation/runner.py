@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
-from .base import Backend, GenerationRequest, GenerationResult
+from .base import Backend, GenerationRequest, GenerationResult, backend_identity
 from .cache import GenerationCache
 
 logger = logging.getLogger(__name__)
@@ -140,8 +140,9 @@ class Generator:
     def _group_by_cache_key(self, requests: list[GenerationRequest]) -> dict[str, list[GenerationRequest]]:
         # Identical requests share an answer in the cache anyway, so asking the backend twice would only cost money.
         groups: dict[str, list[GenerationRequest]] = {}
+        identity = backend_identity(self.backend)
         for req in requests:
-            groups.setdefault(req.cache_key(self.backend.name, self.backend.model), []).append(req)
+            groups.setdefault(req.cache_key(self.backend.name, identity), []).append(req)
         return groups
 
     def _from_cache(self, groups: dict[str, list[GenerationRequest]], stats: RunStats) -> dict[str, GenerationResult]:

@@ -6,11 +6,12 @@ torch and transformers are imported when a backend is built, never when this mod
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .base import GenerationRequest, GenerationResult, SamplingParams
+from .base import GenerationRequest, GenerationResult, SamplingParams, folder_digest
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +56,13 @@ class TransformersBackend:
         self.batch_size = batch_size
         self.hf_model = _load_model(model_or_path, device, dtype)
         self.model = str(model_or_path) if _is_path_like(model_or_path) else str(self.hf_model.name_or_path or "")
+        # A local checkpoint is known in the cache by its content, so a retrained model at the same path is another
+        # model and "./m" and "/abs/m" are the same one.
+        self.cache_identity = (
+            f"local:{folder_digest(model_or_path)}"
+            if _is_path_like(model_or_path) and os.path.isdir(model_or_path)
+            else None
+        )
         if not self.model:
             # The model name is part of the cache key: two unnamed in-memory models would share cached answers.
             logger.warning("model has no name_or_path; cached answers of different unnamed models would collide")
@@ -157,13 +165,17 @@ class TransformersBackend:
 
     def _result(self, req: GenerationRequest, prompt_len: int, samples: list[list[int]]) -> GenerationResult:
         eos = set(self._eos_ids())
-        texts, completion_tokens = [], 0
+        texts, completion_tokens, reasons = [], 0, []
         for ids in samples:
             ids = _until_eos(ids, eos)
             completion_tokens += len(ids)
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            texts.append(_cut_at_stop(text, req.params.stop))
-        return GenerationResult(req.key, texts=texts, prompt_tokens=prompt_len, completion_tokens=completion_tokens)
+            cut = _cut_at_stop(text, req.params.stop)
+            texts.append(cut)
+            ended = bool(ids) and ids[-1] in eos
+            reasons.append("length" if len(ids) >= req.params.max_tokens and not ended and cut == text else "stop")
+        return GenerationResult(req.key, texts=texts, prompt_tokens=prompt_len, completion_tokens=completion_tokens,
+                                finish_reasons=reasons)  # fmt: skip
 
 
 def _sequences_per_prompt(params: SamplingParams) -> int:

@@ -101,4 +101,5 @@ def _to_result(req: GenerationRequest, out: Any) -> GenerationResult:
         texts=[s.text for s in samples],
         prompt_tokens=len(out.prompt_token_ids or []),
         completion_tokens=sum(len(s.token_ids) for s in samples),
+        finish_reasons=[getattr(s, "finish_reason", None) for s in samples],
     )

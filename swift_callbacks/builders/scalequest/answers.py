@@ -24,6 +24,7 @@ _VERDICT_LINE = re.compile(
     r"^(?:(?:final\s+)?(?:answer|verdict|judg(?:e)?ment|decision)\s*[:：-]\s*)?(yes|no)$", re.IGNORECASE
 )
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
+_GROUPED_NUMBER = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?%?")
 
 
 def boxed_answer(text: str) -> str | None:
@@ -33,12 +34,16 @@ def boxed_answer(text: str) -> str | None:
     count. Only the *last* box is the final answer: when its braces do not balance before the text ends, the reply
     has no final answer, even if an earlier box is well formed. An empty box is no answer either.
 
+    Only the visible answer counts: the text after the last ``</think>``; a reply still inside an unclosed
+    ``<think>`` block has no answer.
+
     Args:
         text: A model reply.
 
     Returns:
         The stripped content of the final box, or ``None``.
     """
+    text = clean_reply(text)
     start = _last_box_start(text)
     if start is None:
         return None
@@ -96,7 +101,8 @@ def normalize_answer(answer: str) -> str:
         text = text.replace(junk, "")
     text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     text = "".join(text.split()).rstrip(".")
-    text = re.sub(r"(?<=\d),(?=\d{3}(?:\D|$))", "", text)
+    if _GROUPED_NUMBER.fullmatch(text):  # "1,100" is 1100; "[1,100]" and "(2,500)" are pairs, left alone
+        text = text.replace(",", "")
     number = _as_number(text)
     return text.lower() if number is None else _format_number(number)
 

@@ -111,6 +111,7 @@ class PrefixOpenAIBackend(OpenAICompatibleBackend):
             texts=[c.text for c in choices[: p.n]],
             prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
             completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            finish_reasons=[getattr(c, "finish_reason", None) for c in choices[: p.n]],
         )
 
 
@@ -147,6 +148,7 @@ def generation_backend(spec: ModelSpec) -> Any:
             spec.model, spec.tokenizer, batch_size=spec.batch_size, device=spec.device, dtype=spec.dtype
         )
     backend.model = spec.identity()  # the cache key: a retrained folder at the same path is another model
+    backend.cache_identity = backend.model
     return backend
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ...generation.base import folder_digest
 from ..io import _atomic_write, read_source, rejects_path, write_jsonl
 from ..records import Reject
 from .metrics import ratio
@@ -236,15 +237,35 @@ def load_stats(output: str | os.PathLike) -> StageStats | None:
 
 
 def is_complete(output: str | os.PathLike, fingerprint: str) -> bool:
-    """Whether ``output`` holds a finished run of the stage with this fingerprint (so it can be skipped)."""
+    """Whether ``output`` holds a finished run of the stage with this fingerprint (so it can be skipped).
+
+    A run in which generation requests failed (a server down, a timeout) is not complete: rerunning it re-asks
+    only the failed requests, since the generation cache answers the rest.
+    """
     stats = load_stats(output)
     return (
         stats is not None
         and stats.complete
         and stats.fingerprint == fingerprint
+        and not generation_failed(stats)
         and Path(output).exists()
         and rejects_path(output).exists()
     )
+
+
+def generation_failed(stats: StageStats) -> int:
+    """How many generation requests or rows failed in a stage run (0 when none did)."""
+    failed = 0
+    for counts in (stats.generation or {}).values():
+        if isinstance(counts, Mapping):
+            value = counts.get("failed", 0)
+            failed += value if isinstance(value, int) else 0
+    failed += sum(
+        count
+        for reason, count in (stats.dropped or {}).items()
+        if reason.startswith("generate:") and "failed" in reason
+    )
+    return failed
 
 
 # ------------------------------------------------------------------------------------------------ fingerprints
@@ -284,10 +305,8 @@ def path_digest(path: str | os.PathLike) -> str:
         stats = load_stats(path)
         if stats is not None and stats.fingerprint:
             return f"stage:{stats.fingerprint}"
-        # A folder from elsewhere (a model): names, sizes and modification times, cheap even for large weights.
-        listing = sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
-                         for p in path.rglob("*") if p.is_file())  # fmt: skip
-        return hashlib.sha256(json.dumps(listing).encode("utf-8")).hexdigest()
+        # A folder from elsewhere (a model): known by its content, cheap even for large weights.
+        return folder_digest(path)
     return f"missing:{path}"
 
 

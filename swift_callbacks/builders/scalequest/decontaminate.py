@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..io import read_source
 from ..records import Reject
 from .contract import StageError, StageResult, StageStats, finish, read_rows
 from .contract import fingerprint as make_fingerprint
@@ -33,9 +34,21 @@ from .settings import settings_dict
 
 
 def normalized_tokens(text: str) -> list[str]:
-    """The tokens decontamination compares (see the module docstring)."""
+    """The tokens decontamination compares (see the module docstring); CJK characters are one token each."""
     text = unicodedata.normalize("NFKC", text).lower()
-    return "".join(c if c.isalnum() else " " for c in text).split()
+    return "".join((f" {c} " if _is_cjk(c) else c) if c.isalnum() else " " for c in text).split()
+
+
+def _is_cjk(char: str) -> bool:
+    """Han ideographs and kana: scripts written without spaces between words."""
+    code = ord(char)
+    return (
+        0x3040 <= code <= 0x30FF  # hiragana, katakana
+        or 0x3400 <= code <= 0x4DBF  # CJK extension A
+        or 0x4E00 <= code <= 0x9FFF  # CJK unified ideographs
+        or 0xF900 <= code <= 0xFAFF  # compatibility ideographs
+        or 0x20000 <= code <= 0x3FFFF  # extensions B and later
+    )
 
 
 def ngrams(tokens: list[str], n: int) -> Iterator[tuple[str, ...]]:
@@ -126,19 +139,49 @@ def build_index(eval_sets: Iterable[EvalSet], n: int) -> ContaminationIndex:
         StageError: A missing file, or a set none of whose rows has any of its fields as text.
     """
     index = ContaminationIndex(n)
-    for spec in eval_sets:
-        rows, bad, _ = read_rows(spec.path)
+    eval_sets = list(eval_sets)
+    for spec, label in zip(eval_sets, eval_set_labels(eval_sets), strict=True):
+        if not Path(spec.path).is_file():
+            raise StageError(f"evaluation set {spec.path!r} does not exist")
+        # Items are known by their position in the file: ids may be missing, null or repeated across splits,
+        # and every item must be indexed whatever its id.
+        source, bad = read_source(spec.path)
+        rows = [(position, raw) for position, raw in source if isinstance(raw, dict)]
         texts = 0
-        for row in rows:
+        for position, row in rows:
+            item_id = row.get("id")
+            item = f"#{position}" if item_id is None else str(item_id)  # a name for the reports only
             for name in spec.fields:
                 if isinstance(row.get(name), str):
-                    index.add(spec.label, row["id"], row[name])
+                    index.add(label, item, row[name])
                     texts += 1
         if not texts:
             raise StageError(f"evaluation set {spec.path!r} has no text in fields {spec.fields}")
-        index.sizes[spec.label] = len(rows)
-        index.unreadable[spec.label] = len(bad)  # reported in the stats: an unindexed item can hide contamination
+        index.sizes[label] = len(rows)
+        # Reported in the stats: an unindexed item can hide contamination.
+        index.unreadable[label] = len(bad) + len(source) - len(rows)
     return index
+
+
+def eval_set_labels(eval_sets: Iterable[EvalSet]) -> list[str]:
+    """A unique name per evaluation set: its ``name``, else its file stem, else ``<folder>/<stem>`` where stems
+    repeat (``gsm8k/test`` and ``math/test``).
+
+    Raises:
+        StageError: Two sets that still share a name (give them distinct ``name`` values).
+    """
+    eval_sets = list(eval_sets)
+    stems = [spec.label for spec in eval_sets]
+    labels = []
+    for spec, stem in zip(eval_sets, stems, strict=True):
+        if spec.name is None and stems.count(stem) > 1:
+            path = Path(spec.path)
+            stem = f"{path.parent.name}/{path.stem}" if path.parent.name else stem
+        labels.append(stem)
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise StageError(f"evaluation sets share the name(s) {repeated}; give each a distinct 'name'")
+    return labels
 
 
 def decontaminate(

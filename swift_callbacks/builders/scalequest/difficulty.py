@@ -197,7 +197,9 @@ def _labels(
         if not result.ok:
             unlabelled["generation failed"] += 1
             continue
-        answers = [boxed_answer(t) for t in result.texts[: settings.samples]]
+        # A reply cut at max_tokens has no final answer, whatever box its unfinished reasoning holds.
+        texts = result.texts[: settings.samples]
+        answers = [None if result.truncated(i) else boxed_answer(t) for i, t in enumerate(texts)]
         total += len(answers)
         with_answer += sum(a is not None for a in answers)
         reference = reference_answer(row.get(settings.answer_field)) if settings.answer_field else None

@@ -132,6 +132,10 @@ def filter_solvable(
             rejects.append(Reject(row["id"], "generate", "generation failed", row, result.error or ""))
             continue
         reply = result.texts[0]
+        if result.truncated(0):  # cut at max_tokens: a "Yes" line in unfinished reasoning is no verdict
+            verdicts["none"] += 1
+            rejects.append(Reject(row["id"], "parse", "truncated reply", row, f"reply ends: {reply[-300:]!r}"))
+            continue
         verdict = parse_final_verdict(reply)
         verdicts[{True: "yes", False: "no", None: "none"}[verdict]] += 1
         if verdict:

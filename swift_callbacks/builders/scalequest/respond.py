@@ -117,7 +117,9 @@ def _samples(row: dict[str, Any], result: Any, settings: RespondSettings) -> lis
         answer = boxed_answer(text)
         sample = {"id": f"{qid}/{k}", "question_id": qid, "question": question, "response": text, "answer": answer,
                   "sample_index": k}  # fmt: skip
-        if answer is None:
+        if result.truncated(k):  # cut at max_tokens: a box in unfinished reasoning is not the final answer
+            out.append(Reject(sample["id"], "check", "truncated reply", sample, f"ends: {text[-200:]!r}"))
+        elif answer is None:
             out.append(Reject(sample["id"], "check", "no final boxed answer", sample, f"ends: {text[-200:]!r}"))
         else:
             out.append(sample)

@@ -148,7 +148,33 @@ def stage_fingerprint(run: StageRun) -> str:
     stage = STAGE_DEFS[run.name]
     payload = {"settings": settings_dict(run.config.settings), "prompts": run.prompts if stage.uses_prompts else None}
     identities = sorted((role, spec.identity()) for role, spec in run.config.models.items() if spec is not None)
-    return make_fingerprint(run.name, payload, [run.input] if run.input else [], [f"{r}={i}" for r, i in identities])
+    # Every file a stage reads belongs in its fingerprint by content: its input and the files its settings name
+    # (the evaluation sets of decontaminate); model folders are covered by their identities.
+    inputs = ([run.input] if run.input else []) + settings_files(run.config.settings)
+    return make_fingerprint(run.name, payload, inputs, [f"{r}={i}" for r, i in identities])
+
+
+def settings_files(settings: Any) -> list[str]:
+    """The files named in stage settings: every ``path`` field of a (nested) settings dataclass, in order."""
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for f in dataclasses.fields(value):
+                item = getattr(value, f.name)
+                if f.name == "path" and isinstance(item, (str, os.PathLike)):
+                    found.append(os.fspath(item))
+                else:
+                    walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+
+    walk(settings)
+    return found
 
 
 def _resolve(spec: ModelSpec | None, out: Path, stage: str) -> ModelSpec | None:
