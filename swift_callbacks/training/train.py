@@ -148,7 +148,19 @@ def train_command(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"error: {args.config}: {err}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear down torch.distributed before exit: a gloo group left to interpreter shutdown can abort a rank
+    ("terminate called without an active exception") after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
