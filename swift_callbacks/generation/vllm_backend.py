@@ -59,14 +59,16 @@ class VLLMBackend:
         Yields:
             One result per request.
         """
+        yield from self._in_chunks(requests, lambda chunk, sampling: self.llm.chat(
+            [req.message_dicts() for req in chunk], sampling_params=sampling, use_tqdm=False))  # fmt: skip
+
+    def _in_chunks(self, requests: list[GenerationRequest], call: Any) -> Iterator[GenerationResult]:
+        """Runs ``call(chunk, sampling_params)`` chunk by chunk (so results reach the cache as they come); a chunk
+        the engine fails is reported as failed for each of its requests."""
         for start in range(0, len(requests), self.chunk_size):
             chunk = requests[start : start + self.chunk_size]
             try:
-                outputs = self.llm.chat(
-                    [req.message_dicts() for req in chunk],
-                    sampling_params=[self._sampling(req.params) for req in chunk],
-                    use_tqdm=False,
-                )
+                outputs = call(chunk, [self._sampling(req.params) for req in chunk])
             except Exception as err:  # the engine failed the whole call; report each request, keep going
                 for req in chunk:
                     yield GenerationResult(req.key, error=f"{type(err).__name__}: {err}")

@@ -18,7 +18,6 @@ from ...generation.base import GenerationRequest, GenerationResult, SamplingPara
 from ...generation.openai_backend import OpenAICompatibleBackend
 from ...generation.transformers_backend import TransformersBackend
 from ...generation.vllm_backend import VLLMBackend
-from ...generation.vllm_backend import _to_result as _vllm_result
 from .models import ConfigError, ModelSpec, build_tiny, device_of, load_causal_lm, load_regression_model
 
 PREFIX_ROLE = "prefix"
@@ -61,20 +60,8 @@ class PrefixVLLMBackend(VLLMBackend):
         prefix = [req for req in requests if is_prefix_request(req)]
         chat = [req for req in requests if not is_prefix_request(req)]
         yield from super().generate(chat)
-        for start in range(0, len(prefix), self.chunk_size):
-            chunk = prefix[start : start + self.chunk_size]
-            try:
-                outputs = self.llm.generate(
-                    [req.messages[0][1] for req in chunk],
-                    sampling_params=[self._sampling(req.params) for req in chunk],
-                    use_tqdm=False,
-                )
-            except Exception as err:  # the engine failed the whole call; report each request, keep going
-                for req in chunk:
-                    yield GenerationResult(req.key, error=f"{type(err).__name__}: {err}")
-                continue
-            for req, out in zip(chunk, outputs, strict=True):
-                yield _vllm_result(req, out)
+        yield from self._in_chunks(prefix, lambda chunk, sampling: self.llm.generate(
+            [req.messages[0][1] for req in chunk], sampling_params=sampling, use_tqdm=False))  # fmt: skip
 
 
 class _UnusableCompletion(Exception):
