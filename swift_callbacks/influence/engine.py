@@ -135,14 +135,6 @@ class InfluenceEngine:
             eval_tokens=ev.tokens.cpu(),
         )
 
-    def per_example_features(self, examples: Sequence[Example]) -> list[Feature]:
-        """Per-block features of ``examples``, one entry per block of ``self.blocks`` (for tests and tools)."""
-        sharding.check_model(self.model)
-        lengths = [len(e["input_ids"]) for e in examples]
-        self._choose_routes(len(examples), len(examples), sum(lengths) / len(lengths))
-        with self._tracking():
-            return self._local(examples, None).features
-
     # --------------------------------------------------------------------------------------- internals
 
     def _choose_routes(self, n_probe: int, n_eval: int, mean_len: float) -> None:
