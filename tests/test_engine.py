@@ -154,7 +154,7 @@ def test_hooks_firing_twice_under_activation_recomputation():
         layer.mlp.forward = functools.partial(torch.utils.checkpoint.checkpoint, original, use_reentrant=False)
     up = model.base_model.model.model.layers[0].mlp.up_proj.lora_A["default"]
     handle = up.register_forward_hook(lambda *a: fired.append(1))
-    engine = InfluenceEngine(model, micro_batch_size=8)
+    engine = InfluenceEngine(model, micro_batch_size=8, verify=False)  # count the tracking passes only
     with Capture(engine.blocks) as cap:  # the recording flag is what filters the replay
         assert not cap.recording
     P, E = brute_grads(model, PROBES), brute_grads(model, EVALS)

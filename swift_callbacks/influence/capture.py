@@ -1,32 +1,75 @@
-"""Forward hooks that record, for every tracked module, its inputs and (in-graph) outputs.
+"""Forward hooks that record, for every tracked module, each call's inputs and (in-graph) outputs.
 
 The output tensors are later differentiated with ``torch.autograd.grad`` so that parameter ``.grad``, the
-optimizer and any DDP reducer never see the tracking pass. Modules whose per-example gradients need their
-weights (norm layers and other non-linear modules, see ``modules.needs_weights``) also get a copy of their
-tracked parameters taken inside their forward: under FSDP and ZeRO-3 that is the only moment the parameters are
-whole, and reading them there needs no collective of its own.
+optimizer and any DDP reducer never see the tracking pass. Modules on the generic rule (anything but an exact
+``nn.Linear`` / ``nn.Embedding``, see ``modules.rule``) are replayed later on their recorded arguments, so every
+argument is kept, and so is a copy of their tracked parameters taken inside their forward: under FSDP and ZeRO-3
+that is the only moment the parameters are whole, and reading them there needs no collective of its own.
+
+Each recorded tensor is classified by how it carries the micro-batch's example axis (``Layout``): rows in
+example order (``(B, ...)``), flattened token rows (``(B * T, ...)``, e.g. a shared MoE expert), or one copy
+shared by every example (e.g. position ids of shape ``(1, T)``). A module whose output is shared across examples
+gets its output expanded to ``(B, ...)`` during the tracking pass, so its output gradient stays per example.
+None of this is trusted blindly: ``verify.py`` checks the reconstruction against autograd on the live model.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from . import sharding
-from .modules import Block, needs_weights
+from .modules import Block, UnsupportedModelError, rule
+
+
+class Layout(enum.Enum):
+    BATCHED = "batched"  # (B, ...)
+    FLAT = "flat"  # (B * T, ...)
+    SHARED = "shared"  # one value for every example
 
 
 @dataclass
 class Call:
-    """One forward call of a tracked module: its first positional input, its output, and (for modules that need
-    them) the values of its tracked parameters as used by this call, by attribute name."""
+    """One forward call of a tracked module.
 
-    inputs: torch.Tensor
-    output: torch.Tensor
+    Attributes:
+        args: Positional arguments (tensors detached).
+        kwargs: Keyword arguments (tensors detached).
+        layouts: Layout of every tensor leaf of ``(args, kwargs)``, by leaf position.
+        outputs: The floating-point output tensors the rest of the model consumes (what is differentiated).
+        out_index: Leaf positions of ``outputs`` in the module's output structure.
+        out_layouts: Layout of each output before any expansion (``SHARED`` outputs were expanded to ``B``).
+        params: Values of the tracked parameters as this call used them (generic-rule modules only).
+        grads: Gradient of the summed loss w.r.t. each output, ``(B, ...)`` (``FLAT`` ones viewed as
+            ``(B, T, ...)``); set after the backward.
+    """
+
+    args: tuple
+    kwargs: dict
+    layouts: dict[int, Layout]
+    outputs: list[torch.Tensor]
+    out_index: list[int]
+    out_layouts: list[Layout]
     params: dict[str, torch.Tensor] = field(default_factory=dict)
-    flat: bool = False  # the module saw (batch * width, ...) rows; inputs were viewed back as (batch, width, ...)
+    grads: list[torch.Tensor] | None = None
+
+    @property
+    def flat(self) -> bool:
+        return self.out_layouts[0] is Layout.FLAT
+
+    def per_example_input(self, batch: int, width: int) -> torch.Tensor:
+        """The first positional input with the example axis first: ``(B, ...)``."""
+        x, layout = self.args[0], self.layouts[0]
+        if layout is Layout.FLAT:
+            return x.reshape(batch, width, *x.shape[1:])
+        if layout is Layout.SHARED:
+            return x.expand(batch, *x.shape[1:]) if x.dim() else x.expand(batch)
+        return x
 
 
 @dataclass
@@ -38,20 +81,24 @@ class Capture:
 
     With ``embedding`` (the input-embedding module) it also keeps that module's outputs in ``embedding_outputs``.
     ``copy_weights`` copies the recorded parameter values (needed when the model is sharded, whose gathered
-    parameters are freed after use).
+    parameters are freed after use). ``keep_params`` records, per block parameter slot, the parameter tensor
+    objects each call used (for the verification's autograd reference).
     """
 
     blocks: list[Block]
     embedding: nn.Module | None = None
     copy_weights: bool = False
+    keep_params: bool = False
     calls: dict[int, list[Call]] = field(default_factory=dict)
     embedding_outputs: list[torch.Tensor] = field(default_factory=list)
+    used_params: dict[tuple[int, str], list[torch.Tensor]] = field(default_factory=dict)
     recording: bool = False
     batch_size: int = 0  # examples in the micro-batch being recorded, and its padded width
     width: int = 0
     _names: dict[int, str] = field(default_factory=dict)
     _handles: list = field(default_factory=list)
     _weights: dict[int, set[str]] = field(default_factory=dict)
+    _tracked: dict[int, set[str]] = field(default_factory=dict)
     _pending: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
 
     def __enter__(self) -> Capture:
@@ -60,12 +107,12 @@ class Capture:
             for name, module in block.modules:
                 modules[id(module)] = module
                 self._names[id(module)] = name
-                if needs_weights(module):
+                self._tracked.setdefault(id(module), set()).update(block.tracked(module))
+                if rule(module) == "generic":
                     self._weights.setdefault(id(module), set()).update(block.tracked(module))
-        for mid, module in modules.items():
-            if mid in self._weights:
-                # Registered last, so it runs after a ZeRO-3 pre-hook has gathered the parameters.
-                self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+        for module in modules.values():
+            # Registered last, so it runs after a ZeRO-3 / FSDP pre-hook has gathered the parameters.
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook))
             # Registered last too: it records the output the rest of the model consumes, after ZeRO-3's forward
             # hook has wrapped it in its pre-backward function. Were it recorded before, differentiating w.r.t.
             # the earliest tracked output (the input embedding's) would run that function, which gathers the
@@ -81,70 +128,119 @@ class Capture:
         self._handles.clear()
         self.calls.clear()
         self.embedding_outputs.clear()
+        self.used_params.clear()
         self._weights.clear()
         self._pending.clear()
 
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
         if not self.recording:
             return
-        attrs = sorted(self._weights[id(module)])
-        values = {attr: sharding.full_value(getattr(module, attr), self.copy_weights) for attr in attrs}
-        self._pending.setdefault(id(module), []).append(values)
+        if self.keep_params:
+            for attr in self._tracked[id(module)]:
+                self.used_params.setdefault((id(module), attr), []).append(getattr(module, attr))
+        if id(module) in self._weights:
+            attrs = sorted(self._weights[id(module)])
+            values = {attr: sharding.full_value(getattr(module, attr), self.copy_weights) for attr in attrs}
+            self._pending.setdefault(id(module), []).append(values)
 
-    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not self.recording:
-            return
+            return None
         name = self._names.get(id(module), type(module).__name__)
-        if not args or not isinstance(args[0], torch.Tensor):
-            raise TypeError(f"Tracked module {name!r} was called without a tensor input.")
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"Tracked module {name!r} returned {type(output).__name__}, not a tensor.")
-        if id(module) in self._weights and (
-            any(isinstance(a, torch.Tensor) for a in args[1:])
-            or any(isinstance(v, torch.Tensor) for v in kwargs.values())
-        ):
-            # Its per-example gradients come from replaying the module on its first input alone.
-            raise NotImplementedError(
-                f"Tracked module {name!r} ({type(module).__name__}) takes more than one tensor input (e.g. a gated "
-                "norm); its per-example gradients are not supported. Exclude its parameters with param_filter."
+        leaves, _ = pytree.tree_flatten((args, kwargs))
+        layouts = {i: self._layout(name, t, strict=i == 0) for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)}
+        out_leaves, out_spec = pytree.tree_flatten(output)
+        out_index = [i for i, t in enumerate(out_leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if not out_index:
+            raise UnsupportedModelError(
+                f"Tracked module {name!r} ({type(module).__name__}) returned no floating-point tensor, so its "
+                "parameters' gradients cannot be followed. Exclude its parameters with param_filter."
             )
-        inputs, flat = self._per_example(name, args[0].detach())
+        module_rule = rule(module)
+        if module_rule != "generic":
+            if not args or not isinstance(args[0], torch.Tensor) or len(out_index) != 1:
+                raise UnsupportedModelError(
+                    f"Tracked module {name!r} ({type(module).__name__}) was called without a tensor input."
+                )
+            if module_rule == "embedding" and args[0].is_floating_point():
+                raise UnsupportedModelError(f"Embedding {name!r} was called on floating-point input, not token ids.")
+        out_layouts = [self._layout(name, out_leaves[i], strict=True) for i in out_index]
+        changed = len(out_index) > 1
+        if changed:
+            # One output may be computed from another (a router's scores from its logits): the gradient w.r.t.
+            # the inner one would then include the path through the other and be counted twice. Hand the model
+            # a new alias of each, so each is differentiated only for its uses outside the module.
+            for i in out_index:
+                out_leaves[i] = out_leaves[i].view_as(out_leaves[i])
+        for k, i in enumerate(out_index):
+            if out_layouts[k] is Layout.SHARED:
+                # One output for every example (e.g. position embeddings of shape (1, T)): give each example its
+                # own copy so the output gradient stays per example. Values are unchanged.
+                t = out_leaves[i]
+                if t.dim() == 0:
+                    raise UnsupportedModelError(
+                        f"Tracked module {name!r} ({type(module).__name__}) returned a scalar shared by the whole "
+                        "micro-batch; its gradient cannot be split by example. Exclude it with param_filter."
+                    )
+                out_leaves[i] = t.expand(self.batch_size, *t.shape[1:])
+                changed = True
         pending = self._pending.get(id(module))
         params = pending.pop() if pending else {}
-        self.calls.setdefault(id(module), []).append(Call(inputs, output, params, flat))
+        detached = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, (args, kwargs))
+        self.calls.setdefault(id(module), []).append(
+            Call(
+                args=detached[0], kwargs=detached[1], layouts=layouts,
+                outputs=[out_leaves[i] for i in out_index], out_index=out_index, out_layouts=out_layouts,
+                params=params,
+            )
+        )  # fmt: skip
+        return pytree.tree_unflatten(out_leaves, out_spec) if changed else None
 
-    def _per_example(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """``x`` with the example axis first; a module fed flattened tokens gets its rows viewed back."""
-        if x.shape[0] == self.batch_size:
-            return x, False
-        if x.dim() >= 2 and x.shape[0] == self.batch_size * self.width:
-            return x.reshape(self.batch_size, self.width, *x.shape[1:]), True
-        raise NotImplementedError(
+    def _layout(self, name: str, x: torch.Tensor, strict: bool) -> Layout:
+        """How ``x`` carries the example axis of the micro-batch being recorded.
+
+        A first input or an output whose rows match no layout cannot be attributed to examples (``strict``);
+        any other argument of another size is taken as shared, which the verification checks.
+        """
+        if x.dim() >= 1 and x.shape[0] == self.batch_size:
+            return Layout.BATCHED
+        if x.dim() >= 1 and x.shape[0] == self.batch_size * self.width:
+            return Layout.FLAT
+        if x.dim() == 0 or x.shape[0] == 1 or not strict:
+            return Layout.SHARED
+        raise UnsupportedModelError(
             f"Tracked module {name!r} was called on {x.shape[0]} rows for a micro-batch of {self.batch_size} "
-            "examples (e.g. a routed mixture-of-experts layer), so its rows cannot be attributed to examples. "
-            "Exclude its parameters with param_filter."
+            f"examples of {self.width} positions (e.g. a routed mixture-of-experts layer), so its rows cannot be "
+            "attributed to examples. Exclude its parameters with param_filter."
         )
 
-    def output_grads(self, grads: tuple, length: int) -> dict[int, list[torch.Tensor]]:
-        """Per module, the output gradient of each recorded call, aligned with ``calls``.
+    def set_output_grads(self, grads: tuple, length: int) -> None:
+        """Attach to every recorded call the gradient of each of its outputs (aligned with ``outputs()``).
 
-        Gradients of unused outputs (None) become zeros; flattened calls are viewed as ``(batch, width, ...)``.
-        Linear and embedding calls are cut to the ``length`` real token positions (beyond, every output gradient
-        is zero) per call, so several calls of one module stay aligned.
+        Gradients of unused outputs (None) become zeros; flattened outputs are viewed as ``(batch, width, ...)``.
+        Calls of exact linear/embedding modules are cut to the ``length`` real token positions (beyond, every
+        output gradient is zero) per call, so several calls of one module stay aligned.
         """
-        out, k = {}, 0
+        k = 0
         for mid, calls in self.calls.items():
-            per_call = []
-            for call, g in zip(calls, grads[k : k + len(calls)], strict=True):
-                g = torch.zeros_like(call.output) if g is None else g
-                if call.flat:
-                    g = g.reshape(*call.inputs.shape[:2], *g.shape[1:])
-                if mid not in self._weights and call.inputs.dim() >= 2 and call.inputs.shape[1] == self.width:
-                    call.inputs, g = call.inputs[:, :length], g[:, :length]
-                per_call.append(g)
-            out[mid] = per_call
-            k += len(calls)
-        return out
+            cut = mid not in self._weights
+            for call in calls:
+                per_output = []
+                for out, layout, g in zip(
+                    call.outputs, call.out_layouts, grads[k : k + len(call.outputs)], strict=True
+                ):
+                    g = torch.zeros_like(out) if g is None else g
+                    if layout is Layout.FLAT:
+                        g = g.reshape(self.batch_size, self.width, *g.shape[1:])
+                    per_output.append(g)
+                k += len(call.outputs)
+                if cut:
+                    inputs = call.per_example_input(self.batch_size, self.width)
+                    if inputs.dim() >= 2 and inputs.shape[1] == self.width and per_output[0].shape[1] == self.width:
+                        inputs, per_output = inputs[:, :length], [per_output[0][:, :length]]
+                    call.args = (inputs, *call.args[1:])
+                    call.layouts = {**call.layouts, 0: Layout.BATCHED}
+                call.grads = per_output
 
     def _embedding_hook(self, module: nn.Module, args: tuple, output) -> None:
         if self.recording and isinstance(output, torch.Tensor) and output.requires_grad:
@@ -152,7 +248,7 @@ class Capture:
 
     def outputs(self) -> list[torch.Tensor]:
         """All recorded output tensors, in a fixed order (for ``torch.autograd.grad``)."""
-        return [call.output for calls in self.calls.values() for call in calls]
+        return [out for calls in self.calls.values() for call in calls for out in call.outputs]
 
 
 def make_inputs_require_grad(model: nn.Module) -> torch.utils.hooks.RemovableHandle:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,12 +27,15 @@ from torch import nn
 
 from . import distributed as dist_utils
 from . import sharding
+from . import verify as verify_lib
 from .capture import Capture, make_inputs_require_grad
 from .features import ACC, Feature, Materialized, block_feature, concat, pairwise, select, sq_norms
-from .modules import Block, ParamFilter, find_blocks
+from .modules import Block, ParamFilter, UnsupportedModelError, find_blocks
 
 Example = Mapping[str, Sequence[int]]
 IGNORE_INDEX = -100
+PRECISIONS = {"auto", "fp32"}
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,6 +78,14 @@ class InfluenceEngine:
         max_feature_bytes: Budget for stored evaluation features, per process: under ``torch.distributed`` every
             rank holds the gathered features of the whole chunk. Beyond it evaluation examples are processed in
             chunks (probes are then re-run once per chunk).
+        verify: ``True`` (default): before the first ``compute`` and whenever the model's modules, the tracked
+            parameters or the routes change, check the engine against autograd on the live model (see
+            ``verify.py``) and raise ``VerificationError`` before returning any number if it disagrees.
+            ``"every_save"``: check at every ``compute``. ``False``: never.
+        precision: ``"auto"``: track in whatever precision the model's forward runs in (under bf16 autocast,
+            scores are good to about 3e-3 relative). ``"fp32"``: run the tracked forward/backward in float32,
+            autocast off and low-precision weights temporarily upcast (restored bit for bit), so a bf16 run still
+            gets influence exact to fp32 rounding.
     """
 
     def __init__(
@@ -84,9 +97,15 @@ class InfluenceEngine:
         route: str = "auto",
         micro_batch_size: int = 8,
         max_feature_bytes: int = 2 << 30,
+        verify: bool | str = True,
+        precision: str = "auto",
     ) -> None:
         if route not in {"auto", "ghost", "materialize"}:
             raise ValueError(f"route must be 'auto', 'ghost' or 'materialize', got {route!r}")
+        if verify not in (True, False, "every_save"):
+            raise ValueError(f"verify must be True, False or 'every_save', got {verify!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.model = model
@@ -95,7 +114,11 @@ class InfluenceEngine:
         self.route = route
         self.micro_batch_size = micro_batch_size
         self.max_feature_bytes = max_feature_bytes
+        self.verify = verify
+        self.precision = precision
         self.blocks: list[Block] = find_blocks(model, param_filter)
+        self.verification: verify_lib.Report | None = None  # the last verification's report
+        self._verified_state: tuple | None = None
         # How the model is sharded, found again at every tracking pass (sharding may be applied after set-up).
         self._sharded = False
         self._zero3 = False
@@ -120,6 +143,10 @@ class InfluenceEngine:
         chunk = self._eval_chunk_size(len(evals), max(lengths))
         evals_done, probe_sides = [], []
         with self._tracking():
+            state = self._model_state()
+            if self.verify == "every_save" or (self.verify and state != self._verified_state):
+                self._verify(verify_lib.sample([*probes, *evals]))
+                self._verified_state = state
             for start in range(0, len(evals), chunk):
                 ev = self._side(evals[start : start + chunk])
                 probe_sides.append(self._side(probes, ev.features))
@@ -135,7 +162,51 @@ class InfluenceEngine:
             eval_tokens=ev.tokens.cpu(),
         )
 
+    def check(self, examples: Sequence[Example]) -> verify_lib.Report:
+        """Verify the engine against autograd on ``examples`` (a few suffice) now, whatever ``verify`` says.
+
+        Routes are those of the last ``compute`` (or chosen for ``examples`` alone if none ran yet).
+
+        Raises:
+            VerificationError: naming the first parameter whose reconstruction disagrees.
+        """
+        if self._verified_state is None and all(b.route == "materialize" for b in self.blocks):
+            lengths = [len(e["input_ids"]) for e in examples]
+            self._choose_routes(len(examples), len(examples), sum(lengths) / len(lengths))
+        with self._tracking():
+            report = self._verify(verify_lib.sample(examples))
+            self._verified_state = self._model_state()
+        return report
+
     # --------------------------------------------------------------------------------------- internals
+
+    def _verify(self, examples: Sequence[Example]) -> verify_lib.Report:
+        """Run the verification passes (inside ``_tracking``) and keep the report."""
+        start = time.perf_counter()
+        if self._sharded:
+            # Autograd's gradient w.r.t. a sharded parameter is not a plain tensor gradient; the sharded modes are
+            # checked against brute force in the test suite instead (tests/test_fsdp*.py).
+            report = verify_lib.Report(len(examples), len(self.blocks), 0.0, torch.float32, skipped="sharded model")
+            logger.info("Influence self-verification skipped: the model is sharded (FSDP / ZeRO-3).")
+        else:
+            batch = self._forward_backward(examples, reference=True)[-1]
+            singles = [self._forward_backward([e], reference=True)[-1] for e in examples]
+            report = verify_lib.check(self.blocks, batch, singles)
+        report.seconds = time.perf_counter() - start
+        self.verification = report
+        logger.info(
+            "Influence self-verification passed on %d examples and %d blocks in %.2fs (max relative errors: %s).",
+            report.examples, report.blocks, report.seconds,
+            ", ".join(f"{k} {v:.1e}" for k, v in report.max_error.items()) or "-",
+        )  # fmt: skip
+        return report
+
+    def _model_state(self) -> tuple:
+        """What the verification depends on: every module (identity, type, forward), the tracked parameters'
+        shapes and dtypes, the routes and the sharding. A change of any of them triggers a new verification."""
+        modules = tuple((name, id(m), type(m), "forward" in m.__dict__) for name, m in self.model.named_modules())
+        params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in self.model.named_parameters())
+        return modules, params, tuple(b.route for b in self.blocks), self._sharded, self.precision
 
     def _choose_routes(self, n_probe: int, n_eval: int, mean_len: float) -> None:
         n, pairs, t = n_probe + n_eval, n_probe * n_eval + n_probe + n_eval, mean_len
@@ -194,7 +265,7 @@ class InfluenceEngine:
         """This rank's examples, one forward/backward per micro-batch, results in ``examples`` order."""
         order, parts = [], []
         for batch in self._micro_batches(examples):
-            feats, norm, loss, tokens = self._forward_backward([examples[i] for i in batch])
+            feats, norm, loss, tokens, _ = self._forward_backward([examples[i] for i in batch])
             dot = None
             if eval_features is not None:
                 dot = torch.zeros(len(batch), len(eval_features[0]), dtype=ACC, device=norm.device)
@@ -214,7 +285,9 @@ class InfluenceEngine:
         for start in range(0, len(order), self.micro_batch_size):
             yield order[start : start + self.micro_batch_size]
 
-    def _forward_backward(self, examples: Sequence[Example]):
+    def _forward_backward(self, examples: Sequence[Example], reference: bool = False):
+        """One micro-batch: features per block, squared norms, losses and token counts; with ``reference`` also
+        a ``verify.Pass`` holding autograd's gradient of the summed loss w.r.t. every tracked tensor."""
         input_ids, attention_mask, labels = collate(examples, self.pad_token_id, self._device())
         tokens = (labels[:, 1:] != IGNORE_INDEX).sum(1)
         # ZeRO-3 gathers a module's parameters before its backward and releases them after, in autograd functions
@@ -222,23 +295,71 @@ class InfluenceEngine:
         # modules around the earliest ones gathered and marked active; carrying it down to the input embeddings
         # (as a training backward goes) runs every release.
         embedding = self.model.get_input_embeddings() if self._zero3 else None
-        with Capture(self.blocks, embedding, copy_weights=self._sharded) as capture:
+        with Capture(self.blocks, embedding, copy_weights=self._sharded, keep_params=reference) as capture:
             capture.batch_size, capture.width = input_ids.shape
             capture.recording = True
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             capture.recording = False
+            if logits.shape[:2] != input_ids.shape:
+                raise UnsupportedModelError(
+                    f"The model returned logits of shape {tuple(logits.shape)} for inputs of shape "
+                    f"{tuple(input_ids.shape)} (e.g. PEFT prompt learning adds virtual tokens), so the loss cannot be "
+                    "matched to the tokens; influence supports models with one logit row per input token."
+                )
             device = logits.device  # the compute device, which a CPU-offloaded sharded model's parameters are not on
             loss = example_losses(logits, labels.to(device))
+            dtypes = [logits.dtype, *(o.dtype for o in capture.outputs())]
             del logits
             outputs = capture.outputs()
-            grads = torch.autograd.grad(loss.sum(), outputs + capture.embedding_outputs, allow_unused=True)
-            grads_by_module = capture.output_grads(grads, length=int(attention_mask.sum(1).max()))
-            feats = [block_feature(b, capture.calls, grads_by_module, len(examples)) for b in self.blocks]
-        del outputs, grads, grads_by_module
+            targets = self._reference_tensors(capture) if reference else []
+            grads = torch.autograd.grad(
+                loss.sum(), outputs + capture.embedding_outputs + [t for _, t in targets], allow_unused=True
+            )
+            capture.set_output_grads(grads[: len(outputs)], length=int(attention_mask.sum(1).max()))
+            batch, width = input_ids.shape
+            feats = [block_feature(b, capture.calls, batch, width) for b in self.blocks]
+            check = None
+            if reference:
+                refs = self._reference_grads(targets, grads[len(grads) - len(targets) :], device)
+                check = verify_lib.Pass(feats, refs, verify_lib.lowest_precision(dtypes))
+        del outputs, grads
         norm = torch.zeros(len(examples), dtype=ACC, device=device)
         for f in feats:
             norm += sq_norms(f)
-        return feats, norm, loss.detach().to(ACC), tokens
+        return feats, norm, loss.detach().to(ACC), tokens, check
+
+    def _reference_tensors(self, capture: Capture) -> list[tuple[tuple[int, int], torch.Tensor]]:
+        """Every tensor object a tracked parameter slot was used as, keyed by (block index, slot).
+
+        A module that was not called contributes its parameter as it holds it now: if the model used that
+        tensor some other way (read without calling the module), autograd's gradient exposes it.
+        """
+        targets, seen = [], set()
+        for b, block in enumerate(self.blocks):
+            for _, module in block.modules:
+                for attr, slot in block.slots[id(module)].items():
+                    used = capture.used_params.get((id(module), attr)) or [getattr(module, attr)]
+                    for t in used:
+                        if id(t) not in seen and t.requires_grad:
+                            seen.add(id(t))
+                            targets.append(((b, slot), t))
+        return targets
+
+    def _reference_grads(self, targets, grads, device) -> list[torch.Tensor]:
+        """Per block, autograd's gradient of the summed loss, flattened in the block's parameter order."""
+        sums: dict[tuple[int, int], torch.Tensor] = {}
+        for (key, _), g in zip(targets, grads, strict=True):
+            if g is not None:
+                g = g.detach().to(ACC).reshape(-1)
+                sums[key] = g if key not in sums else sums[key] + g
+        refs = []
+        for b, block in enumerate(self.blocks):
+            parts = [
+                sums.get((b, k), torch.zeros(shape.numel(), dtype=ACC, device=device)).to(device)
+                for k, shape in enumerate(block.shapes)
+            ]
+            refs.append(torch.cat(parts))
+        return refs
 
     def _device(self) -> torch.device:
         """Where inputs go: the device of a tracked parameter as the model holds it now. (Under FSDP with CPU

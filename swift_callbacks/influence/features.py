@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
-from .capture import Call
-from .modules import Block, needs_weights
+from .capture import Call, Layout
+from .modules import Block, UnsupportedModelError, rule
 
 ACC = torch.float32
 # Upper bound on the elements of one intermediate (n_x, n_y, T_x, T_y) ghost kernel before chunking.
@@ -56,94 +57,105 @@ Feature = Materialized | Ghost
 # ---------------------------------------------------------------------------------------------- building
 
 
-def block_feature(
-    block: Block, calls: dict[int, list[Call]], grads: dict[int, list[torch.Tensor]], batch_size: int
-) -> Feature:
-    """Build the per-example representation of ``block`` from recorded calls and their output gradients.
+def block_feature(block: Block, calls: dict[int, list[Call]], batch_size: int, width: int) -> Feature:
+    """Build the per-example representation of ``block`` from recorded calls (with their output gradients set).
 
     Args:
         block: The block, with ``route`` decided.
-        calls: Recorded calls per module id.
-        grads: Gradient of the summed loss w.r.t. each call's output, aligned with ``calls``.
+        calls: Recorded calls per module id, each with ``grads`` set.
         batch_size: Number of examples in the micro-batch.
+        width: Padded width of the micro-batch.
     """
     if block.route == "ghost":
-        return _ghost(block, calls, grads)
+        return _ghost(block, calls, batch_size, width)
     sums: dict[int, torch.Tensor] = {}
     device = None
     for _, module in block.modules:
         slots = block.slots[id(module)]
-        for call, g in zip(calls.get(id(module), []), grads.get(id(module), []), strict=True):
-            device = g.device
-            for attr, grad in _materialize_call(module, call, g, set(slots)).items():
+        for call in calls.get(id(module), []):
+            device = call.grads[0].device
+            for attr, grad in _materialize_call(module, call, set(slots), batch_size, width).items():
                 k = slots[attr]
                 sums[k] = grad if k not in sums else sums[k] + grad
     parts = []
     for k, shape in enumerate(block.shapes):
         grad = sums.get(k)
-        if grad is None:  # parameter unused in this forward: its gradient is zero
-            grad = torch.zeros(batch_size, shape.numel(), dtype=ACC, device=device or _any_device(grads))
+        if grad is None:  # parameter unused in this forward (the verification checks that this is true)
+            grad = torch.zeros(batch_size, shape.numel(), dtype=ACC, device=device or _any_device(calls))
         parts.append(grad.reshape(batch_size, -1))
     return Materialized(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
 
 
-def _any_device(grads: dict[int, list[torch.Tensor]]) -> torch.device:
+def _any_device(calls: dict[int, list[Call]]) -> torch.device:
     """The device activations live on (where features are built), from any recorded output gradient."""
-    return next((g.device for gs in grads.values() for g in gs), torch.device("cpu"))
+    return next((c.grads[0].device for cs in calls.values() for c in cs), torch.device("cpu"))
 
 
-def _ghost(block: Block, calls: dict[int, list[Call]], grads: dict[int, list[torch.Tensor]]) -> Ghost:
+def _ghost(block: Block, calls: dict[int, list[Call]], batch_size: int, width: int) -> Ghost:
     ((_, module),) = block.modules
     a_parts, g_parts = [], []
-    for call, g in zip(calls.get(id(module), []), grads[id(module)], strict=True):
-        g = g.to(ACC)
+    for call in calls.get(id(module), []):
+        g = call.grads[0].to(ACC)
+        inputs = call.per_example_input(batch_size, width)
         if block.kind == "embedding":
-            ids = call.inputs
             if module.padding_idx is not None:  # PyTorch gives the padding row no gradient
-                g = g.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0.0)
-            a_parts.append(ids)
+                g = g.masked_fill((inputs == module.padding_idx).unsqueeze(-1), 0.0)
+            a_parts.append(inputs.reshape(batch_size, -1))
         else:
-            a = call.inputs.to(ACC)
+            a = inputs.to(ACC)
             if module.bias is not None and "bias" in block.tracked(module):
                 a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
-            a_parts.append(a.reshape(a.shape[0], -1, a.shape[-1]))
-        g_parts.append(g.reshape(g.shape[0], -1, g.shape[-1]))
+            a_parts.append(a.reshape(batch_size, -1, a.shape[-1]))
+        g_parts.append(g.reshape(batch_size, -1, g.shape[-1]))
+    if not g_parts:  # the module was not called: a zero gradient, which the verification checks
+        d_in, d_out = block.linear_dims if block.kind == "linear" else (0, module.embedding_dim)
+        device = _any_device(calls)
+        a = torch.zeros(batch_size, 1, dtype=torch.long, device=device) if block.kind == "embedding" else None
+        return Ghost(a if a is not None else torch.zeros(batch_size, 1, d_in, device=device),
+                     torch.zeros(batch_size, 1, d_out, device=device))  # fmt: skip
     # Several calls of one module in a forward are more tokens of the same sum: concatenate along T.
     return Ghost(torch.cat(a_parts, dim=1), torch.cat(g_parts, dim=1))
 
 
-def _materialize_call(module: nn.Module, call: Call, g: torch.Tensor, tracked: set[str]) -> dict[str, torch.Tensor]:
+def _materialize_call(
+    module: nn.Module, call: Call, tracked: set[str], batch_size: int, width: int
+) -> dict[str, torch.Tensor]:
     """Per-example gradients of ``module``'s tracked parameters (by attribute name) for one call, each of shape
     ``(B, *param.shape)``."""
+    module_rule = rule(module)
+    if module_rule == "generic":
+        return _materialize_generic(module, call, tracked, batch_size)
     out: dict[str, torch.Tensor] = {}
-    g = g.to(ACC)
-    if isinstance(module, nn.Linear):
-        a = call.inputs.to(ACC)
-        a3, g3 = a.reshape(a.shape[0], -1, a.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
+    g = call.grads[0].to(ACC)
+    inputs = call.per_example_input(batch_size, width)
+    if module_rule == "linear":
+        a = inputs.to(ACC)
+        a3, g3 = a.reshape(batch_size, -1, a.shape[-1]), g.reshape(batch_size, -1, g.shape[-1])
         if "weight" in tracked:
             out["weight"] = torch.einsum("bto,bti->boi", g3, a3)
         if module.bias is not None and "bias" in tracked:
             out["bias"] = g3.sum(1)
         return out
-    if not needs_weights(module):  # an embedding: scatter the output gradients into the rows looked up
-        ids = call.inputs.reshape(call.inputs.shape[0], -1)
-        g3 = g.reshape(g.shape[0], -1, g.shape[-1])
-        if module.padding_idx is not None:
-            g3 = g3.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0.0)
-        weight = torch.zeros(ids.shape[0], module.num_embeddings, module.embedding_dim, dtype=ACC, device=g.device)
-        weight.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, g3.shape[-1]), g3)
-        out["weight"] = weight
-        return out
-    return _materialize_generic(module, call, g, tracked)
+    # An exact nn.Embedding: scatter the output gradients into the rows looked up.
+    ids = inputs.reshape(batch_size, -1)
+    g3 = g.reshape(batch_size, -1, g.shape[-1])
+    if module.padding_idx is not None:
+        g3 = g3.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0.0)
+    weight = torch.zeros(batch_size, module.num_embeddings, module.embedding_dim, dtype=ACC, device=g.device)
+    weight.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, g3.shape[-1]), g3)
+    out["weight"] = weight
+    return out
 
 
-def _materialize_generic(module: nn.Module, call: Call, g: torch.Tensor, tracked: set[str]) -> dict[str, torch.Tensor]:
+def _materialize_generic(module: nn.Module, call: Call, tracked: set[str], batch_size: int) -> dict[str, torch.Tensor]:
     """Any module: a vector-Jacobian product of the module alone, per example.
 
-    Used for norm layers and other small modules with their own parameters. The module's forward is replayed
-    on the recorded input (so only modules whose output depends on their first positional input qualify), with
-    the parameter values recorded during the real forward (``call.params``), vectorized over examples with
-    ``torch.func.vmap``; modules vmap cannot handle are replayed one example at a time.
+    The module's forward is replayed on its recorded arguments, example by example, with the parameter values
+    recorded during the real forward (``call.params``), vectorized over examples with ``torch.func.vmap`` (modules
+    vmap cannot handle, such as routed experts with data-dependent control flow, are replayed one example at a
+    time). Arguments that carry the example axis are sliced per example (``FLAT`` ones keep their flattened
+    layout); shared arguments are passed whole. Whether the replay reproduces the real computation is checked by
+    the engine's verification, not assumed.
 
     The replay calls ``forward`` on a hook-free shallow copy of the module: the module's own hooks (the capture's,
     and FSDP's or ZeRO-3's, which would gather or release parameters) must not run for it.
@@ -153,33 +165,53 @@ def _materialize_generic(module: nn.Module, call: Call, g: torch.Tensor, tracked
     if missing:
         raise RuntimeError(f"No recorded value of {type(module).__name__}.{missing[0]} for its per-example gradient.")
     params = {n: call.params[n] for n in names}
+    leaves, spec = pytree.tree_flatten((call.args, call.kwargs))
+    per_example = [i for i, layout in call.layouts.items() if layout is not Layout.SHARED]
+    flat_in = {i for i, layout in call.layouts.items() if layout is Layout.FLAT}
+    flat_out = [layout is Layout.FLAT for layout in call.out_layouts]
 
-    def vjp_one(x: torch.Tensor, g_x: torch.Tensor) -> dict[str, torch.Tensor]:
-        y, pullback = torch.func.vjp(lambda p: _replay(module, p, x.unsqueeze(0)), params)
-        if y.shape[1:] != g_x.shape:
-            raise NotImplementedError(
-                f"Cannot replay {type(module).__name__} for per-example gradients (output shape changed); "
-                "exclude its parameters with param_filter."
-            )
-        return pullback(g_x.unsqueeze(0).to(y.dtype))[0]
+    def vjp_one(xs: list[torch.Tensor], gs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        args = list(leaves)
+        for i, x in zip(per_example, xs, strict=True):
+            args[i] = x if i in flat_in else x.unsqueeze(0)
+        call_args, call_kwargs = pytree.tree_unflatten(args, spec)
 
+        def forward(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            out_leaves = pytree.tree_leaves(_replay(module, p, call_args, call_kwargs))
+            return tuple(out_leaves[i] for i in call.out_index)
+
+        ys, pullback = torch.func.vjp(forward, params)
+        cotangents = []
+        for y, g, flat in zip(ys, gs, flat_out, strict=True):
+            g = g if flat else g.unsqueeze(0)  # a FLAT output's per-example slice is already (T, ...)
+            if y.shape != g.shape:
+                raise UnsupportedModelError(
+                    f"Replaying {type(module).__name__} on one example gave an output of shape {tuple(y.shape)}, "
+                    f"not {tuple(g.shape)}; its per-example gradients cannot be computed. Exclude its parameters "
+                    "with param_filter."
+                )
+            cotangents.append(g.to(y.dtype))
+        return pullback(tuple(cotangents))[0]
+
+    xs = [leaves[i].reshape(batch_size, -1, *leaves[i].shape[1:]) if i in flat_in else leaves[i] for i in per_example]
+    gs = list(call.grads)
     with torch.enable_grad():
         try:
-            grads = torch.func.vmap(vjp_one)(call.inputs, g)
-        except NotImplementedError:
+            grads = torch.func.vmap(vjp_one)(xs, gs)
+        except UnsupportedModelError:
             raise
-        except Exception:  # an op without a batching rule: same products, one example at a time
-            rows = [vjp_one(call.inputs[i], g[i]) for i in range(call.inputs.shape[0])]
+        except Exception:  # an op without a batching rule, or data-dependent control flow: one example at a time
+            rows = [vjp_one([x[i] for x in xs], [g[i] for g in gs]) for i in range(batch_size)]
             grads = {n: torch.stack([r[n] for r in rows]) for n in names}
     return {n: grads[n].to(ACC) for n in names}
 
 
-def _replay(module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``module.forward(x)`` with ``params`` in place of its parameters, without running any module hook."""
+def _replay(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict):
+    """``module.forward(*args, **kwargs)`` with ``params`` in place of its parameters, without any module hook."""
     twin = object.__new__(type(module))
     twin.__dict__.update(module.__dict__)  # shares buffers, submodules and settings ...
     twin.__dict__["_parameters"] = {**module._parameters, **params}  # ... but not the parameter dict
-    return twin.forward(x)
+    return twin.forward(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ combining

@@ -20,6 +20,32 @@ from . import sharding
 
 ParamFilter = Callable[[str], bool] | str | None
 BlockKind = Literal["linear", "embedding", "generic", "shared"]
+Rule = Literal["linear", "embedding", "generic"]
+
+
+class UnsupportedModelError(ValueError):
+    """The model uses a tracked parameter in a way whose per-example gradient the engine cannot recover.
+
+    The message names the module or parameter and the way out (usually ``param_filter``).
+    """
+
+
+def rule(module: nn.Module) -> Rule:
+    """How the per-example gradients of ``module``'s own parameters are computed.
+
+    Decided by what the module *runs*, not by its type: only a module whose forward is exactly
+    ``nn.Linear.forward`` (``y = x Wᵀ + b``) or ``nn.Embedding.forward`` without ``max_norm`` (a row lookup) gets
+    the closed-form rules (and the ghost route). Every other module, including subclasses that override
+    ``forward`` (Gemma's scaled word embeddings, OPT's learned positions, GPT-2's ``Conv1D``) or instances whose
+    ``forward`` was replaced, is replayed on its recorded arguments (a vector-Jacobian product per example).
+    """
+    patched = "forward" in module.__dict__
+    forward = type(module).forward
+    if isinstance(module, nn.Linear) and forward is nn.Linear.forward and not patched:
+        return "linear"
+    if isinstance(module, nn.Embedding) and forward is nn.Embedding.forward and not patched and not module.max_norm:
+        return "embedding"
+    return "generic"
 
 
 @dataclass
@@ -164,22 +190,10 @@ def find_blocks(model: nn.Module, param_filter: ParamFilter = None) -> list[Bloc
 
 
 def _kind(module: nn.Module, attrs: set[str]) -> BlockKind:
-    if isinstance(module, nn.Linear) and "weight" in attrs:
-        return "linear"
-    if isinstance(module, nn.Embedding) and "weight" in attrs:
-        return "embedding"
+    module_rule = rule(module)
+    if module_rule != "generic" and "weight" in attrs:
+        return module_rule
     return "generic"
-
-
-def needs_weights(module: nn.Module) -> bool:
-    """Whether per-example gradients of ``module``'s parameters need the parameter values.
-
-    Those of a ``Linear`` and of an ``Embedding`` follow from activations and output gradients alone; any other
-    module's are a vector-Jacobian product of its forward, replayed with its weights.
-    """
-    if isinstance(module, nn.Linear):
-        return False
-    return not (isinstance(module, nn.Embedding) and not module.max_norm)
 
 
 def _reject_unsupported(model: nn.Module, users: dict, names: dict) -> None:
@@ -187,15 +201,23 @@ def _reject_unsupported(model: nn.Module, users: dict, names: dict) -> None:
     for pid, mods in users.items():
         for _, module, _ in mods:
             if isinstance(module, nn.ParameterDict | nn.ParameterList):
-                raise ValueError(
+                raise UnsupportedModelError(
                     f"Tracked parameter {names[pid]!r} lives in a {type(module).__name__} and is used without a "
                     "module call (e.g. PEFT LoRA on an Embedding layer), so its per-example gradient cannot be "
                     "captured. Exclude it with param_filter."
                 )
     for name, module in model.named_modules():
+        if type(module).__name__ == "ParamWrapper" and type(module).__module__.startswith("peft."):
+            adapters = [n for n, p in module.named_parameters() if p.requires_grad and id(p) in users]
+            if adapters:
+                raise UnsupportedModelError(
+                    f"{sharding.clean_name(name)!r} is a PEFT LoRA on a parameter (target_parameters): it reads "
+                    "its adapter weights directly, without calling a module, so their per-example gradients cannot "
+                    "be captured. Use target_modules instead, or exclude these adapters with param_filter."
+                )
         magnitude = getattr(module, "lora_magnitude_vector", None)
         if isinstance(magnitude, nn.ModuleDict) and len(magnitude) > 0:
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"{sharding.clean_name(name)!r} is a DoRA adapter (use_dora=True); DoRA's weight normalisation is not "
                 "supported by the per-example gradient engine. Use plain LoRA."
             )

@@ -1,0 +1,199 @@
+"""Self-verification: the engine's per-example gradients checked against autograd on the live model.
+
+The engine reconstructs per-example gradients from module calls it records, and how a module computes is
+something it observes, not something it may assume from the module's type. So, before any number is stored, a
+few real examples are run through both the engine and plain autograd (``torch.autograd.grad`` of the summed
+loss w.r.t. every tracked parameter tensor) and compared block by block:
+
+1. *Batch sum*: for a materialized block, the sum over a micro-batch of the per-example gradients equals the
+   autograd gradient of the summed loss; for a ghost block, the sum of the block's Gram matrix equals that
+   gradient's squared norm. A parameter the model used without a call the engine saw (an adapter that reads a
+   weight directly) fails here: its reconstructed gradient is zero, autograd's is not.
+2. *Alone*: each example run alone gives exactly autograd's gradient of its own loss (ghost features are turned
+   into dense gradients for this).
+3. *No interaction*: the inner products of the examples' gradients computed inside the micro-batch equal those
+   of the same examples computed alone (padding, flattened rows, routing or broadcasting must not mix examples).
+
+Every comparison is relative, with a tolerance set by the lowest floating-point precision the forward ran in.
+The math lives here; ``engine.py`` runs the passes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .features import ACC, Feature, Ghost, Materialized, concat, pairwise
+from .modules import Block, UnsupportedModelError
+
+# Relative tolerance by the lowest precision seen in the forward.
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+_DENSE_LIMIT = 1 << 26  # elements of one dense gradient built to check a ghost feature (256 MiB in fp32)
+ISSUES = "report it with the model class, its config and this message on the swift_callbacks issue tracker"
+
+
+class VerificationError(UnsupportedModelError):
+    """The engine's per-example gradients disagree with autograd on the live model; nothing was stored."""
+
+
+@dataclass
+class Pass:
+    """One forward/backward of the verification: features and autograd's reference gradient per block."""
+
+    features: list[Feature]
+    references: list[torch.Tensor]  # per block: flattened autograd gradient of the summed loss (ACC)
+    dtype: torch.dtype  # lowest precision the forward ran in
+
+
+@dataclass
+class Report:
+    """What a verification checked and the largest relative error it measured per check."""
+
+    examples: int
+    blocks: int
+    tolerance: float
+    dtype: torch.dtype
+    max_error: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    skipped: str | None = None
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return TOLERANCE.get(dtype, 5e-2)
+
+
+def lowest_precision(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The least precise floating dtype of ``dtypes`` (float32 if none)."""
+    floats = [d for d in dtypes if d.is_floating_point]
+    return max(floats, key=lambda d: torch.finfo(d).eps, default=torch.float32)
+
+
+def sample(examples: Sequence, k: int = 3) -> list:
+    """Up to ``k`` examples of different lengths (shortest, longest, middle) so padding is exercised."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    picks = [order[0], order[-1], order[len(order) // 2]]
+    chosen = list(dict.fromkeys(picks))[:k]
+    return [examples[i] for i in chosen]
+
+
+def check(blocks: Sequence[Block], batch: Pass, singles: Sequence[Pass]) -> Report:
+    """Run the three checks; raise ``VerificationError`` naming the first block that fails.
+
+    Args:
+        blocks: The engine's blocks (with routes set).
+        batch: The pass over all sampled examples in one micro-batch.
+        singles: One pass per sampled example, in the batch's order.
+    """
+    dtype = lowest_precision([batch.dtype, *(s.dtype for s in singles)])
+    tol = tolerance(dtype)
+    report = Report(examples=len(singles), blocks=len(blocks), tolerance=tol, dtype=dtype)
+    worst = {"batch_sum": 0.0, "alone": 0.0, "interaction": 0.0}
+    for k, block in enumerate(blocks):
+        err, param = _batch_sum(block, batch.features[k], batch.references[k])
+        worst["batch_sum"] = max(worst["batch_sum"], err)
+        if err > tol:
+            _fail(block, param, err, tol, dtype, "the per-example gradients summed over a micro-batch differ from "
+                  "autograd's gradient of the summed loss")  # fmt: skip
+        for single in singles:
+            err, param = _alone(block, single.features[k], single.references[k])
+            worst["alone"] = max(worst["alone"], err)
+            if err > tol:
+                _fail(block, param, err, tol, dtype, "an example's gradient computed alone differs from autograd's")
+        err = _interaction(batch.features[k], [s.features[k] for s in singles])
+        worst["interaction"] = max(worst["interaction"], err)
+        if err > tol:
+            _fail(block, block.param_names[0], err, tol, dtype, "examples interact: inner products computed inside "
+                  "a micro-batch differ from those of the same examples computed alone")  # fmt: skip
+    report.max_error = worst
+    return report
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    scale = max(float(ref.norm()), float(x.norm()))
+    if scale == 0.0:
+        return 0.0
+    if not math.isfinite(scale):
+        return math.inf
+    return float((x - ref).norm()) / scale
+
+
+def _worst_param(block: Block, x: torch.Tensor, ref: torch.Tensor) -> tuple[float, str]:
+    """Largest relative error over the block's parameters (slices of the flattened gradients)."""
+    worst, name, offset = 0.0, block.param_names[0], 0
+    for param, shape in zip(block.param_names, block.shapes, strict=True):
+        n = shape.numel()
+        err = _rel(x[offset : offset + n], ref[offset : offset + n])
+        if err > worst:
+            worst, name = err, param
+        offset += n
+    return worst, name
+
+
+def _batch_sum(block: Block, feature: Feature, ref: torch.Tensor) -> tuple[float, str]:
+    if isinstance(feature, Materialized):
+        return _worst_param(block, feature.vec.sum(0), ref)
+    gram = float(pairwise(feature, feature).sum())
+    expected = float((ref * ref).sum())
+    scale = max(abs(expected), abs(gram))
+    err = 0.0 if scale == 0 else abs(gram - expected) / scale / 2  # a squared norm: halve to compare like for like
+    return err, block.param_names[0]
+
+
+def _alone(block: Block, feature: Feature, ref: torch.Tensor) -> tuple[float, str]:
+    dense = densify(block, feature)
+    if dense is not None:
+        return _worst_param(block, dense[0], ref)
+    norm = float(pairwise(feature, feature)[0, 0])
+    expected = float((ref * ref).sum())
+    scale = max(abs(expected), abs(norm))
+    return (0.0 if scale == 0 else abs(norm - expected) / scale / 2), block.param_names[0]
+
+
+def _interaction(batch: Feature, singles: Sequence[Feature]) -> float:
+    alone = concat(singles)
+    g_ss = pairwise(alone, alone)
+    scale = g_ss.diagonal().clamp_min(0).sqrt()
+    bound = scale[:, None] * scale[None, :]
+    if float(bound.max()) == 0.0:
+        return 0.0 if float(pairwise(batch, batch).abs().max()) == 0.0 else math.inf
+    err = 0.0
+    for other in (pairwise(batch, batch), pairwise(batch, alone)):
+        diff = (other - g_ss).abs() / bound.clamp_min(float(bound.max()) * 1e-12)
+        err = max(err, float(diff.max()))
+    return err
+
+
+def densify(block: Block, feature: Feature) -> torch.Tensor | None:
+    """Per-example flattened gradients of a feature, or None when a ghost block's would be too large."""
+    if isinstance(feature, Materialized):
+        return feature.vec
+    assert isinstance(feature, Ghost)
+    module = block.modules[0][1]
+    n = len(feature)
+    if block.kind == "embedding":
+        if module.num_embeddings * module.embedding_dim > _DENSE_LIMIT:
+            return None
+        weight = torch.zeros(n, module.num_embeddings, module.embedding_dim, dtype=ACC, device=feature.g.device)
+        weight.scatter_add_(1, feature.a.unsqueeze(-1).expand(-1, -1, feature.g.shape[-1]), feature.g.to(ACC))
+        return weight.reshape(n, -1)
+    if feature.a.shape[-1] * feature.g.shape[-1] > _DENSE_LIMIT:
+        return None
+    grad = torch.einsum("nto,nti->noi", feature.g.to(ACC), feature.a.to(ACC))  # (n, d_out, d_in [+ bias column])
+    weight, bias = grad, None
+    if feature.a.shape[-1] != module.in_features:  # the appended ones column carries the bias gradient
+        weight, bias = grad[..., :-1], grad[..., -1]
+    parts = [weight.reshape(n, -1)] + ([bias] if bias is not None else [])
+    return torch.cat(parts, dim=1)
+
+
+def _fail(block: Block, param: str, err: float, tol: float, dtype: torch.dtype, what: str) -> None:
+    module_name, module = block.modules[0]
+    raise VerificationError(
+        f"Influence verification failed for parameter {param!r} (module {module_name!r}, "
+        f"{type(module).__name__}, {block.route} route): {what} by {err:.2e} (relative; tolerance {tol:.0e} for "
+        f"{str(dtype).removeprefix('torch.')}). No influence was stored. Exclude this parameter with param_filter, "
+        f"or {ISSUES}."
+    )
