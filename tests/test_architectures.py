@@ -51,35 +51,64 @@ FAMILIES = {
     "OLMo2": _decoder(tf.Olmo2Config, tf.Olmo2ForCausalLM),
     "Mixtral": _decoder(tf.MixtralConfig, tf.MixtralForCausalLM, num_local_experts=4, num_experts_per_tok=2),
     "Qwen2-MoE": _decoder(
-        tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        tf.Qwen2MoeConfig,
+        tf.Qwen2MoeForCausalLM,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
         shared_expert_intermediate_size=24,
     ),
-    "GPT-2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "GPT-2": lambda: tf.GPT2LMHeadModel(
+        tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    ),
     "GPT-Neo": lambda: tf.GPTNeoForCausalLM(
         tf.GPTNeoConfig(
-            vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
-            window_size=8, max_position_embeddings=64,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            attention_types=[[["global", "local"], 1]],
+            window_size=8,
+            max_position_embeddings=64,
         )
     ),
     "GPT-NeoX": lambda: tf.GPTNeoXForCausalLM(
         tf.GPTNeoXConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
             max_position_embeddings=64,
         )
     ),
-    "GPT-J": lambda: tf.GPTJForCausalLM(tf.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64)),
+    "GPT-J": lambda: tf.GPTJForCausalLM(
+        tf.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64)
+    ),
     "OPT": lambda: tf.OPTForCausalLM(
         tf.OPTConfig(
-            vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            ffn_dim=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+            pad_token_id=1,
         )
     ),
     "Falcon": lambda: tf.FalconForCausalLM(
-        tf.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        new_decoder_architecture=True, num_kv_heads=2)  # fmt: skip
+        tf.FalconConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            new_decoder_architecture=True,
+            num_kv_heads=2,
+        )
     ),
     "Bloom": lambda: tf.BloomForCausalLM(tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)),
-}  # fmt: skip
+}
 
 MODES = {
     "full": None,
