@@ -374,13 +374,52 @@ class InfluenceEngine:
         modes = [(m, m.training) for m in self.model.modules()]
         handle = make_inputs_require_grad(self.model)
         self.model.eval()
+        precision = full_precision(self.model, self._sharded) if self.precision == "fp32" else contextlib.nullcontext()
         try:
-            with torch.enable_grad(), sharding.no_gradient_reduction(self.model):
+            with torch.enable_grad(), sharding.no_gradient_reduction(self.model), precision:
                 yield
         finally:
             handle.remove()
             for module, mode in modes:
                 module.training = mode
+
+
+@contextlib.contextmanager
+def full_precision(model: nn.Module, sharded: bool) -> Iterator[None]:
+    """Run ``model`` in float32 inside the block: autocast off and low-precision weights upcast, all restored.
+
+    Autocast is switched off twice: for any enclosing ``torch.autocast`` region, and for the autocast wrapper
+    that ``accelerate`` installs as the model's instance ``forward`` under mixed precision (its
+    ``_original_forward`` is called instead). bf16/fp16 parameters and buffers are upcast in place (``.data``, so
+    optimizer and module references stay valid) and cast back afterwards, which restores them bit for bit.
+
+    Raises:
+        ValueError: Low-precision weights on a sharded model (their storage belongs to FSDP / ZeRO).
+    """
+    low = [t for t in (*model.parameters(), *model.buffers()) if t.dtype in (torch.bfloat16, torch.float16)]
+    if low and sharded:
+        raise ValueError(
+            "precision='fp32' cannot upcast the bf16/fp16 weights of a sharded model; keep fp32 master weights "
+            "(mixed precision through autocast, e.g. bf16=True with an fp32 model) or use precision='auto'."
+        )
+    original_forward = getattr(model, "_original_forward", None) if "forward" in model.__dict__ else None
+    patched = model.__dict__.get("forward")
+    dtypes = [t.dtype for t in low]
+    device_types = {p.device.type for p in model.parameters()} or {"cpu"}
+    try:
+        for t in low:
+            t.data = t.data.float()
+        if original_forward is not None:
+            model.forward = original_forward
+        with contextlib.ExitStack() as stack:
+            for device_type in device_types:
+                stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+            yield
+    finally:
+        if original_forward is not None:
+            model.forward = patched
+        for t, dtype in zip(low, dtypes, strict=True):
+            t.data = t.data.to(dtype)
 
 
 def _merge(parts: Sequence[_Side]) -> _Side:

@@ -1,0 +1,58 @@
+"""Tracking precision: under bf16 mixed precision the default tracks in bf16 (about 1e-3 relative), and
+``precision="fp32"`` tracks in float32 (exact to fp32 rounding), leaving the model exactly as it was."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from accelerate import Accelerator
+from test_engine import EVALS, PROBES, brute_grads, lora, rel_err, tiny_model
+
+from swift_callbacks.influence import InfluenceEngine
+
+
+def _reference(model):
+    """Brute force on an fp32 copy without autocast (the true fp32 gradients)."""
+    fp32 = copy.deepcopy(model).float()
+    fp32.__dict__.pop("forward", None)  # drop accelerate's autocast wrapper from the copy
+    P, E = brute_grads(fp32, PROBES), brute_grads(fp32, EVALS)
+    return P @ E.T, (E * E).sum(1)
+
+
+def _autocast_model(seed):
+    """An fp32 LoRA model prepared by accelerate for bf16 mixed precision (its forward runs under autocast)."""
+    model = lora(tiny_model(seed=seed), dropout=0.0)
+    return Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
+
+
+def test_autocast_default_is_bf16_accurate_and_fp32_is_exact():
+    model = _autocast_model(seed=11)
+    dot, norm = _reference(model)
+    auto = InfluenceEngine(model, micro_batch_size=3).compute(PROBES, EVALS)
+    err_auto = rel_err(auto.dot, dot)
+    assert 1e-4 < err_auto <= 3e-2  # really ran in bf16, and still close
+    exact = InfluenceEngine(model, micro_batch_size=3, precision="fp32").compute(PROBES, EVALS)
+    assert rel_err(exact.dot, dot) <= 1e-4
+    assert rel_err(exact.eval_sq_norm, norm) <= 1e-4
+    assert "forward" in model.__dict__  # accelerate's wrapper is back in place
+    ids = torch.tensor([PROBES[0]["input_ids"]])
+    assert model(input_ids=ids).logits.dtype == torch.float32  # convert_outputs_to_fp32 still applies
+
+
+def test_fp32_tracking_of_a_bf16_model_restores_it_bit_for_bit():
+    model = lora(tiny_model(seed=12), dropout=0.0).to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    objects = {n: p for n, p in model.named_parameters()}
+    dot, _ = _reference(model)
+    result = InfluenceEngine(model, micro_batch_size=3, precision="fp32").compute(PROBES, EVALS)
+    assert rel_err(result.dot, dot) <= 1e-4
+    for name, p in model.named_parameters():
+        assert p is objects[name] and p.dtype == torch.bfloat16
+        assert torch.equal(p, before[name])
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        InfluenceEngine(tiny_model(), precision="bf16")
