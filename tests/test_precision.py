@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import test_architectures as architectures
 import torch
 from accelerate import Accelerator
 from test_engine import EVALS, PROBES, brute_grads, lora, rel_err, tiny_model
@@ -21,14 +22,16 @@ def _reference(model):
     return P @ E.T, (E * E).sum(1)
 
 
-def _autocast_model(seed):
-    """An fp32 LoRA model prepared by accelerate for bf16 mixed precision (its forward runs under autocast)."""
-    model = lora(tiny_model(seed=seed), dropout=0.0)
+def _autocast_model(name):
+    """An fp32 model prepared by accelerate for bf16 mixed precision (its forward runs under autocast)."""
+    model = lora(tiny_model(seed=11), dropout=0.0) if name == "llama-lora" else architectures.build(name, "full")
     return Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
 
 
-def test_autocast_default_is_bf16_accurate_and_fp32_is_exact():
-    model = _autocast_model(seed=11)
+# GPT-2's Conv1D and Mixtral's router are replayed per example: the replay must run in the call's precision.
+@pytest.mark.parametrize("name", ["llama-lora", "GPT-2", "Mixtral"])
+def test_autocast_default_is_bf16_accurate_and_fp32_is_exact(name):
+    model = _autocast_model(name)
     dot, norm = _reference(model)
     auto = InfluenceEngine(model, micro_batch_size=3).compute(PROBES, EVALS)
     err_auto = rel_err(auto.dot, dot)

@@ -45,6 +45,7 @@ class Call:
         out_index: Leaf positions of ``outputs`` in the module's output structure.
         out_layouts: Layout of each output before any expansion (``SHARED`` outputs were expanded to ``B``).
         params: Values of the tracked parameters as this call used them (generic-rule modules only).
+        autocast: The autocast state the call ran under, so a replay computes in the same precision.
         grads: Gradient of the summed loss w.r.t. each output, ``(B, ...)`` (``FLAT`` ones viewed as
             ``(B, T, ...)``); set after the backward.
     """
@@ -57,6 +58,7 @@ class Call:
     out_layouts: list[Layout]
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     grads: list[torch.Tensor] | None = None
+    autocast: tuple[str, bool, torch.dtype] | None = None  # (device type, enabled, dtype) during the call
 
     @property
     def flat(self) -> bool:
@@ -187,11 +189,13 @@ class Capture:
         pending = self._pending.get(id(module))
         params = pending.pop() if pending else {}
         detached = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, (args, kwargs))
+        device_type = out_leaves[out_index[0]].device.type
         self.calls.setdefault(id(module), []).append(
             Call(
                 args=detached[0], kwargs=detached[1], layouts=layouts,
                 outputs=[out_leaves[i] for i in out_index], out_index=out_index, out_layouts=out_layouts,
                 params=params,
+                autocast=(device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)),
             )
         )  # fmt: skip
         return pytree.tree_unflatten(out_leaves, out_spec) if changed else None

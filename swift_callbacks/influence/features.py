@@ -177,7 +177,9 @@ def _materialize_generic(module: nn.Module, call: Call, tracked: set[str], batch
         call_args, call_kwargs = pytree.tree_unflatten(args, spec)
 
         def forward(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-            out_leaves = pytree.tree_leaves(_replay(module, p, call_args, call_kwargs))
+            device_type, enabled, dtype = call.autocast
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):  # the precision the call ran in
+                out_leaves = pytree.tree_leaves(_replay(module, p, call_args, call_kwargs))
             return tuple(out_leaves[i] for i in call.out_index)
 
         ys, pullback = torch.func.vjp(forward, params)
