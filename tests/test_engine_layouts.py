@@ -6,8 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from test_engine import EVALS, PROBES, VOCAB, check, tiny_model
+from test_engine import EVALS, PROBES, VOCAB, check
 from torch import nn
 
 from swift_callbacks.influence import InfluenceEngine
@@ -70,15 +69,3 @@ def test_rows_that_cannot_be_attributed_are_refused():
     model = ToyLM(routed=True)
     with pytest.raises(UnsupportedModelError, match=r"'flat' was called on \d+ rows for a micro-batch of"):
         InfluenceEngine(model).compute(PROBES, EVALS)
-
-
-def test_lora_on_embeddings_is_refused():
-    model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
-    with pytest.raises(ValueError, match=r"lora_embedding_A.* lives in a ParameterDict"):
-        InfluenceEngine(model)
-
-
-def test_dora_is_refused():
-    model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
-    with pytest.raises(ValueError, match="DoRA adapter"):
-        InfluenceEngine(model)

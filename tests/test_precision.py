@@ -9,6 +9,7 @@ import pytest
 import test_architectures as architectures
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from test_engine import EVALS, PROBES, brute_grads, lora, rel_err, tiny_model
 
 from swift_callbacks.influence import InfluenceEngine
@@ -25,7 +26,11 @@ def _reference(model):
 def _autocast_model(name):
     """An fp32 model prepared by accelerate for bf16 mixed precision (its forward runs under autocast)."""
     model = lora(tiny_model(seed=11), dropout=0.0) if name == "llama-lora" else architectures.build(name, "full")
-    return Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
+    AcceleratorState._reset_state(reset_partial_state=True)  # a Trainer earlier in the session set it up
+    try:
+        return Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # leave no bf16 state to later tests
 
 
 # GPT-2's Conv1D and Mixtral's router are replayed per example: the replay must run in the call's precision.

@@ -108,6 +108,6 @@ def test_every_save_and_off():
 def test_check_on_demand_reports_errors_per_check():
     engine = InfluenceEngine(lora(tiny_model(seed=10)), micro_batch_size=3)
     report = engine.check(PROBES)
-    assert set(report.max_error) == {"batch_sum", "alone", "interaction"}
+    assert set(report.max_error) == {"forward", "batch_sum", "alone", "interaction"}
     assert all(0 <= v <= report.tolerance for v in report.max_error.values())
     assert report.seconds > 0

@@ -191,7 +191,8 @@ class InfluenceEngine:
         else:
             batch = self._forward_backward(examples, reference=True)[-1]
             singles = [self._forward_backward([e], reference=True)[-1] for e in examples]
-            report = verify_lib.check(self.blocks, batch, singles)
+            plain = self._plain_losses(examples)
+            report = verify_lib.check(self.blocks, batch, singles, plain)
         report.seconds = time.perf_counter() - start
         self.verification = report
         logger.info(
@@ -298,7 +299,15 @@ class InfluenceEngine:
         with Capture(self.blocks, embedding, copy_weights=self._sharded, keep_params=reference) as capture:
             capture.batch_size, capture.width = input_ids.shape
             capture.recording = True
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            try:
+                logits = self._logits(input_ids, attention_mask)
+            except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                if isinstance(err, UnsupportedModelError):
+                    raise
+                raise UnsupportedModelError(
+                    f"The model's forward failed with the influence engine's hooks attached ({type(err).__name__}: "
+                    f"{err}). Track fewer parameters with param_filter, or {verify_lib.ISSUES}."
+                ) from err
             capture.recording = False
             if logits.shape[:2] != input_ids.shape:
                 raise UnsupportedModelError(
@@ -321,12 +330,22 @@ class InfluenceEngine:
             check = None
             if reference:
                 refs = self._reference_grads(targets, grads[len(grads) - len(targets) :], device)
-                check = verify_lib.Pass(feats, refs, verify_lib.lowest_precision(dtypes))
+                check = verify_lib.Pass(feats, refs, verify_lib.lowest_precision(dtypes), loss.detach().to(ACC))
         del outputs, grads
         norm = torch.zeros(len(examples), dtype=ACC, device=device)
         for f in feats:
             norm += sq_norms(f)
         return feats, norm, loss.detach().to(ACC), tokens, check
+
+    def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def _plain_losses(self, examples: Sequence[Example]) -> torch.Tensor:
+        """Per-example losses of ``examples`` from the model as it is, without the engine's hooks."""
+        input_ids, attention_mask, labels = collate(examples, self.pad_token_id, self._device())
+        with torch.no_grad():
+            logits = self._logits(input_ids, attention_mask)
+            return example_losses(logits, labels.to(logits.device)).to(ACC)
 
     def _reference_tensors(self, capture: Capture) -> list[tuple[tuple[int, int], torch.Tensor]]:
         """Every tensor object a tracked parameter slot was used as, keyed by (block index, slot).

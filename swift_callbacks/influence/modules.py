@@ -196,15 +196,33 @@ def _kind(module: nn.Module, attrs: set[str]) -> BlockKind:
     return "generic"
 
 
+def _reject_virtual_tokens(model: nn.Module) -> None:
+    """PEFT prompt learning that prepends virtual tokens to the input: the logits no longer align with the tokens.
+
+    (Prefix tuning feeds its virtual tokens as attention keys/values instead, keeps one logit row per token, and
+    is exact.)
+    """
+    for name, config in (getattr(model, "peft_config", None) or {}).items():
+        kind = str(getattr(config, "peft_type", ""))
+        if getattr(config, "is_prompt_learning", False) and "PREFIX" not in kind.upper():
+            raise UnsupportedModelError(
+                f"PEFT adapter {name!r} ({kind.split('.')[-1]}) prepends virtual tokens to every input, so the "
+                "model's logits no longer line up with the example's tokens and per-token losses cannot be matched. "
+                "Influence supports LoRA and prefix tuning; track this model without the prompt-learning adapter."
+            )
+
+
 def _reject_unsupported(model: nn.Module, users: dict, names: dict) -> None:
     """Raise for tracked parameters whose per-example gradients cannot be recovered from module calls."""
+    _reject_virtual_tokens(model)
     for pid, mods in users.items():
         for _, module, _ in mods:
             if isinstance(module, nn.ParameterDict | nn.ParameterList):
                 raise UnsupportedModelError(
-                    f"Tracked parameter {names[pid]!r} lives in a {type(module).__name__} and is used without a "
-                    "module call (e.g. PEFT LoRA on an Embedding layer), so its per-example gradient cannot be "
-                    "captured. Exclude it with param_filter."
+                    f"Tracked parameter {names[pid]!r} lives in a {type(module).__name__} and is read without a "
+                    "module call (PEFT keeps IA3, LoHa, LoKr and LoRA-on-embedding adapter weights so), so its "
+                    "per-example gradient cannot be captured. Use LoRA on linear layers, or exclude it with "
+                    "param_filter."
                 )
     for name, module in model.named_modules():
         if type(module).__name__ == "ParamWrapper" and type(module).__module__.startswith("peft."):

@@ -5,6 +5,7 @@ something it observes, not something it may assume from the module's type. So, b
 few real examples are run through both the engine and plain autograd (``torch.autograd.grad`` of the summed
 loss w.r.t. every tracked parameter tensor) and compared block by block:
 
+0. *Same function*: the per-example losses with the engine's hooks attached equal those of the plain model.
 1. *Batch sum*: for a materialized block, the sum over a micro-batch of the per-example gradients equals the
    autograd gradient of the summed loss; for a ghost block, the sum of the block's Gram matrix equals that
    gradient's squared norm. A parameter the model used without a call the engine saw (an adapter that reads a
@@ -50,6 +51,7 @@ class Pass:
     features: list[Feature]
     references: list[torch.Tensor]  # per block: flattened autograd gradient of the summed loss (ACC)
     dtype: torch.dtype  # lowest precision the forward ran in
+    losses: torch.Tensor  # per-example losses of the hooked forward
 
 
 @dataclass
@@ -83,18 +85,27 @@ def sample(examples: Sequence, k: int = 3) -> list:
     return [examples[i] for i in chosen]
 
 
-def check(blocks: Sequence[Block], batch: Pass, singles: Sequence[Pass]) -> Report:
-    """Run the three checks; raise ``VerificationError`` naming the first block that fails.
+def check(blocks: Sequence[Block], batch: Pass, singles: Sequence[Pass], plain_losses: torch.Tensor) -> Report:
+    """Run the checks; raise ``VerificationError`` naming the first block that fails.
 
     Args:
         blocks: The engine's blocks (with routes set).
         batch: The pass over all sampled examples in one micro-batch.
         singles: One pass per sampled example, in the batch's order.
+        plain_losses: The same examples' losses from the model without the engine's hooks: the hooks (which may
+            hand the model an expanded or aliased output) must not change what the model computes.
     """
     dtype = lowest_precision([batch.dtype, *(s.dtype for s in singles)])
     tol = tolerance(dtype)
     report = Report(examples=len(singles), blocks=len(blocks), tolerance=tol, dtype=dtype)
-    worst = {"batch_sum": 0.0, "alone": 0.0, "interaction": 0.0}
+    worst = {"forward": _rel(batch.losses, plain_losses.to(batch.losses), 0.0),
+             "batch_sum": 0.0, "alone": 0.0, "interaction": 0.0}  # fmt: skip
+    if worst["forward"] > tol:
+        raise VerificationError(
+            f"Influence verification failed: with the engine's hooks attached the model computes different losses "
+            f"(relative difference {worst['forward']:.2e}, tolerance {tol:.0e}), so the engine would score another "
+            f"function than the one trained. No influence was stored; {ISSUES}."
+        )
     floor = FLOOR * _total(batch)
     single_floors = [FLOOR * _total(s) for s in singles]
     for k, block in enumerate(blocks):
