@@ -35,6 +35,7 @@ from accelerate import Accelerator
 from peft import LoraConfig, get_peft_model
 
 from swift_callbacks.influence import InfluenceEngine
+from swift_callbacks.influence.modules import UnsupportedModelError
 
 VOCAB = 512
 WIDE = dict(
@@ -130,6 +131,8 @@ def main() -> int:
                 failed |= not ok
                 lines.append(f"| {family} | {mode} | {err32:.1e} | {err_auto:.1e} | {err_fp32:.1e} | {verify_s:.2f} | "
                              f"{peak:.2f} |" + ("" if ok else " **FAIL**"))  # fmt: skip
+            except UnsupportedModelError as err:  # a clear refusal is an outcome, not a failure
+                lines.append(f"| {family} | {mode} | refused: {str(err)[:120]} | | | | |")
             except Exception as err:  # report and go on: one family must not hide the others
                 failed = True
                 lines.append(f"| {family} | {mode} | error: {type(err).__name__}: {str(err)[:120]} | | | | |")
