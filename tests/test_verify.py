@@ -111,3 +111,23 @@ def test_check_on_demand_reports_errors_per_check():
     assert set(report.max_error) == {"forward", "batch_sum", "alone", "interaction"}
     assert all(0 <= v <= report.tolerance for v in report.max_error.values())
     assert report.seconds > 0
+
+
+def test_blocks_without_gradient_are_checked_again_later():
+    """At step 0 LoRA's B is zero, so A gets no gradient and its check passes trivially: verify again later."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(seed=12), LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    engine = InfluenceEngine(model, micro_batch_size=3)
+    engine.compute(PROBES, EVALS)
+    first = engine.verification
+    assert first.unchecked and all("lora_A" in name for name in first.unchecked)
+    with torch.no_grad():  # a training step's worth of change: B leaves zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    engine.compute(PROBES, EVALS)
+    second = engine.verification
+    assert second is not first and second.complete
+    engine.compute(PROBES, EVALS)
+    assert engine.verification is second  # complete: not repeated

@@ -119,6 +119,8 @@ class InfluenceEngine:
         self.blocks: list[Block] = find_blocks(model, param_filter)
         self.verification: verify_lib.Report | None = None  # the last verification's report
         self._verified_state: tuple | None = None
+        self._attempted_state: tuple | None = None
+        self._attempts = 0
         # How the model is sharded, found again at every tracking pass (sharding may be applied after set-up).
         self._sharded = False
         self._zero3 = False
@@ -145,8 +147,12 @@ class InfluenceEngine:
         with self._tracking():
             state = self._model_state()
             if self.verify == "every_save" or (self.verify and state != self._verified_state):
-                self._verify(verify_lib.sample([*probes, *evals]))
-                self._verified_state = state
+                report = self._verify(verify_lib.sample([*probes, *evals]))
+                self._attempts = self._attempts + 1 if state == self._attempted_state else 1
+                self._attempted_state = state
+                # Done once every block was really tested; blocks that never get a gradient stop it after 3 tries.
+                if report.complete or self._attempts >= 3:
+                    self._verified_state = state
             for start in range(0, len(evals), chunk):
                 ev = self._side(evals[start : start + chunk])
                 probe_sides.append(self._side(probes, ev.features))
@@ -200,6 +206,11 @@ class InfluenceEngine:
             report.examples, report.blocks, report.seconds,
             ", ".join(f"{k} {v:.1e}" for k, v in report.max_error.items()) or "-",
         )  # fmt: skip
+        if report.unchecked:
+            logger.info(
+                "%d blocks had no gradient on the verification examples (e.g. %s) and are checked again at the next "
+                "computation.", len(report.unchecked), report.unchecked[0],
+            )  # fmt: skip
         return report
 
     def _model_state(self) -> tuple:
