@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers as tf
 from peft import LoraConfig, get_peft_model
-from test_engine import brute_grads, rel_err
+from test_engine import brute_grads, examples, rel_err
 
 from swift_callbacks.influence import InfluenceEngine
 from swift_callbacks.influence.modules import UnsupportedModelError
@@ -123,17 +123,8 @@ REFUSED = {
 }
 
 
-def _examples(lengths, prompt_len, seed):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * prompt_len + ids[prompt_len:]})
-    return out
-
-
-PROBES = _examples((7, 12, 5, 9), 3, seed=1)
-EVALS = _examples((6, 10, 8), 2, seed=2)
+PROBES = examples((7, 12, 5, 9), 3, seed=1)
+EVALS = examples((6, 10, 8), 2, seed=2)
 
 
 def build(family: str, mode: str) -> torch.nn.Module:
