@@ -22,7 +22,9 @@ _EXPORTS = {
     "InfluenceResult": "influence",
     "ExampleSet": "sets",
     "SetError": "sets",
+    "HistoryError": "store",
     "load_set": "sets",
+    "load_failures": "store",
     "load_metrics": "store",
     "load_pairs": "store",
     "load_scores": "store",
@@ -35,6 +37,7 @@ _EXPORTS = {
 
 __all__ = [
     "ExampleSet",
+    "HistoryError",
     "InfluenceCallback",
     "InfluenceEngine",
     "InfluenceResult",
@@ -45,6 +48,7 @@ __all__ = [
     "clarify_study",
     "cot_study",
     "evaluation_study",
+    "load_failures",
     "load_metrics",
     "load_pairs",
     "load_scores",
@@ -55,7 +59,7 @@ if TYPE_CHECKING:
     from .callback import InfluenceCallback
     from .influence import InfluenceEngine, InfluenceResult
     from .sets import ExampleSet, SetError, load_set
-    from .store import load_metrics, load_pairs, load_scores
+    from .store import HistoryError, load_failures, load_metrics, load_pairs, load_scores
     from .studies import Metric, Study, clarify_study, cot_study, evaluation_study
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -17,7 +19,7 @@ from .influence import InfluenceEngine, InfluenceResult, block_scores, pairing_m
 from .influence import distributed as dist_utils
 from .influence.modules import ParamFilter
 from .sets import ExampleSet, SetError, SetSource, check_unique_names, load_set, tokenize_set
-from .store import STORE_DIR, InfluenceStore
+from .store import HistoryError, InfluenceStore, StepExistsError
 from .studies import Metric, Study, merge_studies
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,24 @@ class InfluenceCallback(TrainerCallback):
         trainer.train()
         load_scores("out")
 
+    Faults. Bad sets and options raise at construction. At ``on_train_begin`` the callback takes the history's
+    writer lock (a second training writing the same ``output_dir`` is refused; a lock left by a killed run is
+    taken over) and, on resume, restores the history from the checkpoint's sidecar; a damaged sidecar or a held
+    lock raises there, before the first step, whatever ``strict`` says. During training, with ``strict=False``
+    (default) these faults are recorded and training goes on:
+
+    * an evaluation example whose gradient norm is zero or non-finite (its RelInf is undefined, eq. 3 divides by
+      it) or a probe example whose norm is non-finite: the step is stored, the pairs of those examples with
+      ``relinf`` (and ``cosine``) NaN, and they are left out of every s_in / s_cross (logged, ``load_scores``,
+      report), whose ``n_in`` / ``n_cross`` count only the scored pairs;
+    * an ``OSError`` (a full disk, say) or damage found while writing the history or the checkpoint sidecar:
+      the step (or sidecar) is missing; a resume from that checkpoint computes a missing step again.
+
+    Each fault is appended to ``swift_influence/failures.jsonl`` (step, kind, set, example ids, reason; read it
+    with ``load_failures``; it follows the resumed lineage like the steps), logged as a warning and counted in the
+    logged metric ``swift/failed`` (0 at a computation without fault). With ``strict=True`` each of them raises
+    instead (``SetError`` for the examples, the ``OSError`` / ``HistoryError`` for the history).
+
     Args:
         trainer: The trainer (an ``SFTTrainer``, or any ``Trainer`` whose sets are given pre-tokenized).
         probe_sets: ``{name: set}``; a set is a ``datasets.Dataset``, a list of dicts or a JSONL/JSON/Parquet
@@ -57,6 +77,12 @@ class InfluenceCallback(TrainerCallback):
         allow_packing: Accept packing / padding-free training; probe and eval examples are then still scored
             one sequence each, which differs from how packed training sees them.
         metric_prefix: Prefix of logged metric keys.
+        strict: Raise on a fault during training (see Faults) instead of recording it and going on.
+        verify: ``True``: check the engine's per-example gradients against autograd on the live model at the
+            first tracked computation and whenever the model's modules change; ``"every_save"``: at every
+            computation; ``False``: skip the check.
+        precision: ``"auto"``: track in the precision training uses (under bf16 autocast scores are good to
+            about 3e-3 relative); ``"fp32"``: tracked forward/backward in fp32 with autocast off.
     """
 
     def __init__(
@@ -74,6 +100,9 @@ class InfluenceCallback(TrainerCallback):
         max_feature_bytes: int = 2 << 30,
         allow_packing: bool = False,
         metric_prefix: str = "swift",
+        strict: bool = False,
+        verify: bool | str = True,
+        precision: str = "auto",
     ) -> None:
         probe_sets, eval_sets = dict(probe_sets or {}), dict(eval_sets or {})
         check_unique_names(probe_sets, eval_sets)
@@ -83,15 +112,23 @@ class InfluenceCallback(TrainerCallback):
             raise SetError("InfluenceCallback needs at least one probe set and one evaluation set.")
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        _check_engine_options(route, micro_batch_size, verify, precision)
         self.trainer = trainer
         self.every_n_steps = every_n_steps
         self.at_step_zero = at_step_zero
         self.metric_prefix = metric_prefix
+        self.strict = bool(strict)
         self.metrics: list[Metric] = metrics
         self._engine_kwargs = dict(
             param_filter=param_filter, route=route, micro_batch_size=micro_batch_size,
             max_feature_bytes=max_feature_bytes,
         )  # fmt: skip
+        accepted = inspect.signature(InfluenceEngine.__init__).parameters
+        for name, value, default in (("verify", verify, True), ("precision", precision, "auto")):
+            if name in accepted:  # TODO(engine): remove guard
+                self._engine_kwargs[name] = value
+            elif value != default:
+                raise ValueError(f"{name}={value!r} needs an InfluenceEngine that accepts {name!r}.")
         self._engine: InfluenceEngine | None = None
         self.probe_sets = [load_set(n, s) for n, s in probe_sets.items()]
         self.eval_sets = [load_set(n, s) for n, s in eval_sets.items()]
@@ -162,48 +199,103 @@ class InfluenceCallback(TrainerCallback):
         self._check_single_instance()
         self._done = set()  # a later train() on the same trainer (e.g. a resume) starts a new schedule
         step = state.global_step
+        error, missing = None, False
         if state.is_world_process_zero:
-            self.store.write_metrics({m.label: _metric_spec(m) for m in self.metrics})
-            if step > 0:
-                self._resume(args, step)
-            elif self.store.steps():  # a fresh run in a used output_dir: keep the old history, out of the way
-                label = f"previous-run-{time.strftime('%Y%m%d-%H%M%S')}"
-                self.store.set_aside(-1, label)
-                logger.warning("Moved an earlier influence history to %s/superseded/%s.", self.store.root, label)
-        missing = step > 0 and dist_utils.from_rank0(
-            step not in self.store.steps() if state.is_world_process_zero else None
-        )
+            try:
+                self._start_history(args, step)
+                missing = step > 0 and step not in self.store.steps()
+            except (HistoryError, OSError) as err:
+                self.store.release_lock()
+                error = err
+        # Every rank learns rank 0's outcome (a refusal raises everywhere, no rank is left waiting in a collective).
+        message, missing = dist_utils.from_rank0((str(error) if error else None, missing))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise HistoryError(message)
         if missing:
             # The run stopped between writing checkpoint-N and recording its influence (or the checkpoint was
             # made without the callback). The weights just loaded are those of step N: record it now.
             logger.warning("Influence of the resumed step %d is not recorded; computing it now.", step)
-        if missing or (self.at_step_zero and step == 0):
+            ckpt = Path(args.output_dir) / f"checkpoint-{step}"
+            self._run(state, ckpt if ckpt.is_dir() else None)
+        elif self.at_step_zero and step == 0:
             self._run(state)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._before_save(args, state, control)
         if self.every_n_steps and state.global_step % self.every_n_steps == 0:
             # Trainer.log fires on_log, which clears control.should_log; keep the trainer's own loss log.
             should_log = control.should_log
             self._run(state)
             control.should_log = should_log
 
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._before_save(args, state, control)
+
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self._run(state)
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self._run(state, ckpt if ckpt.is_dir() else None)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
-                self.store.snapshot(ckpt, state.global_step)
+            self.store.release_lock()
+
+    def _start_history(self, args: TrainingArguments, step: int) -> None:
+        """Rank 0 at train begin: lock, complete interrupted changes, resume or set an old history aside."""
+        self.store.acquire_lock()
+        self.store.open_for_writing()
+        if step > 0:
+            self._resume(args, step)
+        elif self.store.has_history():  # a fresh run in a used output_dir: keep the old history, out of the way
+            label = f"previous-run-{time.strftime('%Y%m%d-%H%M%S')}"
+            if self.store.set_aside(-1, label) or self.store.has_history():
+                logger.warning("Moved an earlier influence history to %s/superseded/%s.", self.store.root, label)
+        try:
+            self.store.write_metrics({m.label: _metric_spec(m) for m in self.metrics})
+        except (OSError, HistoryError) as err:
+            self._history_fault(step, "write_metrics", f"could not write metrics.json: {err}", err)
+
+    def _before_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+        """A checkpoint folder about to be overwritten (a resumed branch saving where an abandoned one did) loses
+        its sidecar first: killed between the trainer's save and ours, it must not pair new weights with the
+        abandoned branch's history."""
+        if not (control.should_save and state.is_world_process_zero):
+            return
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        try:
+            if self.store.discard_sidecar(ckpt):
+                logger.info("Removed the influence sidecar of %s before the checkpoint is saved again.", ckpt)
+        except OSError as err:
+            self._history_fault(
+                state.global_step, "snapshot", f"could not remove the old sidecar of {ckpt}: {err}", err
+            )
 
     def _resume(self, args: TrainingArguments, step: int) -> None:
         ckpt = Path(args.output_dir) / f"checkpoint-{step}"
-        gap = self.store.resume(ckpt if ckpt.is_dir() else None, step)
-        if gap:
-            logger.warning("Influence history has no record of steps %s before the resumed step %d.", gap, step)
-        if not (ckpt / STORE_DIR).is_dir() and not any(s <= step for s in self.store.steps()):
+        report = self.store.resume(ckpt if ckpt.is_dir() else None, step)
+        if report.superseded:
+            logger.warning(
+                "Resumed at step %d: influence steps %s of another branch moved to %s/%s.", step, report.superseded,
+                self.store.root, report.folder,
+            )  # fmt: skip
+        if report.restored:
+            logger.info("Resumed at step %d: influence steps %s restored from %s.", step, report.restored, ckpt)
+        if report.dropped:
+            logger.warning(
+                "Influence history has no record of steps %s before the resumed step %d (their files are gone and "
+                "there is no sidecar to restore them from).", report.dropped, step,
+            )  # fmt: skip
+        if not report.sidecar and not any(s <= step for s in self.store.steps()):
             logger.warning(
                 "Resumed at step %d, but %s has no influence sidecar and the history has no step up to %d: the "
                 "history before this step is not restored (was the run resumed from a checkpoint outside "
                 "output_dir, or saved without the callback?).", step, ckpt, step,
+            )  # fmt: skip
+        elif not report.sidecar:
+            logger.warning(
+                "Resumed at step %d, but %s has no influence sidecar: the history's steps up to %d are kept as they "
+                "are (their lineage cannot be checked).", step, ckpt, step,
             )  # fmt: skip
 
     def _check_single_instance(self) -> None:
@@ -220,7 +312,8 @@ class InfluenceCallback(TrainerCallback):
 
     # ----------------------------------------------------------------------------------------- compute
 
-    def _run(self, state: TrainerState) -> None:
+    def _run(self, state: TrainerState, checkpoint: Path | None = None) -> None:
+        """Compute, store and log the influence of the current step; snapshot the history into ``checkpoint``."""
         step = state.global_step
         if step in self._done:
             return
@@ -229,18 +322,100 @@ class InfluenceCallback(TrainerCallback):
         probes = [ex for s in self.probe_sets for ex in s.examples]
         evals = [ex for s in self.eval_sets for ex in s.examples]
         result = self.engine.compute(probes, evals)
-        pairs, metrics = self._tables(step, result)
+        failures, bad_probe, bad_eval = self._data_failures(step, result)
+        pairs, metrics = self._tables(step, result, bad_probe, bad_eval, failures)
+        for record in failures:
+            self._fault(record)
+        if self.strict and failures:
+            raise SetError(failures[0]["message"])
         elapsed = time.perf_counter() - start
-        metrics[f"{self.metric_prefix}/seconds"] = elapsed
+        failed = len(failures)
         if state.is_world_process_zero:
-            self.store.write_step(step, pairs)
+            failed += self._store_step(step, pairs, checkpoint)
+        metrics[f"{self.metric_prefix}/seconds"] = elapsed
+        metrics[f"{self.metric_prefix}/failed"] = failed
         Trainer.log(self.trainer, metrics)
         logger.info("swift influence at step %d: %d pairs in %.1fs", step, len(pairs), elapsed)
 
-    def _tables(self, step: int, result: InfluenceResult) -> tuple[pd.DataFrame, dict[str, float]]:
-        """Pairs table and logged metrics of one step."""
-        self._check_norms(result)
-        rel = relinf(result.dot, result.eval_sq_norm)
+    def _store_step(self, step: int, pairs: pd.DataFrame, checkpoint: Path | None) -> int:
+        """Write the step and the sidecar (rank 0); the number of history faults."""
+        faults = 0
+        try:
+            self.store.write_step(step, pairs)
+        except StepExistsError:
+            raise
+        except (OSError, HistoryError) as err:
+            faults += 1
+            self._history_fault(step, "write_step", f"could not write step {step} to the history: {err}", err)
+        if checkpoint is not None:
+            try:
+                self.store.snapshot(checkpoint, step)
+            except (OSError, HistoryError) as err:
+                faults += 1
+                with contextlib.suppress(OSError):
+                    self.store.discard_sidecar(checkpoint)  # never leave a sidecar of another history state
+                self._history_fault(step, "snapshot", f"could not write the sidecar of {checkpoint}: {err}", err)
+        return faults
+
+    def _history_fault(self, step: int, kind: str, reason: str, err: BaseException) -> None:
+        if self.strict:
+            raise err
+        self._fault({"step": step, "kind": kind, "side": None, "set": None, "ids": [], "reason": reason,
+                     "stored": False, "message": reason})  # fmt: skip
+
+    def _fault(self, record: dict[str, Any]) -> None:
+        """Log a fault and append it to the history's failures.jsonl (rank 0)."""
+        logger.warning("swift influence at step %d: %s", record["step"], record["message"])
+        if not self.trainer.is_world_process_zero():
+            return
+        try:
+            self.store.record_failure({k: v for k, v in record.items() if k != "message"})
+        except (OSError, HistoryError) as err:
+            logger.error("Could not record that failure in %s either: %s", self.store.root, err)
+
+    def _data_failures(self, step: int, result: InfluenceResult):
+        """Failure records of examples whose RelInf is undefined, and the probe / eval masks of those examples."""
+        eval_norm, probe_norm = result.eval_sq_norm, result.probe_sq_norm
+        bad_eval = ~torch.isfinite(eval_norm) | (eval_norm <= 0)
+        bad_probe = ~torch.isfinite(probe_norm)
+        failures = []
+        for sets, bad, norms, side in ((self.eval_sets, bad_eval, eval_norm, "evaluation"),
+                                       (self.probe_sets, bad_probe, probe_norm, "probe")):  # fmt: skip
+            offset = 0
+            for s in sets:
+                idx = [i for i in range(len(s)) if bad[offset + i]]
+                if idx:
+                    ids = [s.ids[i] for i in idx]
+                    zero = [s.ids[i] for i in idx if torch.isfinite(norms[offset + i])]
+                    what = "a zero (or non-finite)" if side == "evaluation" else "a non-finite"
+                    message = (
+                        f"Set {s.name!r}: {side} examples {ids[:10]} have {what} gradient norm on the tracked "
+                        "parameters"
+                        + (", so RelInf is undefined (eq. 3 divides by it)." if side == "evaluation" else ".")
+                    )
+                    why = ("zero" if len(zero) == len(ids) else "zero or non-finite") if side == "evaluation" else (
+                        "non-finite")  # fmt: skip
+                    failures.append({
+                        "step": step, "kind": "eval_norm" if side == "evaluation" else "probe_norm", "side": side,
+                        "set": s.name, "ids": ids,
+                        "reason": f"{why} gradient norm on the tracked parameters; RelInf of these examples' pairs "
+                                  "is NaN at this step and left out of s_in / s_cross",
+                        "stored": True, "message": message,
+                    })  # fmt: skip
+                offset += len(s)
+        return failures, bad_probe, bad_eval
+
+    def _tables(self, step: int, result: InfluenceResult, bad_probe, bad_eval, failures: list) -> tuple:
+        """Pairs table and logged metrics of one step (pairs with an undefined RelInf: NaN, not scored)."""
+        rel = torch.full_like(result.dot, float("nan"), dtype=torch.float64)
+        ok_e = ~bad_eval
+        if bool(ok_e.any()):
+            rel[:, ok_e] = relinf(result.dot[:, ok_e], result.eval_sq_norm[ok_e]).to(torch.float64)
+        rel[bad_probe, :] = float("nan")
+        odd = ~torch.isfinite(rel) & ~bad_probe.unsqueeze(1) & ~bad_eval.unsqueeze(0)
+        if bool(odd.any()):
+            rel[odd] = float("nan")
+            failures.append(self._odd_pairs(step, odd))
         frames, metrics, blocks = [], {}, {}
         p_off = 0
         for p in self.probe_sets:
@@ -249,7 +424,9 @@ class InfluenceCallback(TrainerCallback):
                 sl = (slice(p_off, p_off + len(p)), slice(e_off, e_off + len(e)))
                 paired = self._masks[(p.name, e.name)]
                 frames.append(_pair_frame(step, p, e, paired, result, rel, sl, p_off, e_off))
-                scores = block_scores(rel[sl], paired)
+                block = rel[sl]
+                valid = torch.isfinite(block)
+                scores = block_scores(block[valid], paired[valid])
                 blocks[(p.name, e.name)] = scores
                 for ctx in ("in", "cross"):
                     value = getattr(scores, f"s_{ctx}")
@@ -263,26 +440,26 @@ class InfluenceCallback(TrainerCallback):
                 metrics[f"{self.metric_prefix}/{m.label}"] = value
         return pd.concat(frames, ignore_index=True), metrics
 
-    def _check_norms(self, result: InfluenceResult) -> None:
-        """Eval norms must be positive (eq. 3 divides by them); every norm must be finite."""
-        for sets, norms, side in ((self.eval_sets, result.eval_sq_norm, "evaluation"),
-                                  (self.probe_sets, result.probe_sq_norm, "probe")):  # fmt: skip
-            offset = 0
-            for s in sets:
-                part = norms[offset : offset + len(s)]
-                bad = [
-                    s.ids[i]
-                    for i in range(len(s))
-                    if not torch.isfinite(part[i]) or (side == "evaluation" and part[i] <= 0)
-                ]
-                if bad:
-                    reason = "a zero (or non-finite)" if side == "evaluation" else "a non-finite"
-                    raise SetError(
-                        f"Set {s.name!r}: {side} examples {bad[:10]} have {reason} gradient norm on the tracked "
-                        "parameters"
-                        + (", so RelInf is undefined (eq. 3 divides by it)." if side == "evaluation" else ".")
-                    )
-                offset += len(s)
+    def _odd_pairs(self, step: int, odd: torch.Tensor) -> dict[str, Any]:
+        probe_ids = [(s.name, i) for s in self.probe_sets for i in s.ids]
+        eval_ids = [(s.name, i) for s in self.eval_sets for i in s.ids]
+        where = [(probe_ids[r], eval_ids[c]) for r, c in torch.nonzero(odd).tolist()]
+        message = f"{len(where)} pairs have a non-finite inner product with finite norms, e.g. {where[:5]}."
+        return {"step": step, "kind": "nonfinite_pairs", "side": None, "set": None, "ids": [list(w) for w in where],
+                "reason": "non-finite inner product; RelInf NaN and left out of s_in / s_cross", "stored": True,
+                "message": message}  # fmt: skip
+
+
+def _check_engine_options(route: str, micro_batch_size: int, verify, precision: str) -> None:
+    """Engine options checked when the callback is made (the engine itself is built at the first computation)."""
+    if route not in {"auto", "ghost", "materialize"}:
+        raise ValueError(f"route must be 'auto', 'ghost' or 'materialize', got {route!r}")
+    if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size!r}")
+    if verify not in (True, False, "every_save") or not isinstance(verify, bool | str):
+        raise ValueError(f"verify must be True, False or 'every_save', got {verify!r}")
+    if precision not in {"auto", "fp32"}:
+        raise ValueError(f"precision must be 'auto' or 'fp32', got {precision!r}")
 
 
 def _pair_frame(step, p: ExampleSet, e: ExampleSet, paired, result: InfluenceResult, rel, sl, p_off, e_off):
@@ -292,13 +469,15 @@ def _pair_frame(step, p: ExampleSet, e: ExampleSet, paired, result: InfluenceRes
     dot = result.dot[sl].reshape(-1)
     p_norm = result.probe_sq_norm[p_off + pi]
     e_norm = result.eval_sq_norm[e_off + ei]
+    rel = rel[sl].reshape(-1)
+    cosine = torch.where(torch.isfinite(rel), dot / (p_norm.sqrt() * e_norm.sqrt()), float("nan"))
     return pd.DataFrame({
         "step": step,
         "probe_set": p.name, "probe_id": [p.ids[i] for i in pi], "probe_task": [p.tasks[i] for i in pi],
         "eval_set": e.name, "eval_id": [e.ids[i] for i in ei], "eval_task": [e.tasks[i] for i in ei],
         "paired": paired.reshape(-1).numpy(),
-        "dot": dot.numpy(), "eval_sq_norm": e_norm.numpy(), "relinf": rel[sl].reshape(-1).numpy(),
-        "probe_sq_norm": p_norm.numpy(), "cosine": (dot / (p_norm.sqrt() * e_norm.sqrt())).numpy(),
+        "dot": dot.numpy(), "eval_sq_norm": e_norm.numpy(), "relinf": rel.numpy(),
+        "probe_sq_norm": p_norm.numpy(), "cosine": cosine.numpy(),
         "probe_tokens": result.probe_tokens[p_off + pi].numpy(), "eval_tokens": result.eval_tokens[e_off + ei].numpy(),
         "probe_loss": result.probe_loss[p_off + pi].numpy(), "eval_loss": result.eval_loss[e_off + ei].numpy(),
     })  # fmt: skip

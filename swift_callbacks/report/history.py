@@ -15,7 +15,7 @@ bootstrap band come from the same RelInf values:
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 
 from .stats import bootstrap_mean_ci, curve_rng
+
+logger = logging.getLogger(__name__)
 
 # The plain-QA (baseline) probe set of each of the paper's studies, as ``swift_callbacks.studies`` defines them
 # (the probe set its docstring calls "the baseline probes"). A ``baseline_probe_set`` entry in a metric's spec in
@@ -169,10 +171,15 @@ def load_history(output_dir: str | os.PathLike, resamples: int = 1000, seed: int
     Raises:
         ReportError: If the folder has no recorded step, or metrics.json is unreadable.
     """
-    from ..store import STORE_DIR, load_pairs, store_dir
+    from ..store import STORE_DIR, HistoryError, load_metric_specs, load_pairs, store_dir
 
     path = resolve_output_dir(output_dir)
-    pairs = load_pairs(path)
+    try:
+        # empty_ok: no recorded step yet is reported below; a missing folder or a damaged history raises.
+        pairs = load_pairs(path, empty_ok=True) if path.is_dir() else pd.DataFrame()
+        specs = load_metric_specs(path) if not pairs.empty else {}
+    except HistoryError as err:
+        raise ReportError(str(err)) from err
     if pairs.empty:
         where = store_dir(path) / "pairs"
         raise ReportError(
@@ -180,16 +187,17 @@ def load_history(output_dir: str | os.PathLike, resamples: int = 1000, seed: int
             f"at the training output_dir of a run with InfluenceCallback attached (the folder that contains "
             f"{STORE_DIR}/), after at least one save or evaluation step."
         )
-    return History(path, pairs, _read_specs(store_dir(path) / "metrics.json"), resamples, seed)
+    unscored = ~np.isfinite(pairs["relinf"].to_numpy(dtype=np.float64))
+    if unscored.any():
+        # RelInf undefined at that step (see failures.jsonl): left out, as in load_scores and the logged scores.
+        logger.warning("Leaving out %d pairs whose RelInf is undefined (see failures.jsonl).", int(unscored.sum()))
+        pairs = pairs[~unscored].reset_index(drop=True)
+        if pairs.empty:
+            raise ReportError(f"Every recorded pair under {path} has an undefined RelInf (see failures.jsonl).")
+    return History(path, pairs, _check_specs(specs, store_dir(path) / "metrics.json"), resamples, seed)
 
 
-def _read_specs(path: Path) -> dict[str, dict]:
-    if not path.exists():
-        return {}
-    try:
-        specs = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ReportError(f"Cannot read the study definitions in {path}: {err}") from err
+def _check_specs(specs: dict[str, dict], path: Path) -> dict[str, dict]:
     missing = [k for k, s in specs.items() if not {"probe_set", "eval_set", "context"} <= set(s)]
     if missing:
         raise ReportError(f"{path}: metrics {missing} lack probe_set / eval_set / context.")
