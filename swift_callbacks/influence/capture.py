@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import sharding
-from .modules import Block, UnsupportedModelError, rule
+from .modules import Block, UnsupportedModelError, get_path, rule
 
 
 class Layout(enum.Enum):
@@ -139,10 +139,10 @@ class Capture:
             return
         if self.keep_params:
             for attr in self._tracked[id(module)]:
-                self.used_params.setdefault((id(module), attr), []).append(getattr(module, attr))
+                self.used_params.setdefault((id(module), attr), []).append(get_path(module, attr))
         if id(module) in self._weights:
             attrs = sorted(self._weights[id(module)])
-            values = {attr: sharding.full_value(getattr(module, attr), self.copy_weights) for attr in attrs}
+            values = {attr: sharding.full_value(get_path(module, attr), self.copy_weights) for attr in attrs}
             self._pending.setdefault(id(module), []).append(values)
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

@@ -30,7 +30,7 @@ from . import sharding
 from . import verify as verify_lib
 from .capture import Capture, make_inputs_require_grad
 from .features import ACC, Feature, Materialized, block_feature, concat, pairwise, select, sq_norms
-from .modules import Block, ParamFilter, UnsupportedModelError, find_blocks
+from .modules import Block, ParamFilter, UnsupportedModelError, find_blocks, get_path
 
 Example = Mapping[str, Sequence[int]]
 IGNORE_INDEX = -100
@@ -368,7 +368,7 @@ class InfluenceEngine:
         for b, block in enumerate(self.blocks):
             for _, module in block.modules:
                 for attr, slot in block.slots[id(module)].items():
-                    used = capture.used_params.get((id(module), attr)) or [getattr(module, attr)]
+                    used = capture.used_params.get((id(module), attr)) or [get_path(module, attr)]
                     for t in used:
                         if id(t) not in seen and t.requires_grad:
                             seen.add(id(t))

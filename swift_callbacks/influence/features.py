@@ -170,20 +170,21 @@ def _materialize_generic(module: nn.Module, call: Call, tracked: set[str], batch
     flat_in = {i for i, layout in call.layouts.items() if layout is Layout.FLAT}
     flat_out = [layout is Layout.FLAT for layout in call.out_layouts]
 
-    def vjp_one(xs: list[torch.Tensor], gs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def call_args(xs: list[torch.Tensor]) -> tuple[tuple, dict]:
         args = list(leaves)
         for i, x in zip(per_example, xs, strict=True):
             args[i] = x if i in flat_in else x.unsqueeze(0)
-        call_args, call_kwargs = pytree.tree_unflatten(args, spec)
+        return pytree.tree_unflatten(args, spec)
 
-        def forward(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-            device_type, enabled, dtype = call.autocast
-            with torch.autocast(device_type, dtype=dtype, enabled=enabled):  # the precision the call ran in
-                out_leaves = pytree.tree_leaves(_replay(module, p, call_args, call_kwargs))
-            return tuple(out_leaves[i] for i in call.out_index)
+    def forward(p: dict[str, torch.Tensor], xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        a, kw = call_args(xs)
+        device_type, enabled, dtype = call.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):  # the precision the call ran in
+            out_leaves = pytree.tree_leaves(_replay(module, p, a, kw))
+        return tuple(out_leaves[i] for i in call.out_index)
 
-        ys, pullback = torch.func.vjp(forward, params)
-        cotangents = []
+    def cotangents(ys: tuple[torch.Tensor, ...], gs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        out = []
         for y, g, flat in zip(ys, gs, flat_out, strict=True):
             g = g if flat else g.unsqueeze(0)  # a FLAT output's per-example slice is already (T, ...)
             if y.shape != g.shape:
@@ -192,8 +193,19 @@ def _materialize_generic(module: nn.Module, call: Call, tracked: set[str], batch
                     f"not {tuple(g.shape)}; its per-example gradients cannot be computed. Exclude its parameters "
                     "with param_filter."
                 )
-            cotangents.append(g.to(y.dtype))
-        return pullback(tuple(cotangents))[0]
+            out.append(g.to(y.dtype))
+        return tuple(out)
+
+    def vjp_one(xs: list[torch.Tensor], gs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        ys, pullback = torch.func.vjp(lambda p: forward(p, xs), params)
+        return pullback(cotangents(ys, gs))[0]
+
+    def autograd_one(xs: list[torch.Tensor], gs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Plain autograd: works for custom autograd.Functions that functorch cannot transform (PEFT's LoHa).
+        leaves_p = {n: t.detach().requires_grad_(True) for n, t in params.items()}
+        ys = forward(leaves_p, xs)
+        grads = torch.autograd.grad(ys, list(leaves_p.values()), cotangents(ys, gs), allow_unused=True)
+        return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves_p.items(), grads, strict=True)}
 
     xs = [leaves[i].reshape(batch_size, -1, *leaves[i].shape[1:]) if i in flat_in else leaves[i] for i in per_example]
     gs = list(call.grads)
@@ -202,18 +214,37 @@ def _materialize_generic(module: nn.Module, call: Call, tracked: set[str], batch
             grads = torch.func.vmap(vjp_one)(xs, gs)
         except UnsupportedModelError:
             raise
-        except Exception:  # an op without a batching rule, or data-dependent control flow: one example at a time
-            rows = [vjp_one([x[i] for x in xs], [g[i] for g in gs]) for i in range(batch_size)]
+        except Exception:  # no batching rule, data-dependent control flow, custom autograd: one example at a time
+            rows = [autograd_one([x[i] for x in xs], [g[i] for g in gs]) for i in range(batch_size)]
             grads = {n: torch.stack([r[n] for r in rows]) for n in names}
     return {n: grads[n].to(ACC) for n in names}
 
 
 def _replay(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict):
-    """``module.forward(*args, **kwargs)`` with ``params`` in place of its parameters, without any module hook."""
+    """``module.forward(*args, **kwargs)`` with ``params`` in place of its parameters, without the module's hooks.
+
+    ``params`` may hold dotted paths into child containers (``"lora_embedding_A.default"``).
+    """
+    return _twin(module, params).forward(*args, **kwargs)
+
+
+def _twin(module: nn.Module, params: dict[str, torch.Tensor]) -> nn.Module:
+    """A shallow copy of ``module`` whose parameters (and those of the children on dotted paths) are ``params``."""
     twin = object.__new__(type(module))
     twin.__dict__.update(module.__dict__)  # shares buffers, submodules and settings ...
-    twin.__dict__["_parameters"] = {**module._parameters, **params}  # ... but not the parameter dict
-    return twin.forward(*args, **kwargs)
+    direct = {k: v for k, v in params.items() if "." not in k}
+    twin.__dict__["_parameters"] = {**module._parameters, **direct}  # ... but not the parameter dict
+    nested: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in params.items():
+        if "." in key:
+            child, _, rest = key.partition(".")
+            nested.setdefault(child, {})[rest] = value
+    if nested:
+        twin.__dict__["_modules"] = {
+            **module._modules,
+            **{c: _twin(module._modules[c], sub) for c, sub in nested.items()},
+        }
+    return twin
 
 
 # ------------------------------------------------------------------------------------------ combining

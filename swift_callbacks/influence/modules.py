@@ -84,7 +84,7 @@ class Block:
     def current_param(self) -> nn.Parameter:
         """The block's first parameter as its module holds it now."""
         _, module = self.modules[0]
-        return getattr(module, next(iter(self.slots[id(module)])))
+        return get_path(module, next(iter(self.slots[id(module)])))
 
     def tracked(self, module: nn.Module) -> set[str]:
         """Attribute names of ``module``'s parameters tracked in this block."""
@@ -96,6 +96,13 @@ class Block:
         module = self.modules[0][1]
         has_bias = module.bias is not None and "bias" in self.tracked(module)
         return module.in_features + int(has_bias), module.out_features
+
+
+def get_path(module: nn.Module, attr: str) -> torch.Tensor:
+    """``module.<attr>`` for a dotted attribute path (a parameter held in a child ``ParameterDict``)."""
+    for part in attr.split("."):
+        module = getattr(module, part)
+    return module
 
 
 def _compile_filter(param_filter: ParamFilter) -> Callable[[str], bool]:
@@ -135,8 +142,9 @@ def find_blocks(model: nn.Module, param_filter: ParamFilter = None) -> list[Bloc
     names: dict[int, str] = {}
     params: dict[int, nn.Parameter] = {}
     shapes: dict[int, torch.Size] = {}
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        mod_name = sharding.clean_name(mod_name)
+    by_name = dict(model.named_modules(remove_duplicate=False))
+    for raw_name, module in by_name.items():
+        mod_name = sharding.clean_name(raw_name)
         for p_name, p in module.named_parameters(recurse=False):
             full = f"{mod_name}.{p_name}" if mod_name else p_name
             if not p.requires_grad or not keep(full):
@@ -144,9 +152,15 @@ def find_blocks(model: nn.Module, param_filter: ParamFilter = None) -> list[Bloc
             names.setdefault(id(p), full)
             params[id(p)] = p
             shapes.setdefault(id(p), sharding.global_shape(p, module, p_name, fsdp1))
+            user, user_name, attr = module, mod_name, p_name
+            if isinstance(module, nn.ParameterDict | nn.ParameterList) and raw_name:
+                # A parameter container is never called: the module holding it reads the values in its forward
+                # (PEFT's IA3, LoHa, LoKr, LoRA on embeddings). That module is the user, under a dotted path.
+                parent_raw, _, child = raw_name.rpartition(".")
+                user, user_name, attr = by_name[parent_raw], sharding.clean_name(parent_raw), f"{child}.{p_name}"
             entry = users.setdefault(id(p), [])
-            if all(m is not module for _, m, _ in entry):
-                entry.append((mod_name, module, p_name))
+            if all(m is not user for _, m, _ in entry):
+                entry.append((user_name, user, attr))
     _reject_unsupported(model, users, names)
     if not params:
         raise ValueError(
@@ -165,6 +179,10 @@ def find_blocks(model: nn.Module, param_filter: ParamFilter = None) -> list[Bloc
                 slots.setdefault(id(module), {})[attr] = index
         return Block(name, kind, modules, [names[p] for p in pids], [shapes[p] for p in pids], slots)
 
+    sole: dict[int, list[tuple[str, int]]] = {}  # per module, (attribute, parameter) it alone uses
+    for pid, mods in users.items():
+        if len(mods) == 1:
+            sole.setdefault(id(mods[0][1]), []).append((mods[0][2], pid))
     blocks: list[Block] = []
     seen_modules: set[int] = set()
     seen_params: set[int] = set()
@@ -179,11 +197,7 @@ def find_blocks(model: nn.Module, param_filter: ParamFilter = None) -> list[Bloc
         if id(module) in seen_modules:
             continue
         seen_modules.add(id(module))
-        own = [
-            (attr, id(p))
-            for attr, p in module.named_parameters(recurse=False)
-            if id(p) in params and len(users[id(p)]) == 1
-        ]
+        own = sole.get(id(module), [])
         seen_params.update(pid for _, pid in own)
         blocks.append(block(mod_name, _kind(module, {attr for attr, _ in own}), [pid for _, pid in own]))
     return blocks
@@ -215,15 +229,6 @@ def _reject_virtual_tokens(model: nn.Module) -> None:
 def _reject_unsupported(model: nn.Module, users: dict, names: dict) -> None:
     """Raise for tracked parameters whose per-example gradients cannot be recovered from module calls."""
     _reject_virtual_tokens(model)
-    for pid, mods in users.items():
-        for _, module, _ in mods:
-            if isinstance(module, nn.ParameterDict | nn.ParameterList):
-                raise UnsupportedModelError(
-                    f"Tracked parameter {names[pid]!r} lives in a {type(module).__name__} and is read without a "
-                    "module call (PEFT keeps IA3, LoHa, LoKr and LoRA-on-embedding adapter weights so), so its "
-                    "per-example gradient cannot be captured. Use LoRA on linear layers, or exclude it with "
-                    "param_filter."
-                )
     for name, module in model.named_modules():
         if type(module).__name__ == "ParamWrapper" and type(module).__module__.startswith("peft."):
             adapters = [n for n, p in module.named_parameters() if p.requires_grad and id(p) in users]
