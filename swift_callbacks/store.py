@@ -478,7 +478,12 @@ class InfluenceStore:
 
     def has_history(self) -> bool:
         """Whether anything of a history (steps, metrics, failures, manifest) is here."""
-        return bool(_present_steps(self.root)) or any((self.root / n).exists() for n in (MANIFEST, METRICS, FAILURES))
+        if _present_steps(self.root) or any((self.root / n).exists() for n in (METRICS, FAILURES)):
+            return True
+        try:
+            return bool((_read_manifest(self.root, "") or {"files": {}})["files"])
+        except HistoryError:
+            return True
 
     def _view(self) -> _View:
         """The listed files (a file present but not listed is not history; readers flag it)."""
