@@ -286,6 +286,13 @@ class InfluenceCallback(TrainerCallback):
                 "Influence history has no record of steps %s before the resumed step %d (their files are gone and "
                 "there is no sidecar to restore them from).", report.dropped, step,
             )  # fmt: skip
+        if not report.sidecar and ckpt.is_dir() and step in self.store.steps():
+            # The checkpoint lost its sidecar (killed between the trainer's save and ours): the history up to the
+            # resumed step is this lineage's now, so give the checkpoint its sidecar back.
+            try:
+                self.store.snapshot(ckpt, step)
+            except (OSError, HistoryError) as err:
+                self._history_fault(step, "snapshot", f"could not write the sidecar of {ckpt}: {err}", err)
         if not report.sidecar and not any(s <= step for s in self.store.steps()):
             logger.warning(
                 "Resumed at step %d, but %s has no influence sidecar and the history has no step up to %d: the "

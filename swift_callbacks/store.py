@@ -898,6 +898,12 @@ class InfluenceStore:
             if held is None:
                 continue  # released meanwhile
             stale = self._stale(held, path)
+            if not stale and held.get("pid") == os.getpid() and held.get("hostname") == socket.gethostname():
+                raise HistoryLockedError(
+                    f"Another training in this process is writing the influence history in {self.root} (lock "
+                    f"{path}). If that training ended with an exception, call callback.store.release_lock() on its "
+                    "InfluenceCallback, or drop that trainer."
+                )
             if not stale:
                 raise HistoryLockedError(
                     f"Another training is writing the influence history in {self.root} (lock {path}: "
