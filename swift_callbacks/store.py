@@ -808,7 +808,8 @@ class InfluenceStore:
                     restored.append(s)
                 else:
                     ops.append({"path": rel, "entry": None, "aside": None})
-                    dropped.append(s)
+                    if s <= step:
+                        dropped.append(s)
                 continue
             actual = _entry(path.read_bytes())
             if side_view is not None:
@@ -855,8 +856,9 @@ class InfluenceStore:
         current_entry = manifest["files"].get(FAILURES)
         try:
             current = self._view().read(FAILURES) if current_entry else None
-        except HistoryError:
-            current = None  # damaged: replaced, the damaged file kept aside
+        except HistoryError as err:
+            logger.warning("%s; it is replaced by the resumed lineage's and kept in %s.", err, aside)
+            current = None
         if side is not None:
             target = side.read(FAILURES) if FAILURES in side.files else b""
         else:

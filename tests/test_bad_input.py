@@ -10,7 +10,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
-from swift_callbacks import InfluenceCallback, SetError, cot_study, load_set
+from swift_callbacks import InfluenceCallback, SetError, cot_study, load_failures, load_pairs, load_scores, load_set
 from swift_callbacks.demo.tiny import build_model, build_tokenizer, demo_corpus, load_rows
 
 GOOD = [
@@ -133,10 +133,27 @@ def test_packing_with_masked_sets(tmp_path, layout):
     assert len(cb.probe_sets[0].examples) == 2
 
 
-def test_zero_eval_gradient_norm(tmp_path):
+def test_zero_eval_gradient_norm_with_strict_raises(tmp_path):
     # LoRA B starts at zero, so at step 0 the gradient of every lora_A is exactly zero.
     tr = trainer(tmp_path)
-    cb = InfluenceCallback(tr, probe_sets={"p": GOOD}, eval_sets={"e": GOOD}, param_filter="lora_A", at_step_zero=True)
+    cb = InfluenceCallback(
+        tr, probe_sets={"p": GOOD}, eval_sets={"e": GOOD}, param_filter="lora_A", at_step_zero=True, strict=True
+    )
     tr.add_callback(cb)
     with pytest.raises(SetError, match=r"Set 'e': evaluation examples \['a', 'b'\] have a zero"):
         tr.train()
+
+
+def test_zero_eval_gradient_norm_is_recorded_and_training_goes_on(tmp_path):
+    """The same real zero gradient without ``strict``: step 0 is stored with NaN RelInf, recorded, not scored."""
+    tr = trainer(tmp_path, save_steps=2)
+    cb = InfluenceCallback(tr, probe_sets={"p": GOOD}, eval_sets={"e": GOOD}, param_filter="lora_A", at_step_zero=True)
+    tr.add_callback(cb)
+    tr.train()
+    assert tr.state.global_step == 2
+    (failure,) = load_failures(tmp_path).to_dict("records")
+    assert (failure["step"], failure["kind"], failure["set"], failure["ids"]) == (0, "eval_norm", "e", ["a", "b"])
+    pairs = load_pairs(tmp_path)
+    assert pairs[pairs.step == 0].relinf.isna().all() and pairs[pairs.step == 2].relinf.notna().all()
+    scores = load_scores(tmp_path).set_index("step")
+    assert (scores.loc[0, "n_in"], scores.loc[0, "n_cross"]) == (0, 0) and scores.loc[2, "n_in"] == 2
