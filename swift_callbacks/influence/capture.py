@@ -94,6 +94,7 @@ class Capture:
     calls: dict[int, list[Call]] = field(default_factory=dict)
     embedding_outputs: list[torch.Tensor] = field(default_factory=list)
     used_params: dict[tuple[int, str], list[torch.Tensor]] = field(default_factory=dict)
+    expanded: list[str] = field(default_factory=list)  # modules whose shared output was expanded per example
     recording: bool = False
     batch_size: int = 0  # examples in the micro-batch being recorded, and its padded width
     width: int = 0
@@ -131,6 +132,7 @@ class Capture:
         self.calls.clear()
         self.embedding_outputs.clear()
         self.used_params.clear()
+        self.expanded.clear()
         self._weights.clear()
         self._pending.clear()
 
@@ -162,7 +164,9 @@ class Capture:
         if module_rule != "generic":
             if not args or not isinstance(args[0], torch.Tensor) or len(out_index) != 1:
                 raise UnsupportedModelError(
-                    f"Tracked module {name!r} ({type(module).__name__}) was called without a tensor input."
+                    f"Tracked module {name!r} ({type(module).__name__}) was called without a positional tensor "
+                    "input (e.g. as module(input=x)); its per-example gradients cannot be attributed. Exclude its "
+                    "parameters with param_filter."
                 )
             if module_rule == "embedding" and args[0].is_floating_point():
                 raise UnsupportedModelError(f"Embedding {name!r} was called on floating-point input, not token ids.")
@@ -186,6 +190,8 @@ class Capture:
                     )
                 out_leaves[i] = t.expand(self.batch_size, *t.shape[1:])
                 changed = True
+                if name not in self.expanded:
+                    self.expanded.append(name)
         pending = self._pending.get(id(module))
         params = pending.pop() if pending else {}
         detached = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, (args, kwargs))
@@ -214,8 +220,9 @@ class Capture:
             return Layout.SHARED
         raise UnsupportedModelError(
             f"Tracked module {name!r} was called on {x.shape[0]} rows for a micro-batch of {self.batch_size} "
-            f"examples of {self.width} positions (e.g. a routed mixture-of-experts layer), so its rows cannot be "
-            "attributed to examples. Exclude its parameters with param_filter."
+            f"examples of {self.width} positions (neither one row per example nor one per token, e.g. a routed "
+            "expert or a layer over heads), so its rows cannot be attributed to examples. Exclude its parameters "
+            "with param_filter."
         )
 
     def set_output_grads(self, grads: tuple, length: int) -> None:

@@ -79,9 +79,12 @@ class InfluenceEngine:
             rank holds the gathered features of the whole chunk. Beyond it evaluation examples are processed in
             chunks (probes are then re-run once per chunk).
         verify: ``True`` (default): before the first ``compute`` and whenever the model's modules, the tracked
-            parameters or the routes change, check the engine against autograd on the live model (see
-            ``verify.py``) and raise ``VerificationError`` before returning any number if it disagrees.
-            ``"every_save"``: check at every ``compute``. ``False``: never.
+            parameters, the routes or the precision change, check the engine against autograd on the live model
+            on a sample of examples (see ``verify.py``), and check every micro-batch's per-example gradients
+            against autograd's batch gradient (about 10-25% of a computation on CPU); raise
+            ``VerificationError`` before returning any number if they disagree. ``"once"``: the sample check only
+            (no per-micro-batch check). ``"every_save"``: both, with the sample check at every ``compute`` (on a
+            new sample each time). ``False``: no check.
         precision: ``"auto"``: track in whatever precision the model's forward runs in (under bf16 autocast,
             scores are good to about 3e-3 relative). ``"fp32"``: run the tracked forward/backward in float32,
             autocast off and low-precision weights temporarily upcast (restored bit for bit), so a bf16 run still
@@ -102,8 +105,8 @@ class InfluenceEngine:
     ) -> None:
         if route not in {"auto", "ghost", "materialize"}:
             raise ValueError(f"route must be 'auto', 'ghost' or 'materialize', got {route!r}")
-        if verify not in (True, False, "every_save"):
-            raise ValueError(f"verify must be True, False or 'every_save', got {verify!r}")
+        if verify not in (True, False, "once", "every_save"):
+            raise ValueError(f"verify must be True, 'once', 'every_save' or False, got {verify!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         if micro_batch_size < 1:
@@ -121,6 +124,7 @@ class InfluenceEngine:
         self._verified_state: tuple | None = None
         self._attempted_state: tuple | None = None
         self._attempts = 0
+        self.sum_check_error = 0.0  # largest batch-sum error seen on the micro-batches of computations
         # How the model is sharded, found again at every tracking pass (sharding may be applied after set-up).
         self._sharded = False
         self._zero3 = False
@@ -139,6 +143,8 @@ class InfluenceEngine:
         """
         if not probes or not evals:
             raise ValueError("compute() needs at least one probe and one evaluation example.")
+        self._check_examples(probes, "probe")
+        self._check_examples(evals, "evaluation")
         sharding.check_model(self.model)  # wrapped since set-up (an FSDP1 wrapper applied around it) is an error
         lengths = [len(e["input_ids"]) for e in (*probes, *evals)]
         self._choose_routes(len(probes), len(evals), sum(lengths) / len(lengths))
@@ -147,10 +153,12 @@ class InfluenceEngine:
         with self._tracking():
             state = self._model_state()
             if self.verify == "every_save" or (self.verify and state != self._verified_state):
-                report = self._verify(verify_lib.sample([*probes, *evals]))
+                # Each further attempt on the same model draws a new sample (every_save, or blocks still unchecked).
                 self._attempts = self._attempts + 1 if state == self._attempted_state else 1
+                report = self._verify(verify_lib.sample([*probes, *evals], attempt=self._attempts - 1))
                 self._attempted_state = state
-                # Done once every block was really tested; blocks that never get a gradient stop it after 3 tries.
+                # Done once every block was really tested; blocks that get no gradient on 3 different samples stop
+                # it (the batch-sum check on every micro-batch still covers them).
                 if report.complete or self._attempts >= 3:
                     self._verified_state = state
             for start in range(0, len(evals), chunk):
@@ -195,9 +203,12 @@ class InfluenceEngine:
             report = verify_lib.Report(len(examples), len(self.blocks), 0.0, torch.float32, skipped="sharded model")
             logger.info("Influence self-verification skipped: the model is sharded (FSDP / ZeRO-3).")
         else:
-            batch = self._forward_backward(examples, reference=True)[-1]
-            singles = [self._forward_backward([e], reference=True)[-1] for e in examples]
-            plain = self._plain_losses(examples)
+            # In float32 whatever the tracking precision: the rules are the same code in every precision, and a
+            # bf16 tolerance would let a wrong rule by a few percent through.
+            with full_precision(self.model, sharded=False):
+                batch = self._forward_backward(examples, reference=True)[-1]
+                singles = [self._forward_backward([e], reference=True)[-1] for e in examples]
+                plain = self._plain_losses(examples)
             report = verify_lib.check(self.blocks, batch, singles, plain)
         report.seconds = time.perf_counter() - start
         self.verification = report
@@ -277,7 +288,10 @@ class InfluenceEngine:
         """This rank's examples, one forward/backward per micro-batch, results in ``examples`` order."""
         order, parts = [], []
         for batch in self._micro_batches(examples):
-            feats, norm, loss, tokens, _ = self._forward_backward([examples[i] for i in batch])
+            checked = self.verify in (True, "every_save") and not self._sharded
+            feats, norm, loss, tokens, sums = self._forward_backward([examples[i] for i in batch], reference=checked)
+            if sums is not None:
+                self.sum_check_error = max(self.sum_check_error, verify_lib.check_sums(self.blocks, sums))
             dot = None
             if eval_features is not None:
                 dot = torch.zeros(len(batch), len(eval_features[0]), dtype=ACC, device=norm.device)
@@ -300,7 +314,10 @@ class InfluenceEngine:
     def _forward_backward(self, examples: Sequence[Example], reference: bool = False):
         """One micro-batch: features per block, squared norms, losses and token counts; with ``reference`` also
         a ``verify.Pass`` holding autograd's gradient of the summed loss w.r.t. every tracked tensor."""
-        input_ids, attention_mask, labels = collate(examples, self.pad_token_id, self._device())
+        # One more padding column when the width equals the number of examples: layouts are told apart by size.
+        width = max(len(e["input_ids"]) for e in examples)
+        min_width = width + 1 if len(examples) > 1 and width == len(examples) else width
+        input_ids, attention_mask, labels = collate(examples, self.pad_token_id, self._device(), min_width)
         tokens = (labels[:, 1:] != IGNORE_INDEX).sum(1)
         # ZeRO-3 gathers a module's parameters before its backward and releases them after, in autograd functions
         # wrapped around the module's outputs and inputs. A backward that stops at the tracked outputs leaves the
@@ -341,12 +358,31 @@ class InfluenceEngine:
             check = None
             if reference:
                 refs = self._reference_grads(targets, grads[len(grads) - len(targets) :], device)
-                check = verify_lib.Pass(feats, refs, verify_lib.lowest_precision(dtypes), loss.detach().to(ACC))
+                check = verify_lib.Pass(
+                    feats, refs, verify_lib.lowest_precision(dtypes), loss.detach().to(ACC), list(capture.expanded)
+                )
         del outputs, grads
         norm = torch.zeros(len(examples), dtype=ACC, device=device)
         for f in feats:
             norm += sq_norms(f)
         return feats, norm, loss.detach().to(ACC), tokens, check
+
+    def _check_examples(self, examples: Sequence[Example], side: str) -> None:
+        """Token ids and labels in range, one label per token: one clear line for the first bad example."""
+        vocab = _vocab_size(self.model)
+        for i, e in enumerate(examples):
+            ids, labels = list(e["input_ids"]), list(e["labels"])
+            problem = None
+            if not ids:
+                problem = "has no tokens"
+            elif len(labels) != len(ids):
+                problem = f"has {len(labels)} labels for {len(ids)} tokens"
+            elif min(ids) < 0 or (vocab is not None and max(ids) >= vocab):
+                problem = f"has token ids outside the vocabulary [0, {vocab})"
+            elif any(x != IGNORE_INDEX and (x < 0 or (vocab is not None and x >= vocab)) for x in labels):
+                problem = f"has labels outside the vocabulary [0, {vocab}) other than {IGNORE_INDEX}"
+            if problem:
+                raise ValueError(f"The {side} example at position {i} {problem}.")
 
     def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -452,6 +488,13 @@ def full_precision(model: nn.Module, sharded: bool) -> Iterator[None]:
             t.data = t.data.to(dtype)
 
 
+def _vocab_size(model: nn.Module) -> int | None:
+    try:
+        return int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, TypeError):
+        return None
+
+
 def _merge(parts: Sequence[_Side]) -> _Side:
     """Concatenate sides along the example axis."""
     first = parts[0]
@@ -483,9 +526,9 @@ def _device_of(feature: Feature) -> torch.device:
     return feature.vec.device if isinstance(feature, Materialized) else feature.g.device
 
 
-def collate(examples: Sequence[Example], pad_token_id: int, device: torch.device | str = "cpu"):
+def collate(examples: Sequence[Example], pad_token_id: int, device: torch.device | str = "cpu", min_width: int = 0):
     """Right-pad ``input_ids``/``labels`` into tensors; returns ``(input_ids, attention_mask, labels)``."""
-    width = max(len(e["input_ids"]) for e in examples)
+    width = max(min_width, *(len(e["input_ids"]) for e in examples))
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)

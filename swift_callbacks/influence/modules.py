@@ -109,7 +109,10 @@ def _compile_filter(param_filter: ParamFilter) -> Callable[[str], bool]:
     if param_filter is None:
         return lambda name: True
     if isinstance(param_filter, str):
-        pattern = re.compile(param_filter)
+        try:
+            pattern = re.compile(param_filter)
+        except re.error as err:
+            raise ValueError(f"param_filter {param_filter!r} is not a valid regular expression: {err}") from err
         return lambda name: pattern.search(name) is not None
     return param_filter
 
@@ -142,13 +145,15 @@ def find_blocks(model: nn.Module, param_filter: ParamFilter = None) -> list[Bloc
     names: dict[int, str] = {}
     params: dict[int, nn.Parameter] = {}
     shapes: dict[int, torch.Size] = {}
+    all_names: dict[int, list[str]] = {}
     by_name = dict(model.named_modules(remove_duplicate=False))
     for raw_name, module in by_name.items():
         mod_name = sharding.clean_name(raw_name)
         for p_name, p in module.named_parameters(recurse=False):
             full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if not p.requires_grad or not keep(full):
+            if not p.requires_grad:
                 continue
+            all_names.setdefault(id(p), []).append(full)
             names.setdefault(id(p), full)
             params[id(p)] = p
             shapes.setdefault(id(p), sharding.global_shape(p, module, p_name, fsdp1))
@@ -161,6 +166,10 @@ def find_blocks(model: nn.Module, param_filter: ParamFilter = None) -> list[Bloc
             entry = users.setdefault(id(p), [])
             if all(m is not user for _, m, _ in entry):
                 entry.append((user_name, user, attr))
+    # A tensor is tracked when any of its names passes the filter (tied weights have two), with all its users.
+    for pid in [pid for pid, full_names in all_names.items() if not any(keep(n) for n in full_names)]:
+        for table in (users, names, params, shapes):
+            table.pop(pid, None)
     _reject_unsupported(model, users, names)
     if not params:
         raise ValueError(

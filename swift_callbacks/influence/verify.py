@@ -5,7 +5,8 @@ something it observes, not something it may assume from the module's type. So, b
 few real examples are run through both the engine and plain autograd (``torch.autograd.grad`` of the summed
 loss w.r.t. every tracked parameter tensor) and compared block by block:
 
-0. *Same function*: the per-example losses with the engine's hooks attached equal those of the plain model.
+0. *Same function*: the per-example losses with the engine's hooks attached equal those of the plain model, and
+   each example's loss inside a padded micro-batch equals its loss alone.
 1. *Batch sum*: for a materialized block, the sum over a micro-batch of the per-example gradients equals the
    autograd gradient of the summed loss; for a ghost block, the sum of the block's Gram matrix equals that
    gradient's squared norm. A parameter the model used without a call the engine saw (an adapter that reads a
@@ -20,6 +21,10 @@ Errors are measured against the block's own gradient norm, floored at ``FLOOR`` 
 a block whose true gradient is zero up to rounding (a key projection's bias under softmax's shift invariance)
 holds only rounding noise, and an error that small cannot move any reported inner product by more than
 ``FLOOR * tolerance`` of its scale. The math lives here; ``engine.py`` runs the passes.
+
+Besides this full check on a sample, the batch-sum check (1.) runs on every micro-batch of every computation
+(``check_sums``), so a reconstruction wrong only for inputs absent from the sample is still caught. The full
+check runs in float32 even when tracking runs under bf16 autocast, so the tolerance can stay tight.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from .modules import Block, UnsupportedModelError
 
 # Relative tolerance by the lowest precision seen in the forward.
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-FLOOR = 1e-3
+FLOOR = 1e-5
 _DENSE_LIMIT = 1 << 26  # elements of one dense gradient built to check a ghost feature (256 MiB in fp32)
 ISSUES = "report it with the model class, its config and this message on the swift_callbacks issue tracker"
 
@@ -52,6 +57,7 @@ class Pass:
     references: list[torch.Tensor]  # per block: flattened autograd gradient of the summed loss (ACC)
     dtype: torch.dtype  # lowest precision the forward ran in
     losses: torch.Tensor  # per-example losses of the hooked forward
+    expanded: list[str] = field(default_factory=list)  # modules whose shared output was expanded per example
 
 
 @dataclass
@@ -82,11 +88,20 @@ def lowest_precision(dtypes: Sequence[torch.dtype]) -> torch.dtype:
     return max(floats, key=lambda d: torch.finfo(d).eps, default=torch.float32)
 
 
-def sample(examples: Sequence, k: int = 3) -> list:
-    """Up to ``k`` examples of different lengths (shortest, longest, middle) so padding is exercised."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    picks = [order[0], order[-1], order[len(order) // 2]]
-    chosen = list(dict.fromkeys(picks))[:k]
+def sample(examples: Sequence, k: int = 3, attempt: int = 0) -> list:
+    """Up to ``k`` examples with supervised tokens, of different lengths so padding is exercised.
+
+    The first attempt takes the shortest, the longest and a middle one; later attempts (while some block has not
+    been tested yet) draw other examples with a private generator, so the global RNG is untouched.
+    """
+    supervised = [i for i, e in enumerate(examples) if any(x != -100 for x in list(e["labels"])[1:])]
+    pool = supervised or list(range(len(examples)))
+    order = sorted(pool, key=lambda i: len(examples[i]["input_ids"]))
+    if attempt == 0:
+        chosen = list(dict.fromkeys([order[0], order[-1], order[len(order) // 2]]))[:k]
+    else:
+        g = torch.Generator().manual_seed(attempt)
+        chosen = [order[i] for i in torch.randperm(len(order), generator=g)[:k].tolist()]
     return [examples[i] for i in chosen]
 
 
@@ -109,7 +124,16 @@ def check(blocks: Sequence[Block], batch: Pass, singles: Sequence[Pass], plain_l
         raise VerificationError(
             f"Influence verification failed: with the engine's hooks attached the model computes different losses "
             f"(relative difference {worst['forward']:.2e}, tolerance {tol:.0e}), so the engine would score another "
-            f"function than the one trained. No influence was stored; {ISSUES}."
+            f"function than the one trained{_expansion_hint(batch)}. No influence was stored; {ISSUES}."
+        )
+    alone = torch.cat([s.losses for s in singles])
+    worst["batching"] = _rel(batch.losses, alone.to(batch.losses), 0.0)
+    if worst["batching"] > tol:
+        raise VerificationError(
+            "Influence verification failed: an example's loss computed inside a padded micro-batch differs from its "
+            f"loss computed alone (relative difference {worst['batching']:.2e}, tolerance {tol:.0e}), so the model "
+            "mixes examples or depends on padding and per-example influence is not defined for it. Try "
+            f"micro_batch_size=1 (no padding){_expansion_hint(batch)}; otherwise {ISSUES}."
         )
     floor = FLOOR * _total(batch)
     single_floors = [FLOOR * _total(s) for s in singles]
@@ -130,10 +154,37 @@ def check(blocks: Sequence[Block], batch: Pass, singles: Sequence[Pass], plain_l
             _fail(block, block.param_names[0], err, tol, dtype, "examples interact: inner products computed inside "
                   "a micro-batch differ from those of the same examples computed alone")  # fmt: skip
     report.max_error = worst
-    # A block with no gradient on these examples (LoRA's A matrices while B is still zero, at step 0) passed
-    # trivially; the engine checks again at its next computation.
-    report.unchecked = [b.name for b, ref in zip(blocks, batch.references, strict=True) if not bool(ref.any())]
+    # A block whose gradient on these examples is zero or below the floor (LoRA's A matrices while B is still
+    # zero, at step 0) passed without being tested; the engine checks again at its next computation.
+    report.unchecked = [b.name for b, ref in zip(blocks, batch.references, strict=True) if float(ref.norm()) <= floor]
     return report
+
+
+def check_sums(blocks: Sequence[Block], batch: Pass) -> float:
+    """The batch-sum check alone, for one micro-batch of a computation; returns the largest error or raises.
+
+    It runs on every micro-batch (``verify`` on): a parameter whose reconstruction is wrong only for some inputs
+    (tokens absent from the verification sample, a path that opens later in training) is caught where it shows.
+    """
+    tol = tolerance(batch.dtype)
+    floor = FLOOR * _total(batch)
+    worst = 0.0
+    for k, block in enumerate(blocks):
+        err, param = _batch_sum(block, batch.features[k], batch.references[k], floor)
+        worst = max(worst, err)
+        if err > tol:
+            _fail(block, param, err, tol, batch.dtype, "in a micro-batch of this computation, the per-example "
+                  "gradients summed differ from autograd's gradient of the summed loss")  # fmt: skip
+    return worst
+
+
+def _expansion_hint(batch: Pass) -> str:
+    if not batch.expanded:
+        return ""
+    return (
+        f" (the engine gave each example its own copy of the output of {batch.expanded[0]!r}, which the model "
+        "computes once for the whole batch; the model's code seems to depend on that output's batch size of 1)"
+    )
 
 
 def _total(p: Pass) -> float:
