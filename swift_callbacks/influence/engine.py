@@ -124,6 +124,7 @@ class InfluenceEngine:
         self._verified_state: tuple | None = None
         self._attempted_state: tuple | None = None
         self._attempts = 0
+        self._routes_chosen = False
         self.sum_check_error = 0.0  # largest batch-sum error seen on the micro-batches of computations
         # How the model is sharded, found again at every tracking pass (sharding may be applied after set-up).
         self._sharded = False
@@ -151,16 +152,7 @@ class InfluenceEngine:
         chunk = self._eval_chunk_size(len(evals), max(lengths))
         evals_done, probe_sides = [], []
         with self._tracking():
-            state = self._model_state()
-            if self.verify == "every_save" or (self.verify and state != self._verified_state):
-                # Each further attempt on the same model draws a new sample (every_save, or blocks still unchecked).
-                self._attempts = self._attempts + 1 if state == self._attempted_state else 1
-                report = self._verify(verify_lib.sample([*probes, *evals], attempt=self._attempts - 1))
-                self._attempted_state = state
-                # Done once every block was really tested; blocks that get no gradient on 3 different samples stop
-                # it (the batch-sum check on every micro-batch still covers them).
-                if report.complete or self._attempts >= 3:
-                    self._verified_state = state
+            self._verify_state([*probes, *evals])
             for start in range(0, len(evals), chunk):
                 ev = self._side(evals[start : start + chunk])
                 probe_sides.append(self._side(probes, ev.features))
@@ -177,19 +169,34 @@ class InfluenceEngine:
         )
 
     def check(self, examples: Sequence[Example]) -> verify_lib.Report:
-        """Verify the engine against autograd on ``examples`` (a few suffice) now, whatever ``verify`` says.
+        """Verify the engine against autograd on a sample of ``examples`` now, whatever ``verify`` says.
 
-        Routes are those of the last ``compute`` (or chosen for ``examples`` alone if none ran yet).
+        Routes are chosen for ``examples`` if no ``compute`` ran yet. Counts as the verification of the current
+        model for ``compute`` when every block was tested (blocks with no gradient yet are tested again later).
 
         Raises:
             VerificationError: naming the first parameter whose reconstruction disagrees.
         """
-        if self._verified_state is None and all(b.route == "materialize" for b in self.blocks):
+        self._check_examples(examples, "verification")
+        if not self._routes_chosen:
             lengths = [len(e["input_ids"]) for e in examples]
             self._choose_routes(len(examples), len(examples), sum(lengths) / len(lengths))
         with self._tracking():
-            report = self._verify(verify_lib.sample(examples))
-            self._verified_state = self._model_state()
+            return self._verify_state(examples, force=True)
+
+    def _verify_state(self, examples: Sequence[Example], force: bool = False) -> verify_lib.Report | None:
+        """Verify (inside ``_tracking``) unless this model state already passed a complete verification."""
+        state = self._model_state()
+        if not force and self.verify != "every_save" and (not self.verify or state == self._verified_state):
+            return None
+        # Each further attempt on the same model draws a new sample (every_save, or blocks still untested).
+        self._attempts = self._attempts + 1 if state == self._attempted_state else 1
+        self._attempted_state = state
+        report = self._verify(verify_lib.sample(examples, attempt=self._attempts - 1))
+        # Done once every block was really tested; blocks that get no gradient on 3 different samples stop it
+        # (the batch-sum check on every micro-batch still covers them).
+        if report.complete or self._attempts >= 3:
+            self._verified_state = state
         return report
 
     # --------------------------------------------------------------------------------------- internals
@@ -232,6 +239,7 @@ class InfluenceEngine:
         return modules, params, tuple(b.route for b in self.blocks), self._sharded, self.precision
 
     def _choose_routes(self, n_probe: int, n_eval: int, mean_len: float) -> None:
+        self._routes_chosen = True
         n, pairs, t = n_probe + n_eval, n_probe * n_eval + n_probe + n_eval, mean_len
         for block in self.blocks:
             if block.kind not in {"linear", "embedding"} or self.route == "materialize":
