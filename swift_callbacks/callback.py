@@ -194,6 +194,7 @@ class InfluenceCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._check_single_instance()
+        self._check_engine()  # before the history is touched or locked: a model it cannot track changes nothing
         self._done = set()  # a later train() on the same trainer (e.g. a resume) starts a new schedule
         step = state.global_step
         error, missing = None, False
@@ -210,7 +211,6 @@ class InfluenceCallback(TrainerCallback):
             raise error
         if message is not None:
             raise HistoryError(message)
-        self._check_engine()
         if missing:
             # The run stopped between writing checkpoint-N and recording its influence (or the checkpoint was
             # made without the callback). The weights just loaded are those of step N: record it now.
