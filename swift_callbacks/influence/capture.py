@@ -151,9 +151,12 @@ class Capture:
         if not self.recording:
             return None
         name = self._names.get(id(module), type(module).__name__)
-        leaves, _ = pytree.tree_flatten((args, kwargs))
+        if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            leaves, out_leaves, out_spec = list(args), [output], None  # the common call, without pytree's cost
+        else:
+            leaves, _ = pytree.tree_flatten((args, kwargs))
+            out_leaves, out_spec = pytree.tree_flatten(output)
         layouts = {i: self._layout(name, t, strict=i == 0) for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)}
-        out_leaves, out_spec = pytree.tree_flatten(output)
         out_index = [i for i, t in enumerate(out_leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         if not out_index:
             raise UnsupportedModelError(
@@ -194,7 +197,10 @@ class Capture:
                     self.expanded.append(name)
         pending = self._pending.get(id(module))
         params = pending.pop() if pending else {}
-        detached = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, (args, kwargs))
+        if out_spec is None:
+            detached = ((args[0].detach(),), {})
+        else:
+            detached = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, (args, kwargs))
         device_type = out_leaves[out_index[0]].device.type
         self.calls.setdefault(id(module), []).append(
             Call(
@@ -204,7 +210,9 @@ class Capture:
                 autocast=(device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)),
             )
         )  # fmt: skip
-        return pytree.tree_unflatten(out_leaves, out_spec) if changed else None
+        if not changed:
+            return None
+        return out_leaves[0] if out_spec is None else pytree.tree_unflatten(out_leaves, out_spec)
 
     def _layout(self, name: str, x: torch.Tensor, strict: bool) -> Layout:
         """How ``x`` carries the example axis of the micro-batch being recorded.
