@@ -186,8 +186,10 @@ class InfluenceEngine:
 
     def _verify_state(self, examples: Sequence[Example], force: bool = False) -> verify_lib.Report | None:
         """Verify (inside ``_tracking``) unless this model state already passed a complete verification."""
+        if not force and not self.verify:
+            return None  # verify=False: not even the model walk below
         state = self._model_state()
-        if not force and self.verify != "every_save" and (not self.verify or state == self._verified_state):
+        if not force and self.verify != "every_save" and state == self._verified_state:
             return None
         # Each further attempt on the same model draws a new sample (every_save, or blocks still untested).
         self._attempts = self._attempts + 1 if state == self._attempted_state else 1
