@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -13,6 +15,7 @@ from typing import Any
 import pandas as pd
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from .influence import InfluenceEngine, InfluenceResult, block_scores, pairing_mask, relinf
 from .influence import distributed as dist_utils
@@ -23,6 +26,7 @@ from .studies import Metric, Study, merge_studies
 
 logger = logging.getLogger(__name__)
 NEEDS_MASK = {"prompt_completion"}
+_UNSEEN = object()  # train() was not called through the trainer the callback was given
 
 
 class InfluenceCallback(TrainerCallback):
@@ -136,6 +140,8 @@ class InfluenceCallback(TrainerCallback):
         self._masks = {(p.name, e.name): _pairing(p, e) for p in self.probe_sets for e in self.eval_sets}
         self._done: set[int] = set()
         self.store = InfluenceStore(trainer.args.output_dir)
+        self._resumed_from: Any = _UNSEEN
+        self._watch_resume(trainer)
 
     # ----------------------------------------------------------------------------------- set-up helpers
 
@@ -169,6 +175,24 @@ class InfluenceCallback(TrainerCallback):
 
         return prepare
 
+    def _watch_resume(self, trainer: Trainer) -> None:
+        """Record which checkpoint each ``trainer.train`` call resumes from.
+
+        ``Trainer`` keeps no record of the ``resume_from_checkpoint`` path, and the history must be restored from
+        that checkpoint's sidecar: ``output_dir/checkpoint-N`` may be another run's, or absent.
+        """
+        train = trainer.train
+
+        @functools.wraps(train)
+        def watched(resume_from_checkpoint=None, *args, **kwargs):
+            self._resumed_from = _resolve_checkpoint(trainer.args.output_dir, resume_from_checkpoint)
+            try:
+                return train(resume_from_checkpoint, *args, **kwargs)
+            finally:
+                self._resumed_from = _UNSEEN
+
+        trainer.train = watched
+
     @property
     def engine(self) -> InfluenceEngine:
         # trainer.model is the unwrapped model under DDP/DeepSpeed and the FSDP root under FSDP (transformers makes
@@ -197,10 +221,11 @@ class InfluenceCallback(TrainerCallback):
         self._check_engine()  # before the history is touched or locked: a model it cannot track changes nothing
         self._done = set()  # a later train() on the same trainer (e.g. a resume) starts a new schedule
         step = state.global_step
-        error, missing = None, False
+        error, missing, resumed = None, False, None
         if state.is_world_process_zero:
             try:
-                self._start_history(args, step)
+                resumed = self._resumed_checkpoint(args, state) if step > 0 else None
+                self._start_history(args, step, resumed)
                 missing = step > 0 and step not in self.store.steps()
             except (HistoryError, OSError) as err:
                 self.store.release_lock()
@@ -215,8 +240,7 @@ class InfluenceCallback(TrainerCallback):
             # The run stopped between writing checkpoint-N and recording its influence (or the checkpoint was
             # made without the callback). The weights just loaded are those of step N: record it now.
             logger.warning("Influence of the resumed step %d is not recorded; computing it now.", step)
-            ckpt = Path(args.output_dir) / f"checkpoint-{step}"
-            self._run(state, ckpt if ckpt.is_dir() else None)
+            self._run(state, self._own_checkpoint(args, step, resumed))
         elif self.at_step_zero and step == 0:
             self._run(state)
 
@@ -248,12 +272,12 @@ class InfluenceCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.store.release_lock()
 
-    def _start_history(self, args: TrainingArguments, step: int) -> None:
+    def _start_history(self, args: TrainingArguments, step: int, resumed: Path | None) -> None:
         """Rank 0 at train begin: lock, complete interrupted changes, resume or set an old history aside."""
         self.store.acquire_lock()
         self.store.open_for_writing()
         if step > 0:
-            self._resume(args, step)
+            self._resume(args, step, resumed)
         elif self.store.has_history():  # a fresh run in a used output_dir: keep the old history, out of the way
             label = f"previous-run-{time.strftime('%Y%m%d-%H%M%S')}"
             if self.store.set_aside(-1, label) or self.store.has_history():
@@ -278,9 +302,43 @@ class InfluenceCallback(TrainerCallback):
                 state.global_step, "snapshot", f"could not remove the old sidecar of {ckpt}: {err}", err
             )
 
-    def _resume(self, args: TrainingArguments, step: int) -> None:
+    def _resumed_checkpoint(self, args: TrainingArguments, state: TrainerState) -> Path | None:
+        """The checkpoint folder this run resumed from, checked against the state the trainer loaded.
+
+        Raises:
+            HistoryError: It cannot be told which checkpoint was resumed (train() was not called on the trainer
+                the callback was given, and ``output_dir/checkpoint-N`` does not hold the loaded state).
+        """
+        step, resumed = state.global_step, self._resumed_from
+        if isinstance(resumed, Path):
+            saved = _saved_state(resumed)
+            if saved is not None and saved.get("global_step") != step:
+                raise HistoryError(
+                    f"Resumed from {resumed}, whose trainer_state.json is at step {saved.get('global_step')}, but "
+                    f"training starts at step {step}: cannot tell which influence history belongs to this run."
+                )
+            return resumed
+        candidate = Path(args.output_dir) / f"checkpoint-{step}"
+        saved = _saved_state(candidate)
+        if saved is not None and saved.get("global_step") == step and saved.get("log_history") == state.log_history:
+            return candidate
+        raise HistoryError(
+            f"Training starts at step {step}, but the callback cannot tell which checkpoint it resumed from "
+            f"({candidate} does not hold the loaded trainer state). Resume with "
+            "trainer.train(resume_from_checkpoint=PATH) on the trainer given to InfluenceCallback."
+        )
+
+    def _own_checkpoint(self, args: TrainingArguments, step: int, resumed: Path | None) -> Path | None:
+        """The resumed checkpoint when it is this run's ``output_dir/checkpoint-N`` (sidecars are written only
+        into this run's checkpoints, never into a folder the run was merely resumed from)."""
         ckpt = Path(args.output_dir) / f"checkpoint-{step}"
-        report = self.store.resume(ckpt if ckpt.is_dir() else None, step)
+        if resumed is None or not ckpt.is_dir() or not resumed.is_dir():
+            return None
+        return ckpt if ckpt.resolve() == resumed.resolve() else None
+
+    def _resume(self, args: TrainingArguments, step: int, resumed: Path | None) -> None:
+        ckpt = resumed
+        report = self.store.resume(ckpt if ckpt is not None and ckpt.is_dir() else None, step)
         if report.superseded:
             logger.warning(
                 "Resumed at step %d: influence steps %s of another branch moved to %s/%s.", step, report.superseded,
@@ -293,18 +351,19 @@ class InfluenceCallback(TrainerCallback):
                 "Influence history has no record of steps %s before the resumed step %d (their files are gone and "
                 "there is no sidecar to restore them from).", report.dropped, step,
             )  # fmt: skip
-        if not report.sidecar and ckpt.is_dir() and step in self.store.steps():
+        own = self._own_checkpoint(args, step, resumed)
+        if not report.sidecar and own is not None and step in self.store.steps():
             # The checkpoint lost its sidecar (killed between the trainer's save and ours): the history up to the
             # resumed step is this lineage's now, so give the checkpoint its sidecar back.
             try:
-                self.store.snapshot(ckpt, step)
+                self.store.snapshot(own, step)
             except (OSError, HistoryError) as err:
-                self._history_fault(step, "snapshot", f"could not write the sidecar of {ckpt}: {err}", err)
+                self._history_fault(step, "snapshot", f"could not write the sidecar of {own}: {err}", err)
         if not report.sidecar and not any(s <= step for s in self.store.steps()):
             logger.warning(
                 "Resumed at step %d, but %s has no influence sidecar and the history has no step up to %d: the "
-                "history before this step is not restored (was the run resumed from a checkpoint outside "
-                "output_dir, or saved without the callback?).", step, ckpt, step,
+                "history before this step is not restored (was the checkpoint saved without the callback?).",
+                step, ckpt, step,
             )  # fmt: skip
         elif not report.sidecar:
             logger.warning(
@@ -495,6 +554,24 @@ def _pair_frame(step, p: ExampleSet, e: ExampleSet, paired, result: InfluenceRes
         "probe_tokens": result.probe_tokens[p_off + pi].numpy(), "eval_tokens": result.eval_tokens[e_off + ei].numpy(),
         "probe_loss": result.probe_loss[p_off + pi].numpy(), "eval_loss": result.eval_loss[e_off + ei].numpy(),
     })  # fmt: skip
+
+
+def _resolve_checkpoint(output_dir: str, resume_from_checkpoint: Any) -> Path | None:
+    """The folder ``Trainer.train(resume_from_checkpoint=...)`` loads (``True``: the last one in output_dir)."""
+    if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        return None
+    if resume_from_checkpoint is True:
+        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        return Path(last) if last else None
+    return Path(resume_from_checkpoint)
+
+
+def _saved_state(checkpoint: Path) -> dict[str, Any] | None:
+    """A checkpoint's trainer_state.json, or None when it has none that can be read."""
+    try:
+        return json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _pairing(probe: ExampleSet, evals: ExampleSet) -> torch.Tensor:

@@ -225,10 +225,17 @@ def _manifest_bytes(body: dict[str, Any]) -> bytes:
 def _read_manifest(folder: Path, advice: str) -> dict[str, Any] | None:
     """The manifest of ``folder`` (None if it has none), checked for shape and its own checksum."""
     path = folder / MANIFEST
+    if folder.exists() and not folder.is_dir():
+        raise HistoryError(
+            f"{folder} is a file, where the influence history folder should be: move it away (training writes its "
+            "history there), or pass the output_dir of another run."
+        )
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         return None
+    except OSError as err:  # a folder in place of the file, no permission, an I/O error
+        raise HistoryError(f"{path} cannot be read ({err.strerror or err}). {advice}") from err
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -303,6 +310,9 @@ class _View:
             except FileNotFoundError:
                 problems.append(f"{path} is missing")
                 continue
+            except OSError as err:
+                problems.append(f"{path} cannot be read ({err.strerror or err})")
+                continue
             problem = _check_bytes(path, data, entry)
             if problem is None:
                 return data
@@ -340,12 +350,12 @@ def _open_view(root: Path, advice: str | None = None, check_unlisted: bool = Tru
             )
         return _View(root, {}, advice)
     files, removing = _apply_pending(manifest)
-    for step in present if check_unlisted else ():
-        rel = _step_rel(step)
+    unlisted = [_step_rel(step) for step in present] + [n for n in (METRICS, FAILURES) if (root / n).exists()]
+    for rel in unlisted if check_unlisted else ():
         if rel not in files and rel not in removing:
             raise HistoryError(
                 f"{root / rel} is not in {root / MANIFEST}: it was not written by this history's writer (copied in "
-                "by hand, or left by another program). Move it out of pairs/ (or call "
+                f"by hand, or left by another program). Move it out of {root} (or call "
                 f"InfluenceStore({str(root.parent)!r}).adopt() if you trust it)."
             )
     return _View(root, files, advice)
@@ -372,6 +382,9 @@ def _sidecar_view(side: Path, step: int) -> _View | None:
     for s in present:
         if _step_rel(s) not in view.files:
             raise HistoryError(f"{step_path(side, s)} is not in {side / MANIFEST}. {advice}")
+    for name in (METRICS, FAILURES):
+        if (side / name).exists() and name not in view.files:
+            raise HistoryError(f"{side / name} is not in {side / MANIFEST}. {advice}")
     for s in view.steps():
         if s > step:
             raise HistoryError(f"{step_path(side, s)} is after the sidecar's step {step}. {advice}")

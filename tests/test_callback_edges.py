@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 
 import pytest
@@ -49,12 +48,69 @@ def test_interrupted_save_is_recorded_on_resume(stopped_at_10, tmp_path):
     assert_close_rel(redone[redone.step == 10]["dot"], reference[reference.step == 10]["dot"], 1e-6, "step 10")
 
 
-def test_resume_from_a_checkpoint_outside_output_dir_warns(stopped_at_10, tmp_path, caplog):
+def _tree(folder):
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_resume_from_a_checkpoint_outside_output_dir_restores_its_history(stopped_at_10, tmp_path):
+    """The sidecar is read from the checkpoint train() resumed from, wherever it is; that folder is not touched."""
+    before = _tree(stopped_at_10 / "checkpoint-10")
     trainer, _ = make_trainer(tmp_path / "elsewhere", save_steps=5, max_steps=20, n_train=64)
-    with caplog.at_level(logging.WARNING, logger="swift_callbacks.callback"):
-        trainer.train(resume_from_checkpoint=str(stopped_at_10 / "checkpoint-10"))
-    assert "history before this step is not restored" in caplog.text
-    assert list_steps(store_dir(tmp_path / "elsewhere")) == [10, 15, 20]  # the resumed step is recorded, no gap after
+    trainer.train(resume_from_checkpoint=str(stopped_at_10 / "checkpoint-10"))
+    assert list_steps(store_dir(tmp_path / "elsewhere")) == [5, 10, 15, 20]
+    resumed, original = load_pairs(tmp_path / "elsewhere"), load_pairs(stopped_at_10)
+    for step in (5, 10):
+        assert_close_rel(resumed[resumed.step == step]["dot"], original[original.step == step]["dot"], 0, f"{step}")
+    assert _tree(stopped_at_10 / "checkpoint-10") == before
+
+
+def test_resume_from_outside_ignores_another_runs_checkpoint_of_the_same_step(stopped_at_10, tmp_path):
+    """output_dir holds another run's history and checkpoint-10: the history must become the resumed lineage's."""
+    other = tmp_path / "other"
+    trainer, _ = make_trainer(other, extra_callbacks=[StopAt(10)], save_steps=5, max_steps=20, n_train=64,
+                              model_seed=1)  # fmt: skip
+    trainer.train()
+    theirs = load_pairs(other)
+    trainer, _ = make_trainer(other, save_steps=5, max_steps=20, n_train=64)
+    trainer.train(resume_from_checkpoint=str(stopped_at_10 / "checkpoint-10"))
+    assert list_steps(store_dir(other)) == [5, 10, 15, 20]
+    mine, original = load_pairs(other), load_pairs(stopped_at_10)
+    for step in (5, 10):
+        assert_close_rel(mine[mine.step == step]["dot"], original[original.step == step]["dot"], 0, f"{step}")
+        assert not torch.allclose(
+            torch.tensor(mine[mine.step == step]["dot"].to_numpy()),
+            torch.tensor(theirs[theirs.step == step]["dot"].to_numpy()),
+        )
+    assert sorted(p.name for p in (store_dir(other) / "superseded").rglob("step-*.parquet")) == [
+        "step-000000005.parquet", "step-000000010.parquet",
+    ]  # fmt: skip
+
+
+def test_resume_is_refused_when_the_resumed_checkpoint_cannot_be_told(stopped_at_10, tmp_path):
+    """train() called past the wrapper (on the class) from outside output_dir: refused before the first step."""
+    from swift_callbacks import HistoryError
+
+    trainer, _ = make_trainer(tmp_path / "elsewhere", save_steps=5, max_steps=20, n_train=64)
+    with pytest.raises(HistoryError, match="cannot tell which checkpoint"):
+        type(trainer).train(trainer, resume_from_checkpoint=str(stopped_at_10 / "checkpoint-10"))
+    assert not store_dir(tmp_path / "elsewhere").exists() or list_steps(store_dir(tmp_path / "elsewhere")) == []
+
+
+def test_resume_past_the_wrapper_from_output_dir_is_accepted(stopped_at_10, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(stopped_at_10, run)
+    trainer, _ = make_trainer(run, save_steps=5, max_steps=20, n_train=64)
+    type(trainer).train(trainer, resume_from_checkpoint=str(run / "checkpoint-10"))
+    assert list_steps(store_dir(run)) == [5, 10, 15, 20]
+
+
+def test_resume_from_the_last_checkpoint(stopped_at_10, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(stopped_at_10, run)
+    trainer, _ = make_trainer(run, save_steps=5, max_steps=20, n_train=64)
+    trainer.train(resume_from_checkpoint=True)
+    assert list_steps(store_dir(run)) == [5, 10, 15, 20]
+    assert not (store_dir(run) / "superseded").exists() or not list((store_dir(run) / "superseded").rglob("*.parquet"))
 
 
 def test_two_callbacks_on_one_trainer_fail_before_training(tmp_path):

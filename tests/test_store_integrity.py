@@ -252,6 +252,37 @@ def test_unlisted_and_unreadable_step_files_raise_naming_them(tmp_path):
     assert list((st.root / "superseded").glob("quarantined-*/step-000000008.parquet"))
 
 
+def test_unlisted_metrics_and_failures_raise_naming_them(tmp_path):
+    st = InfluenceStore(tmp_path)
+    st.write_step(5, frame(5, A))
+    for name, text in (("metrics.json", "{}"), ("failures.jsonl", '{"step": 5}\n')):
+        path = st.root / name
+        path.write_text(text)  # not written by the store: not in its manifest
+        with pytest.raises(HistoryError, match=rf"{path} is not in {st.root / MANIFEST}"):
+            load_pairs(tmp_path)
+        path.unlink()
+    assert sorted(load_pairs(tmp_path).step.unique()) == [5]
+
+
+def test_a_file_or_folder_in_the_wrong_place_is_named(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / STORE_DIR).write_text("not a folder")
+    for load in (load_pairs, load_scores, load_metrics, load_failures):
+        with pytest.raises(HistoryError, match=rf"{run / STORE_DIR} is a file"):
+            load(run)
+    st = history(tmp_path / "other", {5: A})
+    path = step_path(st.root, 5)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(HistoryError, match=rf"{path} cannot be read"):
+        load_pairs(tmp_path / "other")
+    (st.root / MANIFEST).rename(st.root / "m")
+    (st.root / MANIFEST).mkdir()
+    with pytest.raises(HistoryError, match=rf"{st.root / MANIFEST} cannot be read"):
+        load_pairs(tmp_path / "other")
+
+
 def test_damaged_manifest_and_metrics_raise_naming_them(tmp_path):
     st = history(tmp_path, {5: A})
     metrics = st.root / "metrics.json"
