@@ -39,7 +39,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 from peft import LoraConfig, get_peft_model
 
-from swift_callbacks.demo.tiny import build_model, build_tokenizer, demo_corpus, load_rows
+from swift_callbacks.assets.tiny import build_model, build_tokenizer, demo_corpus, load_rows
 from swift_callbacks.influence import InfluenceEngine, collate, example_losses
 
 ROUTES = ("auto", "ghost", "materialize")

@@ -22,7 +22,7 @@ import torch
 from bench_tracking import build, configs, floor_pass, make_examples, trainable
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from swift_callbacks.demo.tiny import build_tokenizer, demo_corpus
+from swift_callbacks.assets.tiny import build_tokenizer, demo_corpus
 from swift_callbacks.influence import InfluenceEngine
 
 

@@ -15,7 +15,6 @@ from typing import Any
 import pandas as pd
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from .influence import InfluenceEngine, InfluenceResult, block_scores, pairing_mask, relinf
 from .influence import distributed as dist_utils
@@ -23,6 +22,7 @@ from .influence.modules import ParamFilter
 from .sets import ExampleSet, SetError, SetSource, check_unique_names, load_set, tokenize_set
 from .store import HistoryError, InfluenceStore, StepExistsError
 from .studies import Metric, Study, merge_studies
+from .trainers import last_checkpoint
 
 logger = logging.getLogger(__name__)
 NEEDS_MASK = {"prompt_completion"}
@@ -561,7 +561,7 @@ def _resolve_checkpoint(output_dir: str, resume_from_checkpoint: Any) -> Path | 
     if resume_from_checkpoint is None or resume_from_checkpoint is False:
         return None
     if resume_from_checkpoint is True:
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        last = last_checkpoint(output_dir)
         return Path(last) if last else None
     return Path(resume_from_checkpoint)
 

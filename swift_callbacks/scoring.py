@@ -28,7 +28,8 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .training.config import ConfigError, TrainConfig, load_config
+from .configuration import ConfigError
+from .training.config import TrainConfig, load_config
 
 logger = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -122,9 +123,8 @@ def _resolve_config(run: Path, config: TrainConfig | str | os.PathLike | None) -
 
 def _scoring_trainer(config: TrainConfig, first_checkpoint: Path, out: Path):
     """An ``SFTTrainer`` on the first checkpoint's model, configured like training, and its callback."""
-    from trl import SFTTrainer
-
-    from .training.assets import load_model, load_tokenizer
+    from .models import load_model, load_tokenizer
+    from .trainers import make_trainer
     from .training.data import build_mixture
     from .training.tracking import build_callback
     from .training.train import sft_config
@@ -147,7 +147,7 @@ def _scoring_trainer(config: TrainConfig, first_checkpoint: Path, out: Path):
     # with that decision: one row of the real training mixture reproduces it without preparing the whole set.
     with args.main_process_first(desc="loading the training data"):
         sample = build_mixture(config.data.train, config.data.seed, config.data.shuffle).select([0])
-    trainer = SFTTrainer(model=model, args=args, train_dataset=sample, processing_class=tokenizer)
+    trainer = make_trainer("sft", model, tokenizer, args, sample)
     return trainer, build_callback(trainer, config.influence)
 
 
@@ -165,7 +165,7 @@ def _load_weights(model, checkpoint: Path, first_checkpoint: Path, config: Train
         if result.unexpected_keys:
             raise ValueError(f"{checkpoint}: adapter weights {result.unexpected_keys[:5]} do not fit the model.")
         return
-    from .training.assets import load_model
+    from .models import load_model
 
     fresh = load_model(config.model, None, name_or_path=str(checkpoint))
     model.load_state_dict(fresh.state_dict())

@@ -22,7 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 from swift_callbacks import InfluenceCallback, InfluenceEngine
-from swift_callbacks.demo import tiny
+from swift_callbacks.assets import tiny
 
 LORA_TARGETS = ["up_proj", "down_proj"]
 MODEL_KWARGS = {"hidden_size": 64, "num_layers": 2, "seed": 0}

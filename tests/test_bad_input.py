@@ -11,7 +11,7 @@ from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from swift_callbacks import InfluenceCallback, SetError, cot_study, load_failures, load_pairs, load_scores, load_set
-from swift_callbacks.demo.tiny import build_model, build_tokenizer, demo_corpus, load_rows
+from swift_callbacks.assets.tiny import build_model, build_tokenizer, demo_corpus, load_rows
 
 GOOD = [
     {"id": "a", "prompt": "What is 1 plus 1?", "completion": " 2"},

@@ -40,7 +40,7 @@ def test_cli_parses_demo():
 
 @pytest.mark.slow
 def test_demo_with_a_model_path_uses_the_real_loading_code(tmp_path):
-    from swift_callbacks.demo.tiny import build_demo_assets
+    from swift_callbacks.assets.tiny import build_demo_assets
 
     model_dir = tmp_path / "local-model"
     build_demo_assets(model_dir)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from swift_callbacks.demo import make_data, tiny
+from swift_callbacks.assets import tiny
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import make_demo_data as make_data
 
 COT_FILES = ("cot_study_z", "cot_study_z_similar", "cot_study_z_cot")
 ALL_FILES = ("base", *COT_FILES)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from swift_callbacks import load_scores
-from swift_callbacks.demo.tiny import build_demo_assets, load_rows
+from swift_callbacks.assets.tiny import build_demo_assets, load_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from swift_callbacks.demo.tiny import build_demo_assets
+from swift_callbacks.assets.tiny import build_demo_assets
 from swift_callbacks.generation import (
     GenerationRequest,
     Generator,
@@ -108,7 +108,7 @@ def test_vllm_backend_on_the_tiny_model(model_dir):  # pragma: no cover - runs o
 
 
 def test_local_checkpoint_is_cached_by_content_not_path(tmp_path, monkeypatch):
-    from swift_callbacks.demo.tiny import build_model, build_tokenizer, demo_corpus
+    from swift_callbacks.assets.tiny import build_model, build_tokenizer, demo_corpus
 
     tok = build_tokenizer(demo_corpus())
     path, cache = tmp_path / "ckpt", tmp_path / "cache"

@@ -87,7 +87,7 @@ def generator(reply, tmp_path: Path, name: str = "scripted") -> Generator:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from swift_callbacks.demo import tiny
+    from swift_callbacks.assets import tiny
 
     return tiny.build_tokenizer(tiny.demo_corpus())
 

@@ -22,7 +22,7 @@ from swift_callbacks.builders.scalequest import (
 )
 from swift_callbacks.builders.scalequest.backends import prefix_request
 from swift_callbacks.builders.scalequest.contract import load_stats
-from swift_callbacks.builders.scalequest.models import build_tiny, load_causal_lm
+from swift_callbacks.builders.scalequest.models import load_causal_lm
 from swift_callbacks.generation import GenerationRequest, Generator, SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def qft_rows(tmp_path_factory):
-    tokenizer, _ = build_tiny(ModelSpec.parse(TINY))
+    tokenizer, _ = load_causal_lm(ModelSpec.parse(TINY))
     out = tmp_path_factory.mktemp("qft") / "qft-data.jsonl"
     qft_data(SEEDS, out, tokenizer=tokenizer)
     return out
@@ -61,7 +61,7 @@ def test_trl_sft_sees_exactly_one_eos_at_the_end_of_each_question(qft_rows):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    tokenizer, model = build_tiny(ModelSpec.parse(TINY))
+    tokenizer, model = load_causal_lm(ModelSpec.parse(TINY))
     rows = [json.loads(line) for line in qft_rows.read_text().splitlines()][:4]
     args = SFTConfig(output_dir="unused", packing=False, max_length=256, **{k: v for k, v in FAST.items()})
     data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])

@@ -97,7 +97,7 @@ def test_scoring_errors(clarify_runs, tmp_path):
 
 def test_model_from_a_local_folder(tmp_path):
     """The Hub code path (AutoTokenizer / AutoModelForCausalLM.from_pretrained) on a saved tiny model folder."""
-    from swift_callbacks.demo.tiny import build_demo_assets
+    from swift_callbacks.assets.tiny import build_demo_assets
 
     build_demo_assets(tmp_path / "model", hidden_size=64, num_layers=2, seed=0)
     model = [f"model.name_or_path={tmp_path / 'model'}", "model.dtype=float32"]

@@ -7,7 +7,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from swift_callbacks import InfluenceCallback
-from swift_callbacks.demo.tiny import build_model, build_tokenizer, demo_corpus, load_rows
+from swift_callbacks.assets.tiny import build_model, build_tokenizer, demo_corpus, load_rows
 
 ROWS = load_rows("base")[:6]
 

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..assets.tiny import build_model, build_tokenizer, demo_corpus, load_rows
 from ..report import build_report, plot_metrics, summary_table
-from .tiny import build_model, build_tokenizer, demo_corpus, load_rows
 
 logger = logging.getLogger(__name__)
 

@@ -191,9 +191,10 @@ def _load_model(model_or_path: Any, device: str | None, dtype: Any) -> Any:
     import torch
 
     if _is_path_like(model_or_path):
-        from transformers import AutoModelForCausalLM
+        from ..models import ModelConfig, load_model
 
-        model = AutoModelForCausalLM.from_pretrained(str(model_or_path), dtype=dtype if dtype is not None else "auto")
+        dtype = str(dtype).removeprefix("torch.") if dtype is not None else "auto"
+        model = load_model(ModelConfig(str(model_or_path), dtype=dtype))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     else:
         model = model_or_path
@@ -205,12 +206,12 @@ def _load_model(model_or_path: Any, device: str | None, dtype: Any) -> Any:
 def _load_tokenizer(tokenizer: Any, model_or_path: Any, model: Any) -> Any:
     if tokenizer is not None and not _is_path_like(tokenizer):
         return tokenizer
-    from transformers import AutoTokenizer
+    from ..models import ModelConfig, load_tokenizer
 
     source = tokenizer or (model_or_path if _is_path_like(model_or_path) else model.name_or_path)
     if not source:
         raise ValueError("a loaded model without name_or_path needs an explicit tokenizer")
-    return AutoTokenizer.from_pretrained(str(source))
+    return load_tokenizer(ModelConfig(str(source)))
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:

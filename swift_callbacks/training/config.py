@@ -29,84 +29,28 @@ folder first and the working directory second. Values can be overridden from the
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import os
 import re
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from ..configuration import ConfigError, build, join, load_yaml, parse_bytes, suggest
+from ..configuration import resolve_local as resolve_file
+from ..models import ModelConfig
 from ..studies import clarify_study, cot_study, evaluation_study
-from .schema import ConfigError, build, check_keys, check_type, describe, join, suggest
+from ..trainers import check_arguments
 
 DEMO_PREFIX = "demo:"
-TINY_PREFIX = "tiny:"
+DEMO_PREFIX = "demo:"
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 STUDY_BUILDERS = {"cot": cot_study, "clarify": clarify_study, "evaluation": evaluation_study}
-# Keyword arguments of demo.tiny.build_model / build_tokenizer that a ``tiny:`` model spec may set.
-TINY_MODEL_KEYS = {
-    "hidden_size": int, "num_layers": int, "num_heads": int, "intermediate_size": int,
-    "max_position_embeddings": int, "seed": int, "tie_word_embeddings": bool, "arch": str, "vocab_size": int,
-}  # fmt: skip
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-5`` (no dot) as a string; learning rates are written that way, so read it as a float."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
-)
-
-
-def read_yaml(text: str) -> Any:
-    """Parse YAML text with the config's number rules (``1e-5`` is a float)."""
-    return yaml.load(text, Loader=_Loader)
 
 
 # ------------------------------------------------------------------------------------------------ sections
-
-
-@dataclass
-class ModelConfig:
-    """``model:``: what to fine-tune.
-
-    Attributes:
-        name_or_path: A Hub model id or local folder (loaded with ``AutoModelForCausalLM``), or ``tiny:`` /
-            ``tiny:hidden_size=64,num_layers=2`` for the offline tiny Llama and demo tokenizer of
-            ``swift_callbacks.demo.tiny`` (for CPU smoke tests; keys as in ``build_model``).
-        dtype: Weights dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or ``float16``.
-        attn_implementation: ``eager``, ``sdpa``, ``flash_attention_2``, ... (default: transformers' choice).
-        trust_remote_code: Allow model code from the Hub.
-        tokenizer: Tokenizer id or folder (default: ``name_or_path``).
-        revision: Hub revision of the model and tokenizer.
-    """
-
-    name_or_path: str
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: str | None = None
-    trust_remote_code: bool = False
-    tokenizer: str | None = None
-    revision: str | None = None
-
-    @property
-    def tiny_kwargs(self) -> dict[str, Any] | None:
-        """Keyword arguments of the tiny model for a ``tiny:`` spec, else None."""
-        return parse_tiny_spec(self.name_or_path, "model.name_or_path")
-
-    def check(self, path: str) -> None:
-        parse_tiny_spec(self.name_or_path, join(path, "name_or_path"))
-        if self.tiny_kwargs is not None and self.tokenizer is not None:
-            raise ConfigError(f"{join(path, 'tokenizer')}: a tiny: model always uses the demo tokenizer; remove it")
 
 
 @dataclass
@@ -140,7 +84,7 @@ class SourceConfig:
 
     Attributes:
         path: A local ``.jsonl``/``.json``/``.parquet``/``.csv`` file or data folder, ``demo:<name>`` for a file
-            bundled with ``swift_callbacks.demo`` (e.g. ``demo:base``), or a Hub dataset id.
+            bundled with ``swift_callbacks.assets`` (e.g. ``demo:base``), or a Hub dataset id.
         split: Split to load (Hub datasets and data folders).
         config: Hub dataset configuration name.
         columns: Columns to keep (a list), or ``{source column: new name}`` to keep and rename.
@@ -360,17 +304,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), *, resol
         ConfigError: Unreadable file, bad override, or an invalid config (the message names the key path).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"config file {str(path)!r} cannot be read ({err.strerror})") from err
-    try:
-        data = read_yaml(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
-    data = {} if data is None else data
-    for override in overrides:
-        data = apply_override(data, override)
+    data = load_yaml(path, overrides)
     return config_from_dict(data, base_dir=path.resolve().parent, resolve_files=resolve_files)
 
 
@@ -394,63 +328,7 @@ def config_from_dict(
     return config
 
 
-def apply_override(data: Any, override: str) -> Any:
-    """Set ``dotted.key=value`` in ``data`` (dicts created on the way; ``[i]`` or ``.i`` indexes a list).
-
-    Raises:
-        ConfigError: Malformed override, or a path through a value that is not a mapping or list.
-    """
-    key, sep, raw = override.partition("=")
-    parts = re.findall(r"[^.\[\]]+", key.strip())
-    if not sep or not parts or re.search(r"\.\.|\[\]|^\.|\.$", key.strip()):
-        raise ConfigError(f"--set {override!r}: expected KEY.PATH=VALUE, e.g. training.learning_rate=2e-5")
-    try:
-        value = read_yaml(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {override!r}: the value is not valid YAML ({err})") from err
-    root = {} if data is None else data
-    node, where = root, ""
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) > len(node):
-                raise ConfigError(f"--set {override!r}: {where}: index {part!r} is not in 0..{len(node)}")
-            index = int(part)
-            if index == len(node):
-                node.append(None)
-            if last:
-                node[index] = value
-            else:
-                if node[index] is None:
-                    node[index] = {}
-                node = node[index]
-            where = join(where, index)
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                if node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
-            where = join(where, part)
-        else:
-            raise ConfigError(f"--set {override!r}: {where} is {describe(node)}, not a mapping or list")
-    return root
-
-
 # ------------------------------------------------------------------------------------- training section
-
-
-@functools.cache
-def sft_field_types() -> dict[str, Any]:
-    """``trl.SFTConfig`` field names and type hints (the keys the ``training`` section accepts)."""
-    from trl import SFTConfig
-
-    try:
-        hints = typing.get_type_hints(SFTConfig)
-    except Exception:  # an annotation this Python cannot evaluate: check names only, SFTConfig checks values
-        hints = {}
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(SFTConfig) if f.init}
 
 
 def check_training(training: Mapping[str, Any], path: str = "training") -> None:
@@ -459,10 +337,7 @@ def check_training(training: Mapping[str, Any], path: str = "training") -> None:
     Raises:
         ConfigError: Unknown field, value of the wrong type, or no ``output_dir``.
     """
-    fields = sft_field_types()
-    check_keys(training, fields, path)
-    for key, value in training.items():
-        check_type(value, fields[key], join(path, key))
+    check_arguments("sft", training, path)
     if not training.get("output_dir"):
         raise ConfigError(f"{join(path, 'output_dir')}: required key is missing")
 
@@ -470,47 +345,9 @@ def check_training(training: Mapping[str, Any], path: str = "training") -> None:
 # -------------------------------------------------------------------------------------------- helpers
 
 
-def parse_tiny_spec(spec: str, path: str) -> dict[str, Any] | None:
-    """``tiny:`` / ``tiny:hidden_size=64,num_layers=2`` -> keyword arguments; None for any other model spec.
-
-    Raises:
-        ConfigError: Unknown key or a value of the wrong type in a ``tiny:`` spec.
-    """
-    if spec != "tiny" and not spec.startswith(TINY_PREFIX):
-        return None
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in spec.removeprefix("tiny").removeprefix(":").split(","))):
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep:
-            raise ConfigError(f"{path}: {item!r} in the tiny: spec is not KEY=VALUE")
-        if key not in TINY_MODEL_KEYS:
-            raise ConfigError(f"{path}: {key!r} in the tiny: spec is unknown; {suggest(key, list(TINY_MODEL_KEYS))}")
-        kwargs[key] = check_type(read_yaml(raw), TINY_MODEL_KEYS[key], f"{path} ({key})")
-    return kwargs
-
-
-def parse_bytes(value: int | str, path: str) -> int:
-    """``2147483648``, ``"2GiB"``, ``"500 MB"`` -> bytes.
-
-    Raises:
-        ConfigError: Not a positive size.
-    """
-    if isinstance(value, int):
-        size = value
-    else:
-        match = _SIZE.match(value)
-        if not match:
-            raise ConfigError(f"{path}: expected a byte count or a size like '2GiB', got {describe(value)}")
-        size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").lower()])
-    if size < 1:
-        raise ConfigError(f"{path}: must be at least 1 byte, got {value!r}")
-    return size
-
-
 def demo_files() -> set[str]:
-    """Stems of the JSONL files bundled with ``swift_callbacks.demo`` (what ``demo:<name>`` can name)."""
-    folder = resources.files("swift_callbacks.demo").joinpath("data")
+    """Stems of the JSONL files bundled with ``swift_callbacks.assets`` (what ``demo:<name>`` can name)."""
+    folder = resources.files("swift_callbacks.assets").joinpath("data")
     return {f.name.removesuffix(".jsonl") for f in folder.iterdir() if f.name.endswith(".jsonl")}
 
 
@@ -532,16 +369,9 @@ def resolve_local(path: str, base_dir: Path, where: str) -> str:
         if path.removeprefix(DEMO_PREFIX).removesuffix(".jsonl") not in available:
             raise ConfigError(f"{where}: no bundled demo file {path!r}; available: {', '.join(sorted(available))}")
         return path
-    expanded = Path(path).expanduser()
-    candidates = [expanded] if expanded.is_absolute() else [base_dir / expanded, Path.cwd() / expanded]
-    for candidate in candidates:
-        if candidate.exists():
-            return str(candidate.resolve())
-    looks_local = expanded.suffix.lower() in DATA_SUFFIXES or path.startswith(("/", "./", "../", "~"))
-    if looks_local:
-        places = " or ".join(str(c) for c in candidates)
-        raise ConfigError(f"{where}: file {path!r} not found (looked for {places})")
-    return path  # a Hub dataset id
+    looks_local = Path(path).suffix.lower() in DATA_SUFFIXES or path.startswith(("/", "./", "../", "~"))
+    found = resolve_file(path, base_dir, where, must_exist=looks_local)
+    return str(found) if looks_local or found.exists() else path  # else a Hub dataset id
 
 
 def resolve_paths(config: TrainConfig) -> None:

@@ -14,7 +14,7 @@ def load_source(source: SourceConfig):
 
     Local files are read with the ``json`` / ``parquet`` / ``csv`` builders (works offline), a local folder or a
     Hub id with ``load_dataset(path, config, split=...)``, and ``demo:<name>`` from the files bundled with
-    ``swift_callbacks.demo``.
+    ``swift_callbacks.assets``.
 
     Raises:
         ValueError: A ``columns`` entry the dataset does not have.
@@ -22,7 +22,7 @@ def load_source(source: SourceConfig):
     from datasets import Dataset, load_dataset
 
     if is_demo(source.path):
-        from ..demo.tiny import load_rows
+        from ..assets.tiny import load_rows
 
         dataset = Dataset.from_list(load_rows(source.path.removeprefix(DEMO_PREFIX)))
     else:

@@ -29,7 +29,7 @@ class SetResolver:
     @staticmethod
     def _load(source: SourceConfig) -> Any:
         if is_demo(source.path):
-            from ..demo.tiny import load_rows
+            from ..assets.tiny import load_rows
 
             rows = load_rows(source.path.removeprefix(DEMO_PREFIX))
             return [{k: r[k] for k in ("id", "task", "prompt", "completion") if k in r} for r in rows]

@@ -18,31 +18,29 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .config import ConfigError, TrainConfig, load_config
+from ..configuration import ConfigError
+from ..models import load_model, load_tokenizer
+from ..trainers import lora_config, make_trainer, trainer_arguments
+from .config import TrainConfig, load_config
 
 logger = logging.getLogger(__name__)
 CONFIG_FILE = "swift_train_config.yaml"
 RUN_FILE = "swift_run.json"
 
 
-def sft_config(training: dict[str, Any], **overrides: Any):
+def sft_config(training: Mapping[str, Any], **overrides: Any):
     """``trl.SFTConfig`` of the ``training`` section (plus ``overrides``).
 
     Raises:
         ConfigError: SFTConfig rejected a value (e.g. ``bf16: true`` on a machine without bf16 support).
     """
-    from trl import SFTConfig
-
-    try:
-        return SFTConfig(**{**training, **overrides})
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"training: trl.SFTConfig rejected the section: {err}") from err
+    return trainer_arguments("sft", {**training, **overrides}, path="training")
 
 
 def build_trainer(config: TrainConfig, *, influence: bool = True):
@@ -55,9 +53,6 @@ def build_trainer(config: TrainConfig, *, influence: bool = True):
     Returns:
         ``(trainer, callback)``; ``callback`` is None when influence is off or the config has no section for it.
     """
-    from trl import SFTTrainer
-
-    from .assets import load_model, load_tokenizer, lora_config
     from .data import build_datasets
     from .tracking import build_callback
 
@@ -68,10 +63,9 @@ def build_trainer(config: TrainConfig, *, influence: bool = True):
     model = load_model(config.model, tokenizer)
     with args.main_process_first(desc="loading the training data"):
         train_dataset, eval_dataset = build_datasets(config.data)
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        processing_class=tokenizer, peft_config=lora_config(config.lora),
-    )  # fmt: skip
+    lora = config.lora
+    peft = lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules) if lora is not None else None
+    trainer = make_trainer("sft", model, tokenizer, args, train_dataset, eval_dataset=eval_dataset, peft_config=peft)
     callback = None
     if influence and config.influence is not None:
         callback = build_callback(trainer, config.influence)

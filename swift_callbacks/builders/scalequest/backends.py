@@ -14,11 +14,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from ...configuration import ConfigError
 from ...generation.base import GenerationRequest, GenerationResult, SamplingParams
 from ...generation.openai_backend import OpenAICompatibleBackend
 from ...generation.transformers_backend import TransformersBackend
 from ...generation.vllm_backend import VLLMBackend
-from .models import ConfigError, ModelSpec, build_tiny, device_of, load_causal_lm, load_regression_model
+from .models import ModelSpec, device_of, load_causal_lm, load_regression_model
 
 PREFIX_ROLE = "prefix"
 
@@ -125,7 +126,7 @@ def generation_backend(spec: ModelSpec) -> Any:
     if spec.backend == "vllm":
         backend = PrefixVLLMBackend(spec.model, chunk_size=spec.chunk_size, **spec.engine)
     elif spec.backend == "tiny":
-        tokenizer, model = build_tiny(spec)
+        tokenizer, model = load_causal_lm(spec)
         backend = PrefixTransformersBackend(model, tokenizer, batch_size=spec.batch_size, device=spec.device)
     elif spec.trust_remote_code:  # the shared backend loads without remote code: hand it loaded objects
         tokenizer, model = load_causal_lm(spec)

@@ -2,8 +2,8 @@
 
 A model spec is a string or a mapping:
 
-- ``"tiny:hidden_size=64,num_layers=2,seed=0"``: the offline tiny Llama of ``swift_callbacks.demo.tiny``, built
-  from config (no download); for a scoring role, the same body with a one-output regression head.
+- ``"tiny:hidden_size=64,num_layers=2,seed=0"``: the offline tiny model (the grammar of
+  :func:`swift_callbacks.models.parse_tiny`); for a scoring role, the same body with a one-output regression head.
 - ``"stage:qft"``: the model a training stage of this pipeline wrote (resolved by the runner).
 - ``"scripted:arithmetic"``: a deterministic offline stand-in for an instruction-following LLM (see
   :mod:`.scripted`); only for smoke tests of the pipeline's plumbing.
@@ -13,7 +13,8 @@ A model spec is a string or a mapping:
   that backend's options (``openai`` needs ``base_url`` and ``model``; the key comes from the environment variable
   ``api_key_env`` names, never from the file).
 
-The backends that run a spec are in :mod:`.backends`. torch and transformers are imported inside functions only.
+Local weights (tiny, a folder, a Hub id, a ``.gguf`` file) are loaded by :mod:`swift_callbacks.models` through
+:meth:`ModelSpec.weights`; the backends that run a spec are in :mod:`.backends`.
 """
 
 from __future__ import annotations
@@ -24,14 +25,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...configuration import ConfigError
+from ...models import ModelConfig, load_model_and_tokenizer, parse_tiny, tiny_identity
+from ...models import load_tokenizer as load_weights_tokenizer
 from .contract import path_digest
 
 BACKENDS = ("transformers", "vllm", "openai", "tiny", "scripted", "stage")
-# Keyword arguments of demo.tiny.build_model (plus the tokenizer's vocab_size) a tiny spec may set, with types.
-TINY_KEYS: dict[str, type] = {
-    "hidden_size": int, "num_layers": int, "num_heads": int, "intermediate_size": int,
-    "max_position_embeddings": int, "seed": int, "tie_word_embeddings": bool, "arch": str, "vocab_size": int,
-}  # fmt: skip
 # Options each backend accepts in the mapping form (besides "backend").
 _OPTIONS = {
     "transformers": {"model", "tokenizer", "batch_size", "device", "dtype", "trust_remote_code"},
@@ -42,10 +41,6 @@ _OPTIONS = {
     "scripted": {"model"},
     "stage": {"model", "run_with", "batch_size", "device", "dtype", "engine", "chunk_size", "trust_remote_code"},
 }  # fmt: skip
-
-
-class ConfigError(ValueError):
-    """An invalid pipeline config or model spec; the message starts with the key path of the problem."""
 
 
 @dataclass(frozen=True)
@@ -110,10 +105,26 @@ class ModelSpec:
             raise ConfigError(f"{path}: expected a model spec (string or mapping), got {type(value).__name__}")
         return _parse_mapping(value, path)
 
+    def weights(self) -> ModelConfig:
+        """The local weights this spec runs, as the one model loader takes them.
+
+        Raises:
+            ConfigError: The spec has no local weights (an OpenAI-compatible server, a scripted stand-in), or an
+                unknown dtype.
+        """
+        if self.backend == "tiny":
+            return ModelConfig(tiny_identity(self.tiny))
+        if self.backend not in ("transformers", "vllm"):
+            raise ConfigError(f"model {self.identity()!r} has no local weights (a {self.backend!r} model)")
+        dtype = self.dtype or "auto"
+        if dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"model {self.model!r}: dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        return ModelConfig(self.model, dtype=dtype, trust_remote_code=self.trust_remote_code, tokenizer=self.tokenizer)
+
     def identity(self) -> str:
         """What distinguishes this model's answers: part of the cache keys and the stage fingerprints."""
         if self.backend == "tiny":
-            return "tiny:" + ",".join(f"{k}={v}" for k, v in sorted(self.tiny.items()))
+            return tiny_identity(self.tiny)
         if self.backend in ("scripted", "openai"):
             return f"{self.backend}:{self.model}" + (f"@{self.base_url}" if self.base_url else "")
         if self.fingerprint:
@@ -134,7 +145,7 @@ def resolve_stage_model(spec: ModelSpec, folder: str | os.PathLike, stage_finger
 def _parse_string(text: str, path: str) -> ModelSpec:
     kind, sep, rest = text.partition(":")
     if sep and kind == "tiny":
-        return ModelSpec("tiny", tiny=parse_tiny_kwargs(rest, path))
+        return ModelSpec("tiny", tiny=parse_tiny(text, path))
     if text == "tiny":
         return ModelSpec("tiny")
     if sep and kind in ("scripted", "stage", "vllm"):
@@ -160,8 +171,9 @@ def _parse_mapping(value: Mapping[str, Any], path: str) -> ModelSpec:
     kwargs = {k: v for k, v in value.items() if k != "backend"}
     if backend == "tiny":
         tiny_value = kwargs.get("tiny") or {}
-        kwargs["tiny"] = (parse_tiny_kwargs(tiny_value, f"{path}.tiny") if isinstance(tiny_value, str)
-                          else _check_tiny(tiny_value, f"{path}.tiny"))  # fmt: skip
+        if isinstance(tiny_value, str):
+            tiny_value = tiny_value if tiny_value.startswith("tiny") else f"tiny:{tiny_value}"
+        kwargs["tiny"] = parse_tiny(tiny_value, f"{path}.tiny")
     elif not isinstance(kwargs.get("model"), str) or not kwargs["model"]:
         raise ConfigError(f"{path}.model: required for backend {backend!r}")
     if backend == "openai" and not kwargs.get("base_url"):
@@ -182,40 +194,6 @@ def _check_types(kwargs: dict[str, Any], path: str) -> None:
             raise ConfigError(f"{path}.{key}: expected {types[key]}, got {type(value).__name__}")
 
 
-def parse_tiny_kwargs(text: str, path: str = "model") -> dict[str, Any]:
-    """``"hidden_size=64,num_layers=2"`` -> ``{"hidden_size": 64, "num_layers": 2}`` (checked)."""
-    result: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, raw = part.partition("=")
-        if not sep:
-            raise ConfigError(f"{path}: tiny option {part!r} is not KEY=VALUE")
-        result[key.strip()] = raw.strip()
-    return _check_tiny(result, path, from_text=True)
-
-
-def _check_tiny(values: Mapping[str, Any], path: str, from_text: bool = False) -> dict[str, Any]:
-    out = {}
-    for key, raw in values.items():
-        kind = TINY_KEYS.get(key)
-        if kind is None:
-            raise ConfigError(f"{path}: unknown tiny model option {key!r}; expected one of {sorted(TINY_KEYS)}")
-        try:
-            out[key] = _convert(kind, raw) if from_text else raw
-        except ValueError:
-            raise ConfigError(f"{path}: tiny option {key}={raw!r} is not a {kind.__name__}") from None
-        if not isinstance(out[key], kind) or (kind is int and isinstance(out[key], bool)):
-            raise ConfigError(f"{path}: tiny option {key} must be a {kind.__name__}, got {raw!r}")
-    return out
-
-
-def _convert(kind: type, raw: str) -> Any:
-    if kind is bool:
-        if raw.lower() not in ("true", "false"):
-            raise ValueError(raw)
-        return raw.lower() == "true"
-    return kind(raw)
-
-
 # ------------------------------------------------------------------------------------------------ building models
 
 
@@ -226,88 +204,32 @@ def device_of(spec: ModelSpec) -> str:
 
 
 def load_tokenizer(spec: ModelSpec) -> Any:
-    """The tokenizer of ``spec`` (the demo tokenizer for tiny models).
+    """The tokenizer of ``spec`` (for a server or scripted model: its ``tokenizer``, to build chat prefixes).
 
     Raises:
-        ConfigError: An OpenAI-compatible or scripted model without a ``tokenizer`` to read a chat template from.
+        ConfigError: An OpenAI-compatible or scripted model without a ``tokenizer``.
     """
-    if spec.backend == "tiny":
-        return build_tiny_tokenizer(spec)
-    source = spec.tokenizer or (spec.model if spec.backend in ("transformers", "vllm") else None)
-    if not source:
+    if spec.backend in ("transformers", "vllm", "tiny"):
+        return load_weights_tokenizer(spec.weights())
+    if not spec.tokenizer:
         raise ConfigError(f"model {spec.identity()!r} needs a 'tokenizer' (folder or hub id) to build chat prefixes")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
-
-
-def build_tiny_tokenizer(spec: ModelSpec) -> Any:
-    from ...demo import tiny
-
-    kwargs = spec.tiny
-    return tiny.build_tokenizer(
-        tiny.demo_corpus(),
-        vocab_size=kwargs.get("vocab_size", 512),
-        model_max_length=kwargs.get("max_position_embeddings", 256),
-    )
-
-
-def build_tiny(spec: ModelSpec) -> tuple[Any, Any]:
-    """The tiny tokenizer and causal LM of a ``tiny:`` spec (deterministic)."""
-    from ...demo import tiny
-
-    tokenizer = build_tiny_tokenizer(spec)
-    model = tiny.build_model(tokenizer, **{k: v for k, v in spec.tiny.items() if k != "vocab_size"})
-    model.config._name_or_path = spec.identity()
-    return tokenizer, model
+    return load_weights_tokenizer(ModelConfig(spec.tokenizer, trust_remote_code=spec.trust_remote_code))
 
 
 def load_causal_lm(spec: ModelSpec) -> tuple[Any, Any]:
-    """Tokenizer and causal LM to train (tiny: built from config; else ``from_pretrained``)."""
-    if spec.backend == "tiny":
-        return build_tiny(spec)
-    if spec.backend not in ("transformers", "vllm"):
-        raise ConfigError(f"a training stage needs local weights, not a {spec.backend!r} model")
-    from transformers import AutoModelForCausalLM
+    """Tokenizer and causal LM of ``spec`` (to train or to generate with).
 
-    tokenizer = load_tokenizer(spec)
-    dtype = spec.dtype or "auto"
-    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=dtype, trust_remote_code=spec.trust_remote_code)
-    return tokenizer, model
+    Raises:
+        ConfigError: The spec has no local weights.
+    """
+    return load_model_and_tokenizer(spec.weights())
 
 
 def load_regression_model(spec: ModelSpec) -> tuple[Any, Any]:
-    """Tokenizer and a one-output sequence regression model (a reward model, or the base of the difficulty scorer).
+    """Tokenizer and a one-output sequence regression model (a reward model, or the base of the difficulty scorer):
+    the spec's body with a fresh ``score`` head where the checkpoint has none.
 
-    A tiny spec gets the tiny Llama body with a fresh ``score`` head; a folder is loaded with
-    ``AutoModelForSequenceClassification`` (``num_labels=1``), adding a head when the checkpoint has none.
+    Raises:
+        ConfigError: The spec has no local weights.
     """
-    import torch
-
-    if spec.backend == "tiny":
-        from transformers import AutoModelForSequenceClassification
-
-        tokenizer, causal = build_tiny(spec)
-        config = causal.config
-        config.num_labels, config.problem_type = 1, "regression"
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.tiny.get("seed", 0))
-            model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
-        model.config._name_or_path = spec.identity()
-    elif spec.backend in ("transformers", "vllm"):
-        from transformers import AutoModelForSequenceClassification
-
-        tokenizer = load_tokenizer(spec)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            spec.model, num_labels=1, dtype=spec.dtype or "auto", trust_remote_code=spec.trust_remote_code
-        )
-    else:
-        raise ConfigError(f"a scoring model needs local weights, not a {spec.backend!r} model")
-    if model.config.pad_token_id is None:
-        # Sequence classification pools the last non-pad token, so batches need a pad id.
-        model.config.pad_token_id = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, model
+    return load_model_and_tokenizer(spec.weights(), head="regression")

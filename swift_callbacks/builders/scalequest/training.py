@@ -15,15 +15,14 @@ Every function here imports torch, transformers and TRL when called, never at im
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .models import ConfigError, ModelSpec, load_causal_lm, load_regression_model
-from .settings import suggest
+from ...trainers import check_arguments, last_checkpoint, make_trainer, trainer_arguments
+from .models import ModelSpec, load_causal_lm, load_regression_model
 
 # The paper's QFT: 1 epoch, packing, max length 256, learning rate 2e-5.
 QFT_DEFAULTS: dict[str, Any] = {"num_train_epochs": 1, "packing": True, "max_length": 256, "learning_rate": 2e-5}
@@ -34,57 +33,22 @@ QPO_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-7, "beta": 0.1, "num_train_e
 # The difficulty scorer is not specified beyond "a regression on solver fail rates": a short, gentle fine-tune.
 SCORER_DEFAULTS: dict[str, Any] = {"learning_rate": 1e-5, "num_train_epochs": 1, "per_device_train_batch_size": 8,
                                    "save_strategy": "no"}  # fmt: skip
-KINDS = ("sft", "dpo", "regression")
-
-
-def config_class(kind: str) -> type:
-    """The trainer-arguments class of a training kind."""
-    if kind == "sft":
-        from trl import SFTConfig
-
-        return SFTConfig
-    if kind == "dpo":
-        from trl import DPOConfig
-
-        return DPOConfig
-    if kind == "regression":
-        from transformers import TrainingArguments
-
-        return TrainingArguments
-    raise ValueError(f"unknown training kind {kind!r}; expected one of {KINDS}")
 
 
 def check_overrides(kind: str, overrides: Mapping[str, Any], path: str) -> None:
-    """Checks that every override names a field of the kind's trainer-arguments class.
+    """Check trainer-argument overrides by name and type when the config is read (``output_dir`` is the stage's).
 
     Raises:
-        ConfigError: ``<path>.<key>: unknown ... argument; did you mean ...``.
+        ConfigError: Unknown or reserved name, or a value of the wrong type.
     """
-    names = [f.name for f in dataclasses.fields(config_class(kind)) if f.init]
-    for key in overrides:
-        if key == "output_dir":
-            raise ConfigError(f"{path}.output_dir: set by the pipeline (the stage's output folder)")
-        if key not in names:
-            cls = config_class(kind).__name__
-            raise ConfigError(f"{path}.{key}: unknown {cls} argument; {suggest(str(key), names)}")
+    check_arguments(kind, overrides, path, reserved=("output_dir",))
 
 
 def make_args(kind: str, defaults: Mapping[str, Any], overrides: Mapping[str, Any], output_dir: str | os.PathLike):
     """The trainer arguments: ``defaults``, then ``overrides``, then ``output_dir`` (where checkpoints go); bf16
     chosen by the hardware unless set."""
-    import torch
-
     values = {**defaults, **overrides, "output_dir": str(output_dir)}
-    if "bf16" not in values and "fp16" not in values:
-        values["bf16"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    values.setdefault("report_to", "none")
-    return config_class(kind)(**values)
-
-
-def _last_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+    return trainer_arguments(kind, values, hardware_precision=True, path="training")
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, run_key: str) -> Path:
@@ -93,7 +57,7 @@ def checkpoint_dir(output_dir: str | os.PathLike, run_key: str) -> Path:
 
 
 def _train_and_save(trainer: Any, tokenizer: Any, output_dir: str | os.PathLike) -> dict[str, Any]:
-    result = trainer.train(resume_from_checkpoint=_last_checkpoint(trainer.args.output_dir))
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(trainer.args.output_dir))
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(output_dir))
@@ -132,13 +96,12 @@ def train_sft(
         Training metrics, plus ``examples`` and ``examples_over_max_length``.
     """
     from datasets import Dataset
-    from trl import SFTTrainer
 
     args = make_args("sft", QFT_DEFAULTS, overrides, checkpoint_dir(output_dir, run_key))
     tokenizer, model = load_causal_lm(spec)
     over = _count_over(tokenizer, [r["prompt"] + r["completion"] for r in rows], args.max_length)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = make_trainer("sft", model, tokenizer, args, dataset)
     metrics = _train_and_save(trainer, tokenizer, output_dir)
     del trainer, model
     free_memory()
@@ -165,12 +128,11 @@ def train_dpo(
         Training metrics, plus ``pairs``.
     """
     from datasets import Dataset
-    from trl import DPOTrainer
 
     args = make_args("dpo", QPO_DEFAULTS, overrides, checkpoint_dir(output_dir, run_key))
     tokenizer, model = load_causal_lm(spec)
     dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
-    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = make_trainer("dpo", model, tokenizer, args, dataset)
     metrics = _train_and_save(trainer, tokenizer, output_dir)
     del trainer, model
     free_memory()
@@ -201,14 +163,12 @@ def train_regressor(
         Training metrics, plus ``examples``.
     """
     from datasets import Dataset
-    from transformers import DataCollatorWithPadding, Trainer
 
     args = make_args("regression", SCORER_DEFAULTS, overrides, checkpoint_dir(output_dir, run_key))
     tokenizer, model = load_regression_model(spec)
     encoded = tokenizer(texts, truncation=True, max_length=max_length)
     dataset = Dataset.from_dict({**encoded, "labels": [float(v) for v in labels]})
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      data_collator=DataCollatorWithPadding(tokenizer))  # fmt: skip
+    trainer = make_trainer("regression", model, tokenizer, args, dataset)
     metrics = _train_and_save(trainer, tokenizer, output_dir)
     del trainer, model
     free_memory()

@@ -13,7 +13,7 @@ and ``answer``. Prompts never end with whitespace and completions always start w
 byte-level BPE tokenizer cannot merge tokens across the prompt/completion boundary.
 
 Only the standard library is used, and all randomness comes from one ``random.Random(seed)``, so running
-``python -m swift_callbacks.demo.make_data`` always rewrites byte-identical files.
+``python scripts/make_demo_data.py`` always rewrites byte-identical files.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ N_BASE_PER_TASK = 40
 COT_SUFFIX = " Please output the reason first and then the final answer, regardless of the above description."
 """Text appended to a Z prompt to obtain the matching Z'' (chain-of-thought) prompt."""
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "swift_callbacks" / "assets" / "data"
 """Directory holding the bundled JSONL files."""
 
 FILE_NAMES = ("base", "cot_study_z", "cot_study_z_similar", "cot_study_z_cot")

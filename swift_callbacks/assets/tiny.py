@@ -50,9 +50,9 @@ CHAT_TEMPLATE = (
 ``{% generation %}...{% endgeneration %}`` so that ``return_assistant_tokens_mask=True`` (TRL's
 ``assistant_only_loss``) trains the model to emit the end-of-turn token."""
 
-DATA_PACKAGE = "swift_callbacks.demo"
+DATA_PACKAGE = "swift_callbacks.assets"
 DATA_FILES = ("base", "cot_study_z", "cot_study_z_similar", "cot_study_z_cot")
-"""Stems of the bundled JSONL files under ``swift_callbacks/demo/data``."""
+"""Stems of the bundled JSONL files under ``swift_callbacks/assets/data``."""
 
 
 def load_rows(name: str) -> list[dict]:

@@ -1,10 +1,13 @@
-"""Checking plain YAML data against dataclasses and type hints, with errors that name the key path.
+"""The one configuration kernel: YAML reading, ``--set`` overrides, and checking plain data against dataclasses.
 
-The training config is read from YAML into dicts and lists; :func:`build` turns such data into a dataclass,
-field by field, and every problem is a :class:`ConfigError` whose message starts with the dotted path of the key
-(``influence.engine.rout: unknown key; did you mean 'route'?``). Only the types the configs use are understood
-(``bool``, ``int``, ``float``, ``str``, ``list[...]``, ``dict[str, ...]``, unions, ``Literal``, enums and nested
-dataclasses); anything else is accepted as given and left for the consumer to check.
+Every config of the package (training recipes, the ScaleQuest pipeline, engine options, model specs) is read with
+:func:`load_yaml` / :func:`read_yaml`, overridden with :func:`apply_override` (``training.learning_rate=2e-5``,
+``data.train[0].weight=0.5``) and turned into dataclasses with :func:`build`, field by field. Every problem is a
+:class:`ConfigError` whose message starts with the dotted path of the key (``influence.engine.rout: unknown key;
+did you mean 'route'?``). Only the types the configs use are understood (``bool``, ``int``, ``float``, ``str``,
+``list[...]``, ``dict[str, ...]``, unions, ``Literal``, enums and nested dataclasses); anything else is accepted as
+given and left for the consumer to check. Local paths are checked when the config is loaded
+(:func:`resolve_local`), not when a stage hours later opens them.
 """
 
 from __future__ import annotations
@@ -12,16 +15,143 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import os
+import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 MISSING = dataclasses.MISSING
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 
 
 class ConfigError(ValueError):
-    """An invalid training config; the message starts with the key path of the problem."""
+    """An invalid config, override or spec; the message starts with the key path of the problem."""
+
+
+# ---------------------------------------------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; learning rates are written that way, so read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML text with the configs' number rules (``1e-5`` is a float)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def load_yaml(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A YAML config file as a mapping, with ``overrides`` applied.
+
+    Raises:
+        ConfigError: The file cannot be read, is not YAML, is not a mapping, or an override is malformed.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({err.strerror or err})") from err
+    try:
+        data = read_yaml(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    data = {} if data is None else data
+    for override in overrides:
+        data = apply_override(data, override)
+    require_mapping(data, "")
+    return data
+
+
+def apply_override(data: Any, override: str) -> Any:
+    """Set ``dotted.key=value`` in ``data`` (mappings created on the way; ``[i]`` or ``.i`` indexes a list, and
+    the index one past the end appends). The value is read as YAML.
+
+    Raises:
+        ConfigError: Malformed override, or a path through a value that is not a mapping or list.
+    """
+    key, sep, raw = override.partition("=")
+    parts = re.findall(r"[^.\[\]]+", key.strip())
+    if not sep or not parts or re.search(r"\.\.|\[\]|^\.|\.$", key.strip()):
+        raise ConfigError(f"--set {override!r}: expected KEY.PATH=VALUE, e.g. training.learning_rate=2e-5")
+    try:
+        value = read_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {override!r}: the value is not valid YAML ({err})") from err
+    root = {} if data is None else data
+    node, where = root, ""
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) > len(node):
+                raise ConfigError(f"--set {override!r}: {where}: index {part!r} is not in 0..{len(node)}")
+            index = int(part)
+            if index == len(node):
+                node.append(None)
+            key_at: Any = index
+        elif isinstance(node, dict):
+            key_at = part
+        else:
+            raise ConfigError(f"--set {override!r}: {where} is {describe(node)}, not a mapping or list")
+        if last:
+            node[key_at] = value
+        else:
+            if (node[key_at] if isinstance(node, list) else node.get(key_at)) is None:
+                node[key_at] = {}
+            node = node[key_at]
+        where = join(where, key_at)
+    return root
+
+
+# ------------------------------------------------------------------------------------------- values, paths
+
+
+def parse_bytes(value: int | str, path: str) -> int:
+    """``2147483648``, ``"2GiB"``, ``"500 MB"`` -> bytes.
+
+    Raises:
+        ConfigError: Not a positive size.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE.match(value)):
+        size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").lower()])
+    else:
+        raise ConfigError(f"{path}: expected a byte count or a size like '2GiB', got {describe(value)}")
+    if size < 1:
+        raise ConfigError(f"{path}: must be at least 1 byte, got {value!r}")
+    return size
+
+
+def resolve_local(value: str, base_dir: str | os.PathLike, where: str, *, must_exist: bool = True) -> Path:
+    """The absolute path of a local file or folder named in a config.
+
+    A relative path is looked up in ``base_dir`` (the config file's folder) first and the working directory
+    second.
+
+    Raises:
+        ConfigError: ``must_exist`` and the path exists in neither place (the message names both).
+    """
+    expanded = Path(value).expanduser()
+    candidates = [expanded] if expanded.is_absolute() else [Path(base_dir) / expanded, Path.cwd() / expanded]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate.resolve()
+    if must_exist:
+        places = " or ".join(str(c) for c in dict.fromkeys(candidates))
+        raise ConfigError(f"{where}: file {value!r} not found (looked for {places})")
+    return candidates[0].resolve()
 
 
 def join(path: str, key: str | int) -> str:
@@ -98,7 +228,12 @@ def build(cls: type, data: Any, path: str) -> Any:
             values[f.name] = check_type(data[f.name], hints[f.name], where)
         elif f.default is MISSING and f.default_factory is MISSING:
             raise ConfigError(f"{where}: required key is missing")
-    obj = cls(**values)
+    try:
+        obj = cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # a value the dataclass itself refuses (its __post_init__)
+        raise ConfigError(f"{path or 'config'}: {err}") from None
     if hasattr(obj, "check"):
         obj.check(path)
     return obj
