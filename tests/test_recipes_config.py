@@ -133,7 +133,7 @@ def test_relative_paths_resolve_against_the_config_folder_then_cwd(tmp_path, mon
         ("lora.rank", 8, "lora.rank: unknown key"),
         ("data.shufle", True, "data.shufle: unknown key; did you mean 'shuffle'?"),
         ("data.train[0]", {"path": "demo:base", "wieght": 2}, "data.train[0].wieght: unknown key; did you mean"),
-        ("training.learning_rat", 1e-5, "training.learning_rat: unknown SFTConfig argument; did you mean 'learning_rate'?"),
+        ("training.learning_rat", 1e-5, "training.learning_rat: unknown SFTConfig argument; did you mean 'learning_r"),
         ("influence.schedule.every_n_step", 5, "influence.schedule.every_n_step: unknown key; did you mean 'every_n"),
         ("influence.engine.rout", "ghost", "influence.engine.rout: unknown key; did you mean 'route'?"),
         ("influence.eval_sets.qa", {"path": "demo:base", "splt": "x"}, "influence.eval_sets.qa.splt: unknown key; did"),
