@@ -16,9 +16,10 @@ import pandas as pd
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .configuration import ConfigError
 from .influence import InfluenceEngine, InfluenceResult, block_scores, pairing_mask, relinf
 from .influence import distributed as dist_utils
-from .influence.modules import ParamFilter
+from .influence.arguments import InfluenceArguments
 from .sets import ExampleSet, SetError, SetSource, check_unique_names, load_set, tokenize_set
 from .store import HistoryError, InfluenceStore, StepExistsError
 from .studies import Metric, Study, merge_studies
@@ -73,22 +74,19 @@ class InfluenceCallback(TrainerCallback):
         studies: Studies from ``swift_callbacks.studies`` (their sets are added and their metrics logged).
         every_n_steps: Also compute every N optimizer steps (in addition to saves).
         at_step_zero: Also compute before the first training step.
-        param_filter: Regex or predicate on parameter names restricting the tracked trainable parameters.
-        route: ``"auto"``, ``"ghost"`` or ``"materialize"`` (see ``InfluenceEngine``).
-        micro_batch_size: Examples per tracking forward/backward.
-        max_feature_bytes: Memory budget for stored evaluation features.
         allow_packing: Accept packing / padding-free training; probe and eval examples are then still scored
             one sequence each, which differs from how packed training sees them.
         metric_prefix: Prefix of logged metric keys.
         strict: Raise on a fault during training (see Faults) instead of recording it and going on.
-        verify: ``True`` (default): when training starts, and again whenever the model's modules change, check
-            the engine's per-example gradients against autograd on the live model on a sample of the sets, and
-            check every micro-batch's gradient sum at every computation; a disagreement raises before anything
-            is stored. ``"once"``: the sample check only; ``"every_save"``: the sample check at every
-            computation too; ``False``: no check. See ``InfluenceEngine``.
-        precision: ``"auto"``: track in the precision training uses (under bf16 autocast, inner products differ
-            from fp32 by up to about 2e-2 relative, measured); ``"fp32"``: the tracked forward/backward in fp32
-            with autocast off, exact to fp32 rounding.
+        influence_args: The engine options as one :class:`~swift_callbacks.influence.arguments.InfluenceArguments`.
+        **engine_options: Or the same options as keywords: ``param_filter`` (regex or predicate on parameter
+            names), ``route`` (``"auto"``, ``"ghost"``, ``"materialize"``), ``micro_batch_size``,
+            ``max_feature_bytes``, ``verify`` (``True``: check the engine against autograd on the live model when
+            training starts and whenever the model's modules change, and every micro-batch's gradient sum at every
+            computation, raising before anything is stored; ``"once"``, ``"every_save"``, ``False``),
+            ``precision`` (``"auto"``: the precision training uses, about 2e-2 relative under bf16 autocast,
+            measured; ``"fp32"``: exact to fp32 rounding) and ``score`` (the score variant, ``"exact"``). Unknown
+            or invalid options raise ``ConfigError`` here, before training.
     """
 
     def __init__(
@@ -100,15 +98,11 @@ class InfluenceCallback(TrainerCallback):
         studies: Sequence[Study] = (),
         every_n_steps: int | None = None,
         at_step_zero: bool = False,
-        param_filter: ParamFilter = None,
-        route: str = "auto",
-        micro_batch_size: int = 8,
-        max_feature_bytes: int = 2 << 30,
         allow_packing: bool = False,
         metric_prefix: str = "swift",
         strict: bool = False,
-        verify: bool | str = True,
-        precision: str = "auto",
+        influence_args: InfluenceArguments | None = None,
+        **engine_options: Any,
     ) -> None:
         probe_sets, eval_sets = dict(probe_sets or {}), dict(eval_sets or {})
         check_unique_names(probe_sets, eval_sets)
@@ -118,18 +112,16 @@ class InfluenceCallback(TrainerCallback):
             raise SetError("InfluenceCallback needs at least one probe set and one evaluation set.")
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        _check_engine_options(route, micro_batch_size, verify, precision)
+        if influence_args is not None and engine_options:
+            raise ConfigError(f"engine options go in influence_args or as keywords, not both: {sorted(engine_options)}")
+        self.influence_args = influence_args or InfluenceArguments.from_options(engine_options)
+        self.influence_args.check()
         self.trainer = trainer
         self.every_n_steps = every_n_steps
         self.at_step_zero = at_step_zero
         self.metric_prefix = metric_prefix
         self.strict = bool(strict)
         self.metrics: list[Metric] = metrics
-        self._engine_kwargs = dict(
-            param_filter=param_filter, route=route, micro_batch_size=micro_batch_size,
-            max_feature_bytes=max_feature_bytes,
-        )  # fmt: skip
-        self._engine_kwargs.update(verify=verify, precision=precision)
         self._engine: InfluenceEngine | None = None
         self.probe_sets = [load_set(n, s) for n, s in probe_sets.items()]
         self.eval_sets = [load_set(n, s) for n, s in eval_sets.items()]
@@ -199,7 +191,7 @@ class InfluenceCallback(TrainerCallback):
         # it the wrapped module before on_train_begin): rebuild when it changes, never hold a stale module.
         model = self.trainer.model
         if self._engine is None or self._engine.model is not model:
-            self._engine = InfluenceEngine(model, pad_token_id=self._pad_token_id(), **self._engine_kwargs)
+            self._engine = InfluenceEngine(model, pad_token_id=self._pad_token_id(), args=self.influence_args)
         return self._engine
 
     def _pad_token_id(self) -> int:
@@ -521,18 +513,6 @@ class InfluenceCallback(TrainerCallback):
         return {"step": step, "kind": "nonfinite_pairs", "side": None, "set": None, "ids": [list(w) for w in where],
                 "reason": "non-finite inner product; RelInf NaN and left out of s_in / s_cross", "stored": True,
                 "message": message}  # fmt: skip
-
-
-def _check_engine_options(route: str, micro_batch_size: int, verify, precision: str) -> None:
-    """Engine options checked when the callback is made (the engine itself is built at the first computation)."""
-    if route not in {"auto", "ghost", "materialize"}:
-        raise ValueError(f"route must be 'auto', 'ghost' or 'materialize', got {route!r}")
-    if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size!r}")
-    if verify not in (True, False, "once", "every_save") or not isinstance(verify, bool | str):
-        raise ValueError(f"verify must be True, 'once', 'every_save' or False, got {verify!r}")
-    if precision not in {"auto", "fp32"}:
-        raise ValueError(f"precision must be 'auto' or 'fp32', got {precision!r}")
 
 
 def _pair_frame(step, p: ExampleSet, e: ExampleSet, paired, result: InfluenceResult, rel, sl, p_off, e_off):

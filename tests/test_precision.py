@@ -62,5 +62,5 @@ def test_fp32_tracking_of_a_bf16_model_restores_it_bit_for_bit():
 
 
 def test_unknown_precision_is_refused():
-    with pytest.raises(ValueError, match="precision must be one of"):
+    with pytest.raises(ValueError, match="precision: must be one of"):
         InfluenceEngine(tiny_model(), precision="bf16")

@@ -101,7 +101,7 @@ def test_every_save_and_off():
     off = InfluenceEngine(model, micro_batch_size=3, verify=False)
     off.compute(PROBES, EVALS)
     assert off.verification is None
-    with pytest.raises(ValueError, match="verify must be"):
+    with pytest.raises(ValueError, match="verify: must be"):
         InfluenceEngine(model, verify="sometimes")
 
 

@@ -1,12 +1,15 @@
-"""``swift-study demo``: a complete CoT swift study, offline, on a CPU in a few minutes.
+"""``swift-study demo``: a complete CoT swift study, offline, on a CPU — an application of the recipe path.
 
-1. Build a tiny Llama-style model from config and train a byte-level BPE tokenizer on the bundled data (or load
-   ``--model`` from a local path or the Hub).
-2. Warm-up: briefly fine-tune the tiny model on the bundled base instruction set, so it starts the study as a
-   model that already knows something (a real pretrained model needs no warm-up).
-3. The study: LoRA SFT (up/down projections, as in the paper) on the base set with ``InfluenceCallback``
-   tracking the CoT study (Z, Z', Z'') at step 0 and every save.
-4. A PNG figure of the four CoT-study curves (like the paper's Figure 1), a summary table, and the full
+The demo is two training recipes run exactly as ``swift-study train`` runs them (``training.train.run_training``
+on a checked :class:`~swift_callbacks.training.config.TrainConfig`), plus a figure, a table and the report:
+
+1. Warm-up (tiny model only): full fine-tuning of the offline tiny Llama (``tiny:`` spec) on the bundled base
+   instruction set, so the study starts from a model that already knows something (a real pretrained model,
+   ``--model``, needs none). Saved to ``OUTPUT/warmup``.
+2. The study: LoRA SFT (up/down projections, as in the paper) on the base set with ``InfluenceCallback`` tracking
+   the CoT study (Z, Z', Z'') at step 0 and every save. ``OUTPUT/run/swift_train_config.yaml`` is its recipe,
+   runnable again with ``swift-study train --config``.
+3. A PNG figure of the four CoT-study curves (like the paper's Figure 1), a summary table, and the full
    ``swift-study report`` (per-context panels, verdicts, length/gradient-norm diagnostics).
 """
 
@@ -17,11 +20,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..assets.tiny import build_model, build_tokenizer, demo_corpus, load_rows
+from ..assets.tiny import load_rows
 from ..report import build_report, plot_metrics, summary_table
 
 logger = logging.getLogger(__name__)
+TINY_MODEL = "tiny:hidden_size=128,num_layers=4,num_heads=4,intermediate_size=344"
+COT_SETS = {"z": "demo:cot_study_z", "z_similar": "demo:cot_study_z_similar", "z_cot": "demo:cot_study_z_cot"}
 
 
 @dataclass
@@ -42,86 +48,75 @@ def _say(msg: str) -> None:
     print(f"[swift-study demo] {msg}", flush=True)
 
 
-def _load_assets(cfg: DemoConfig):
-    if cfg.model:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+def _training(cfg: DemoConfig, out: Path, epochs: float, **extra: Any) -> dict[str, Any]:
+    """The ``training`` section both recipes share."""
+    import torch
 
-        _say(f"loading {cfg.model}")
-        tok = AutoTokenizer.from_pretrained(cfg.model)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        return tok, AutoModelForCausalLM.from_pretrained(cfg.model), False
-    _say("building a tiny Llama-style model from config and training a tokenizer on the bundled data")
-    tok = build_tokenizer(demo_corpus())
-    model = build_model(tok, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=344, seed=cfg.seed)
-    return tok, model, True
+    return {
+        "output_dir": str(out), "num_train_epochs": epochs, "per_device_train_batch_size": cfg.batch_size,
+        "learning_rate": cfg.learning_rate, "lr_scheduler_type": "linear", "warmup_steps": 10, "seed": cfg.seed,
+        "use_cpu": not torch.cuda.is_available(), "bf16": False, "gradient_checkpointing": False,
+        "max_length": 256, "logging_steps": 10, "disable_tqdm": False, **extra,
+    }  # fmt: skip
 
 
-def _train_rows() -> list[dict]:
-    return [{"prompt": r["prompt"], "completion": r["completion"]} for r in load_rows("base")]
+def warmup_recipe(cfg: DemoConfig) -> dict[str, Any]:
+    """Full fine-tuning of the tiny model on the base set, no influence tracking."""
+    training = _training(cfg, Path(cfg.output_dir) / "warmup", cfg.warmup_epochs, save_strategy="no", report_to=[])
+    return {
+        "model": {"name_or_path": f"{TINY_MODEL},seed={cfg.seed}"},
+        "data": {"train": [{"path": "demo:base", "columns": ["prompt", "completion"]}]},
+        "training": training,
+    }
 
 
-def _sft_config(cfg: DemoConfig, out: str, epochs: float, **extra):
-    from trl import SFTConfig
-
-    return SFTConfig(
-        output_dir=out, num_train_epochs=epochs, per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate, lr_scheduler_type="linear", warmup_steps=10, seed=cfg.seed,
-        use_cpu=not _has_gpu(), bf16=False, gradient_checkpointing=False, max_length=256, logging_steps=10,
-        report_to=["tensorboard"] if _has_tensorboard() else [], disable_tqdm=False, **extra,
-    )  # fmt: skip
-
-
-def _warm_up(cfg: DemoConfig, tok, model) -> None:
-    from datasets import Dataset
-    from trl import SFTTrainer
-
-    _say(f"warm-up: full fine-tuning of the tiny model for {cfg.warmup_epochs:g} epochs on the base set")
-    args = _sft_config(cfg, str(Path(cfg.output_dir) / "warmup"), cfg.warmup_epochs, save_strategy="no")
-    args.report_to = []
-    SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(_train_rows()), processing_class=tok).train()
+def study_recipe(cfg: DemoConfig, model: str) -> dict[str, Any]:
+    """The CoT study: LoRA on the up/down projections, influence at step 0 and every save."""
+    report_to = ["tensorboard"] if _has_tensorboard() else []
+    return {
+        "model": {"name_or_path": model},
+        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": 0.05, "target_modules": ["up_proj", "down_proj"]},
+        "data": {"train": [{"path": "demo:base", "columns": ["prompt", "completion"]}]},
+        "training": _training(cfg, Path(cfg.output_dir) / "run", cfg.epochs, save_steps=cfg.save_every,
+                              report_to=report_to),
+        "influence": {"studies": [{"type": "cot", "sets": dict(COT_SETS)}], "schedule": {"at_step_zero": True}},
+    }  # fmt: skip
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo study; returns paths of the outputs."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from datasets import Dataset
-    from peft import LoraConfig
-    from trl import SFTTrainer
-
-    from .. import InfluenceCallback, cot_study, load_metrics, load_pairs
+    from .. import load_metrics, load_pairs
+    from ..training.config import config_from_dict
+    from ..training.train import run_training
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok, model, tiny = _load_assets(cfg)
-    if tiny:
-        _warm_up(cfg, tok, model)
-    targets = ["up_proj", "down_proj"] if any(n.endswith("up_proj") for n, _ in model.named_modules()) else "all-linear"
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.05, target_modules=targets)
-    run_dir = str(out / "run")
-    trainer = SFTTrainer(
-        model=model, args=_sft_config(cfg, run_dir, cfg.epochs, save_steps=cfg.save_every),
-        train_dataset=Dataset.from_list(_train_rows()), processing_class=tok, peft_config=lora,
-    )  # fmt: skip
-    study = cot_study(
-        z=load_rows("cot_study_z"), z_similar=load_rows("cot_study_z_similar"), z_cot=load_rows("cot_study_z_cot")
-    )
-    trainer.add_callback(InfluenceCallback(trainer, studies=[study], at_step_zero=True))
-    _say(f"study: LoRA SFT on {len(trainer.train_dataset)} base examples, influence at step 0 and every "
-         f"{cfg.save_every} steps (Z, Z', Z'': {len(study.probe_sets['noncot'])} tasks)")  # fmt: skip
-    trainer.train()
+    model = cfg.model
+    if model is None:
+        _say("warm-up: full fine-tuning of an offline tiny Llama (built from config, tokenizer trained on the bundled "
+             f"data) for {cfg.warmup_epochs:g} epochs on the base set")  # fmt: skip
+        run_training(config_from_dict(warmup_recipe(cfg)), influence=False)
+        model = str(out / "warmup")
+    else:
+        _say(f"loading {model}")
+    study = config_from_dict(study_recipe(cfg, model))
+    _say(f"study: LoRA SFT on the base set, influence of the CoT study at step 0 and every {cfg.save_every} steps")
+    trainer = run_training(study)
+    run_dir = study.output_dir
     metrics = load_metrics(run_dir)
     figure = out / "cot_study.png"
     plot_metrics(load_pairs(run_dir), metrics, figure, title="Swift study on CoT data (demo)")
     table = summary_table(metrics)
     report = build_report(run_dir)
-    accuracy = _accuracy(trainer.model, tok)
+    accuracy = _accuracy(trainer.model, trainer.processing_class)
     _say(f"done in {time.perf_counter() - start:.0f}s")
     print("\nCoT swift study, average RelInf by metric over the recorded steps:")
     print(table.to_string(float_format=lambda v: f"{v:+.4f}"))
     print(f"\nexact-match accuracy of the final model on Z' (held-out, greedy): {accuracy:.0%}")
     print(f"history: {run_dir}/swift_influence   figure: {figure}   report: {report}")
+    print(f"recipe: {run_dir}/swift_train_config.yaml (run it again with swift-study train --config)")
     print(f"load it with: swift_callbacks.load_scores({run_dir!r})")
     return {"run_dir": run_dir, "figure": str(figure), "report": str(report), "summary": table, "accuracy": accuracy}
 
@@ -140,12 +135,6 @@ def _accuracy(model, tok) -> float:
             text = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True).strip()
             hits += text.split(" ")[0].rstrip(".") == row["answer"]
     return hits / len(rows)
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _has_tensorboard() -> bool:

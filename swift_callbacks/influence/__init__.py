@@ -1,21 +1,25 @@
 """Pure-PyTorch influence engine: exact per-example gradient inner products and RelInf scores.
 
-Nothing here imports ``transformers.Trainer``; the callback is the only Trainer glue.
+Nothing here imports ``transformers.Trainer``; the callback is the only Trainer glue. Names resolve lazily, so
+``InfluenceArguments`` (read with a config) does not import torch.
 """
 
-from .engine import InfluenceEngine, InfluenceResult, collate, example_losses
-from .modules import Block, find_blocks
-from .scores import BlockScores, block_scores, pairing_mask, relinf
+from ..lazy import lazy_exports
 
-__all__ = [
-    "Block",
-    "BlockScores",
-    "InfluenceEngine",
-    "InfluenceResult",
-    "block_scores",
-    "collate",
-    "example_losses",
-    "find_blocks",
-    "pairing_mask",
-    "relinf",
-]
+_EXPORTS = {
+    "Block": "modules",
+    "BlockScores": "scores",
+    "InfluenceArguments": "arguments",
+    "InfluenceEngine": "engine",
+    "InfluenceResult": "engine",
+    "ScoreVariant": "variants",
+    "block_scores": "scores",
+    "collate": "engine",
+    "example_losses": "engine",
+    "find_blocks": "modules",
+    "pairing_mask": "scores",
+    "register_variant": "variants",
+    "relinf": "scores",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

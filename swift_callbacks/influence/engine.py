@@ -20,21 +20,24 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configuration import ConfigError
 from . import distributed as dist_utils
 from . import sharding
 from . import verify as verify_lib
+from .arguments import InfluenceArguments
 from .capture import Capture, make_inputs_require_grad
 from .features import ACC, Feature, Materialized, block_feature, concat, pairwise, select, sq_norms
-from .modules import Block, ParamFilter, UnsupportedModelError, find_blocks, get_path
+from .modules import Block, UnsupportedModelError, find_blocks, get_path
+from .variants import make_variant
 
 Example = Mapping[str, Sequence[int]]
 IGNORE_INDEX = -100
-PRECISIONS = {"auto", "fp32"}
 logger = logging.getLogger(__name__)
 
 
@@ -71,55 +74,23 @@ class InfluenceEngine:
             FSDP1 pass the root ``FullyShardedDataParallel`` wrapper, whose forward gathers the root's
             parameters. See ``docs/sharding.md``.
         pad_token_id: Token id used to right-pad micro-batches. It never changes a result.
-        param_filter: Regex (searched in parameter names) or predicate restricting the tracked trainable
-            parameters. Default: every parameter with ``requires_grad=True``.
-        route: ``"auto"`` (pick the cheaper exact route per block), ``"ghost"`` or ``"materialize"``.
-        micro_batch_size: Examples per forward/backward.
-        max_feature_bytes: Budget for stored evaluation features, per process: under ``torch.distributed`` every
-            rank holds the gathered features of the whole chunk. Beyond it evaluation examples are processed in
-            chunks (probes are then re-run once per chunk).
-        verify: ``True`` (default): before the first ``compute`` and whenever the model's modules, the tracked
-            parameters, the routes or the precision change, check the engine against autograd on the live model
-            on a sample of examples (see ``verify.py``), and check every micro-batch's per-example gradients
-            against autograd's batch gradient (about 10-25% of a computation on CPU); raise
-            ``VerificationError`` before returning any number if they disagree. ``"once"``: the sample check only
-            (no per-micro-batch check). ``"every_save"``: both, with the sample check at every ``compute`` (on a
-            new sample each time). ``False``: no check.
-        precision: ``"auto"``: track in whatever precision the model's forward runs in (under bf16 autocast,
-            scores are good to about 3e-3 relative). ``"fp32"``: run the tracked forward/backward in float32,
-            autocast off and low-precision weights temporarily upcast (restored bit for bit), so a bf16 run still
-            gets influence exact to fp32 rounding.
+        args: The engine options (:class:`~swift_callbacks.influence.arguments.InfluenceArguments`: param_filter,
+            route, micro_batch_size, max_feature_bytes, verify, precision, score), or give them as keywords
+            (``InfluenceEngine(model, route="ghost")``). Unknown or invalid options raise ``ConfigError``.
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        *,
-        pad_token_id: int = 0,
-        param_filter: ParamFilter = None,
-        route: str = "auto",
-        micro_batch_size: int = 8,
-        max_feature_bytes: int = 2 << 30,
-        verify: bool | str = True,
-        precision: str = "auto",
+        self, model: nn.Module, *, pad_token_id: int = 0, args: InfluenceArguments | None = None, **options: Any
     ) -> None:
-        if route not in {"auto", "ghost", "materialize"}:
-            raise ValueError(f"route must be 'auto', 'ghost' or 'materialize', got {route!r}")
-        if verify not in (True, False, "once", "every_save"):
-            raise ValueError(f"verify must be True, 'once', 'every_save' or False, got {verify!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if args is not None and options:
+            raise ConfigError(f"pass the engine options in args or as keywords, not both (got {sorted(options)})")
+        args = args if args is not None else InfluenceArguments.from_options(options)
+        args.check()
+        self.args = args
         self.model = model
         self.pad_token_id = pad_token_id
-        self.param_filter = param_filter
-        self.route = route
-        self.micro_batch_size = micro_batch_size
-        self.max_feature_bytes = max_feature_bytes
-        self.verify = verify
-        self.precision = precision
-        self.blocks: list[Block] = find_blocks(model, param_filter)
+        self.variant = make_variant(args.score, args.score_options)
+        self.blocks: list[Block] = find_blocks(model, args.param_filter)
         self.verification: verify_lib.Report | None = None  # the last verification's report
         self._verified_state: tuple | None = None
         self._attempted_state: tuple | None = None
@@ -129,6 +100,13 @@ class InfluenceEngine:
         # How the model is sharded, found again at every tracking pass (sharding may be applied after set-up).
         self._sharded = False
         self._zero3 = False
+
+    param_filter = property(lambda self: self.args.param_filter)
+    route = property(lambda self: self.args.route)
+    micro_batch_size = property(lambda self: self.args.micro_batch_size)
+    max_feature_bytes = property(lambda self: self.args.max_feature_bytes)
+    verify = property(lambda self: self.args.verify)
+    precision = property(lambda self: self.args.precision)
 
     @property
     def num_tracked_params(self) -> int:
@@ -153,6 +131,7 @@ class InfluenceEngine:
         evals_done, probe_sides = [], []
         with self._tracking():
             self._verify_state([*probes, *evals])
+            self.variant.setup(self.model, self.blocks)
             for start in range(0, len(evals), chunk):
                 ev = self._side(evals[start : start + chunk])
                 probe_sides.append(self._side(probes, ev.features))
@@ -302,6 +281,9 @@ class InfluenceEngine:
             feats, norm, loss, tokens, sums = self._forward_backward([examples[i] for i in batch], reference=checked)
             if sums is not None:
                 self.sum_check_error = max(self.sum_check_error, verify_lib.check_sums(self.blocks, sums))
+            if not self.variant.exact:  # scores from the variant's features (checked above on the exact ones)
+                feats = self.variant.transform(self.blocks, feats, "probe" if eval_features is not None else "eval")
+                norm = sum((sq_norms(f) for f in feats), torch.zeros_like(norm))
             dot = None
             if eval_features is not None:
                 dot = torch.zeros(len(batch), len(eval_features[0]), dtype=ACC, device=norm.device)

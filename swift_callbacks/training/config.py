@@ -31,15 +31,15 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from ..configuration import ConfigError, build, join, load_yaml, parse_bytes, suggest
+from ..configuration import ConfigError, build, join, load_yaml, suggest
 from ..configuration import resolve_local as resolve_file
+from ..influence.arguments import InfluenceArguments
 from ..models import ModelConfig
 from ..studies import clarify_study, cot_study, evaluation_study
 from ..trainers import check_arguments
@@ -164,33 +164,6 @@ class ScheduleConfig:
             raise ConfigError(f"{join(path, 'every_n_steps')}: must be >= 1, got {self.every_n_steps}")
 
 
-@dataclass
-class EngineConfig:
-    """``influence.engine:``: how the influence engine computes (see ``InfluenceCallback``).
-
-    Attributes:
-        route: ``auto``, ``ghost`` or ``materialize``.
-        micro_batch_size: Examples per tracking forward/backward.
-        param_filter: Regex on parameter names restricting the tracked trainable parameters.
-        max_feature_bytes: Budget for stored evaluation features, in bytes or as ``"2GiB"``, ``"500MB"``.
-    """
-
-    route: Literal["auto", "ghost", "materialize"] = "auto"
-    micro_batch_size: int = 8
-    param_filter: str | None = None
-    max_feature_bytes: int | str = 2 << 30
-
-    def check(self, path: str) -> None:
-        if self.micro_batch_size < 1:
-            raise ConfigError(f"{join(path, 'micro_batch_size')}: must be >= 1, got {self.micro_batch_size}")
-        self.max_feature_bytes = parse_bytes(self.max_feature_bytes, join(path, "max_feature_bytes"))
-        if self.param_filter is not None:
-            try:
-                re.compile(self.param_filter)
-            except re.error as err:
-                raise ConfigError(f"{join(path, 'param_filter')}: not a valid regex ({err})") from err
-
-
 SetSpec = str | SourceConfig
 
 
@@ -228,7 +201,8 @@ class InfluenceConfig:
         eval_sets: ``{name: set}`` of evaluation sets.
         studies: The paper's studies (their sets and metric names are registered too).
         schedule: When to compute besides every save.
-        engine: Engine settings.
+        engine: Engine options (``InfluenceArguments``: route, micro_batch_size, param_filter, max_feature_bytes,
+            verify, precision, score).
         allow_packing: Accept packing / padding-free training.
         metric_prefix: Prefix of logged metric keys.
     """
@@ -237,7 +211,7 @@ class InfluenceConfig:
     eval_sets: dict[str, SetSpec] = field(default_factory=dict)
     studies: list[StudyConfig] = field(default_factory=list)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    engine: InfluenceArguments = field(default_factory=InfluenceArguments)
     allow_packing: bool = False
     metric_prefix: str = "swift"
 

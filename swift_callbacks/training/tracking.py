@@ -44,17 +44,13 @@ def callback_kwargs(influence: InfluenceConfig) -> dict[str, Any]:
     study_objects = [
         STUDY_BUILDERS[s.type](**{name: resolve(spec) for name, spec in s.sets.items()}) for s in influence.studies
     ]
-    engine = influence.engine
     return {
         "probe_sets": {name: resolve(spec) for name, spec in influence.probe_sets.items()},
         "eval_sets": {name: resolve(spec) for name, spec in influence.eval_sets.items()},
         "studies": study_objects,
         "every_n_steps": influence.schedule.every_n_steps,
         "at_step_zero": influence.schedule.at_step_zero,
-        "param_filter": engine.param_filter,
-        "route": engine.route,
-        "micro_batch_size": engine.micro_batch_size,
-        "max_feature_bytes": engine.max_feature_bytes,
+        "influence_args": influence.engine,
         "allow_packing": influence.allow_packing,
         "metric_prefix": influence.metric_prefix,
     }
