@@ -15,7 +15,7 @@ from swift_callbacks.builders.scalequest import (
     parse_final_verdict,
     text_after_final_marker,
 )
-from swift_callbacks.builders.scalequest.difficulty import reference_answer
+from swift_callbacks.builders.scalequest.stages.difficulty import reference_answer
 
 
 @pytest.mark.parametrize(
@@ -179,7 +179,7 @@ def test_decontaminate_indexes_eval_rows_by_position_and_names_sets_uniquely(tmp
     import json
 
     from swift_callbacks.builders.scalequest import StageError
-    from swift_callbacks.builders.scalequest.decontaminate import DecontaminateSettings, EvalSet, decontaminate
+    from swift_callbacks.builders.scalequest.stages.decontaminate import DecontaminateSettings, EvalSet, decontaminate
 
     def write(path, rows):
         path.parent.mkdir(parents=True, exist_ok=True)

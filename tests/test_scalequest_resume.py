@@ -205,7 +205,8 @@ def test_runner_reruns_decontaminate_when_an_eval_set_file_changes(tmp_path, cap
 
 def test_runner_names_the_missing_input_and_unknown_stages(tmp_path):
     config = write_config(tmp_path / "p.yaml", base_config(tmp_path, tmp_path / "questions.jsonl"))
-    with pytest.raises(StageError, match=r"input .* does not exist"):
+    # A configured input is checked before any stage runs, and the error names its key path.
+    with pytest.raises(ConfigError, match=r"^stages\.filter-language\.input: file .* not found"):
         run_pipeline(config, tmp_path / "out", ["filter-language"])
     with pytest.raises(StageError, match=r"run stage 'filter-language' first"):
         run_pipeline(config, tmp_path / "out", ["filter-solvable"])
@@ -213,6 +214,23 @@ def test_runner_names_the_missing_input_and_unknown_stages(tmp_path):
         run_pipeline(config, tmp_path / "out", ["qpo-pairs"])
     with pytest.raises(ConfigError, match=r"unknown stage\(s\) \['respnd'\]"):
         run_pipeline(config, tmp_path / "out", ["respnd"])
+
+
+def test_runner_checks_files_before_any_stage_runs_and_takes_list_overrides(tmp_path):
+    rows = write_jsonl(tmp_path / "final.jsonl", QUESTIONS[:4])
+    data = base_config(tmp_path, rows)
+    data["stages"]["decontaminate"] = {"input": str(rows), "eval_sets": [{"path": "missing.jsonl"}]}
+    config = write_config(tmp_path / "pipeline.yaml", data)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"^stages\.decontaminate\.eval_sets\[0\]\.path: file .* not found"):
+        run_pipeline(config, out, ["filter-language", "decontaminate"])
+    assert not (out / "filter-language.stats.json").exists()  # nothing ran
+    eval_set = write_jsonl(tmp_path / "eval.jsonl", [{"question": QUESTIONS[1]["question"]}])
+    argv = ["run", "--config", str(config), "--output-dir", str(out), "--stages", "decontaminate", "--set",
+            f"stages.decontaminate.eval_sets[0].path={eval_set}", "--set", "stages.decontaminate.n=5"]  # fmt: skip
+    assert scalequest_main(argv) == 0
+    stats = json.loads((out / "decontaminate.stats.json").read_text())
+    assert stats["rows_out"] == 3 and stats["settings"]["n"] == 5
 
 
 def _mutate(data: dict, path: str, value) -> dict:
@@ -234,7 +252,7 @@ CONFIG_ERRORS = [
     ("stages/respnd", {}, "stages.respnd: unknown key; did you mean 'respond'?"),
     ("stages/respond/samplng", {}, "stages.respond.samplng: unknown key; did you mean 'sampling'?"),
     ("stages/respond/sampling", {"temprature": 1}, "stages.respond.sampling.temprature: unknown key"),
-    ("stages/respond/n", "five", "stages.respond.n: expected int"),
+    ("stages/respond/n", "five", "stages.respond.n: expected an integer"),
     ("stages/respond/n", 0, "stages.respond: n must be at least 1"),
     ("stages/respond/sampling", {"top_p": 1.5}, "stages.respond.sampling: invalid sampling settings"),
     ("stages/qft/training", {"learnig_rate": 1}, "stages.qft.training.learnig_rate: unknown SFTConfig argument"),
@@ -247,7 +265,11 @@ CONFIG_ERRORS = [
     ("models/teacher", {"backend": "openai", "model": "m"}, "models.teacher.base_url: required"),
     ("models/teacher", {"backend": "vllm", "model": "m", "engin": {}}, "models.teacher.engin: unknown key"),
     ("models/teacher", {"backend": "gpt"}, "models.teacher.backend: expected one of"),
-    ("models/tiny", "tiny:hiden_size=3", "models.tiny: unknown tiny model option 'hiden_size'"),
+    (
+        "models/tiny",
+        "tiny:hiden_size=3",
+        "models.tiny: 'hiden_size' in the tiny: spec is unknown; did you mean 'hidden_size'?",
+    ),
     ("stages/respond/model", "openai:gpt", "stages.respond.model: give an OpenAI-compatible server as a mapping"),
 ]
 

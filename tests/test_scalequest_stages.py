@@ -38,7 +38,7 @@ from swift_callbacks.builders.scalequest import (
     training_prompt,
 )
 from swift_callbacks.builders.scalequest.contract import load_stats
-from swift_callbacks.builders.scalequest.qpo import choose_aspect
+from swift_callbacks.builders.scalequest.stages.qpo import choose_aspect
 from swift_callbacks.generation import Generator, ScriptedBackend
 
 EOS = "<|endoftext|>"

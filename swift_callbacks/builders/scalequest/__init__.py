@@ -1,6 +1,7 @@
 """ScaleQuest: question synthesis from scratch as a pipeline of resumable, data-in/data-out stages.
 
-The stages, in order (each a function here and a ``swift-study scalequest <stage>`` command):
+The stages, in order (each a class in :mod:`.stages`, a function here and a ``swift-study scalequest <stage>``
+command):
 
 ========================  =================================================================================
 ``qft-data``              seed problems -> questions-only SFT rows (prompt = chat prefix, completion = question + EOS)
@@ -26,22 +27,24 @@ Nothing here imports torch at import time: trainers and local models load when a
 
 from .answers import boxed_answer, majority_answer, normalize_answer, parse_final_verdict, text_after_final_marker
 from .backends import SequenceScoreBackend, generation_backend, score_backend
-from .config import STAGE_ORDER, PipelineConfig, load_pipeline_config
+from .config import PipelineConfig, load_pipeline_config
 from .contract import StageError, StageResult, StageStats, is_complete, load_stats, stats_path
-from .decontaminate import ContaminationIndex, DecontaminateSettings, EvalSet, decontaminate, normalized_tokens
-from .difficulty import DifficultySettings, ScorerSettings, difficulty, fail_rate
-from .filters import LanguageSettings, SolvableSettings, filter_language, filter_solvable
-from .generate import GenerateSettings, chat_prefix, generate_questions, training_prompt
 from .models import ConfigError, ModelSpec
 from .prompts import DEFAULT_PROMPTS, Prompts
-from .qft import QftDataSettings, qft_data, train_qft
-from .qpo import QpoPairsSettings, qpo_pairs, train_qpo
-from .respond import RespondSettings, RewardSettings, respond, reward_select
 from .runner import run_pipeline
 from .settings import Sampling
+from .stages import STAGE_ORDER, STAGES, Stage
+from .stages.decontaminate import ContaminationIndex, DecontaminateSettings, EvalSet, decontaminate, normalized_tokens
+from .stages.difficulty import DifficultySettings, ScorerSettings, difficulty, fail_rate
+from .stages.filters import LanguageSettings, SolvableSettings, filter_language, filter_solvable
+from .stages.generate import GenerateSettings, chat_prefix, generate_questions, training_prompt
+from .stages.qft import QftDataSettings, qft_data, train_qft
+from .stages.qpo import QpoPairsSettings, qpo_pairs, train_qpo
+from .stages.respond import RespondSettings, RewardSettings, respond, reward_select
 
 __all__ = [
     "DEFAULT_PROMPTS",
+    "STAGES",
     "STAGE_ORDER",
     "ConfigError",
     "ContaminationIndex",
@@ -61,6 +64,7 @@ __all__ = [
     "ScorerSettings",
     "SequenceScoreBackend",
     "SolvableSettings",
+    "Stage",
     "StageError",
     "StageResult",
     "StageStats",

@@ -21,48 +21,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .backends import generation_backend
-from .config import STAGE_DEFS, STAGE_ORDER, PipelineConfig, StageConfig, load_pipeline_config
+from ...configuration import ConfigError, join
+from .config import PipelineConfig, load_pipeline_config
 from .contract import StageError, StageResult, StageStats, is_complete, load_stats, write_json
 from .contract import fingerprint as make_fingerprint
-from .models import ConfigError, ModelSpec, load_tokenizer, resolve_stage_model
-from .prompts import Prompts
+from .models import ModelSpec, resolve_stage_model
 from .settings import settings_dict
-
-
-@dataclass
-class StageRun:
-    """Everything one stage run needs, resolved.
-
-    Attributes:
-        name: Stage name.
-        config: Its settings and models (``stage:`` models already resolved).
-        input: Input file or folder, or None.
-        output: Output file or folder.
-        cache_dir: The generation cache directory.
-        prompts: The prompt templates.
-        fingerprint: The run's fingerprint.
-    """
-
-    name: str
-    config: StageConfig
-    input: Path | None
-    output: Path
-    cache_dir: Path | None
-    prompts: Prompts
-    fingerprint: str = ""
-
-    def model(self, role: str) -> ModelSpec:
-        spec = self.config.models.get(role)
-        if spec is None:
-            raise StageError(f"{self.name}: no model given for role {role!r}")
-        return spec
+from .stages import STAGE_ORDER, STAGES, StageRun
+from .training import free_memory
 
 
 def run_pipeline(
@@ -71,6 +42,7 @@ def run_pipeline(
     stages: Sequence[str] | None = None,
     *,
     stream: IO[str] | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict[str, StageStats]:
     """Runs the pipeline's stages in order, skipping those already complete.
 
@@ -79,6 +51,7 @@ def run_pipeline(
         output_dir: Where every stage's outputs go.
         stages: Run only these stages (their inputs must exist from an earlier run); default all.
         stream: Where progress and summaries are printed (default stdout).
+        overrides: ``KEY.PATH=VALUE`` assignments over the config (``stages.respond.n=8``).
 
     Returns:
         The stats of every stage run or skipped, by stage name.
@@ -88,11 +61,12 @@ def run_pipeline(
         StageError: A stage cannot run (missing input, nothing to train on, ...).
     """
     stream = stream or sys.stdout
-    config = load_pipeline_config(config_path)
+    config = load_pipeline_config(config_path, tuple(overrides))
     selected = _selection(stages)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = _cache_dir(config, out)
+    check_inputs(config, out, selected)
     all_stats: dict[str, StageStats] = {}
     for name in STAGE_ORDER:
         if name not in selected:
@@ -112,10 +86,29 @@ def run_pipeline(
 def _selection(stages: Sequence[str] | None) -> set[str]:
     if stages is None:
         return set(STAGE_ORDER)
-    unknown = [s for s in stages if s not in STAGE_DEFS]
+    unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; the stages are {', '.join(STAGE_ORDER)}")
     return set(stages)
+
+
+def check_inputs(config: PipelineConfig, out: Path, selected: set[str]) -> None:
+    """Checks, before any stage runs, that every file the selected stages read exists: a configured ``input`` may
+    also be written by an earlier stage of this run.
+
+    Raises:
+        ConfigError: ``stages.<name>.input: file ... not found`` (or the settings key naming the file).
+    """
+    produced: set[Path] = set()
+    for name in (n for n in STAGE_ORDER if n in selected):
+        source = config.stages[name].input
+        if source is not None and not source.exists() and source.resolve() not in produced:
+            raise ConfigError(f"stages.{name}.input: file {str(source)!r} not found (and no earlier stage of this "
+                              "run writes it)")  # fmt: skip
+        for where, file in settings_files(config.stages[name].settings, f"stages.{name}"):
+            if not Path(file).exists():
+                raise ConfigError(f"{where}: file {file!r} not found")
+        produced.add(stage_output(name, out).resolve())
 
 
 def _cache_dir(config: PipelineConfig, out: Path) -> Path:
@@ -126,70 +119,67 @@ def _cache_dir(config: PipelineConfig, out: Path) -> Path:
 
 def stage_output(name: str, out: Path) -> Path:
     """Where stage ``name`` writes in the output directory ``out``."""
-    return out / STAGE_DEFS[name].output
+    return out / STAGES[name].output_name
 
 
 def _prepare(name: str, config: PipelineConfig, out: Path, cache_dir: Path) -> StageRun:
-    stage = STAGE_DEFS[name]
+    stage = STAGES[name]
     section = config.stages[name]
     models = {role: _resolve(spec, out, name) for role, spec in section.models.items()}
-    section = dataclasses.replace(section, models=models)
     source = section.input or (stage_output(stage.input_from, out) if stage.input_from else None)
     if source is not None and not source.exists():
         hint = f"run stage {stage.input_from!r} first" if stage.input_from and not section.input else "check the path"
         raise StageError(f"{name}: input {str(source)!r} does not exist; {hint}")
-    run = StageRun(name, section, source, stage_output(name, out), cache_dir, config.prompts)
+    run = StageRun(stage, section.settings, models, source, stage_output(name, out), cache_dir, config.prompts)
     run.fingerprint = stage_fingerprint(run)
     return run
 
 
 def stage_fingerprint(run: StageRun) -> str:
     """The fingerprint of a prepared stage run: settings, prompts (where used), input and model identities."""
-    stage = STAGE_DEFS[run.name]
-    payload = {"settings": settings_dict(run.config.settings), "prompts": run.prompts if stage.uses_prompts else None}
-    identities = sorted((role, spec.identity()) for role, spec in run.config.models.items() if spec is not None)
+    payload = {"settings": settings_dict(run.settings), "prompts": run.prompts if run.stage.uses_prompts else None}
+    identities = sorted((role, spec.identity()) for role, spec in run.models.items() if spec is not None)
     # Every file a stage reads belongs in its fingerprint by content: its input and the files its settings name
     # (the evaluation sets of decontaminate); model folders are covered by their identities.
-    inputs = ([run.input] if run.input else []) + settings_files(run.config.settings)
+    inputs = ([run.input] if run.input else []) + [file for _, file in settings_files(run.settings)]
     return make_fingerprint(run.name, payload, inputs, [f"{r}={i}" for r, i in identities])
 
 
-def settings_files(settings: Any) -> list[str]:
-    """The files named in stage settings: every ``path`` field of a (nested) settings dataclass, in order."""
-    found: list[str] = []
+def settings_files(settings: Any, path: str = "") -> list[tuple[str, str]]:
+    """The files named in stage settings: every ``path`` field of a (nested) settings dataclass, in order, as
+    ``(key path, file)``."""
+    found: list[tuple[str, str]] = []
 
-    def walk(value: Any) -> None:
+    def walk(value: Any, where: str) -> None:
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             for f in dataclasses.fields(value):
                 item = getattr(value, f.name)
                 if f.name == "path" and isinstance(item, (str, os.PathLike)):
-                    found.append(os.fspath(item))
+                    found.append((join(where, f.name), os.fspath(item)))
                 else:
-                    walk(item)
+                    walk(item, join(where, f.name))
         elif isinstance(value, (list, tuple)):
-            for item in value:
-                walk(item)
+            for i, item in enumerate(value):
+                walk(item, join(where, i))
         elif isinstance(value, dict):
-            for item in value.values():
-                walk(item)
+            for key, item in value.items():
+                walk(item, join(where, str(key)))
 
-    walk(settings)
+    walk(settings, path)
     return found
 
 
 def _resolve(spec: ModelSpec | None, out: Path, stage: str) -> ModelSpec | None:
     if spec is None or spec.backend != "stage":
         return spec
-    if spec.model not in STAGE_DEFS or not STAGE_DEFS[spec.model].training:
-        raise ConfigError(f"stages.{stage}: 'stage:{spec.model}' must name a training stage (qft or qpo)")
+    if spec.model not in STAGES or not STAGES[spec.model].trainer:
+        trainers = " or ".join(name for name, s in STAGES.items() if s.trainer)
+        raise ConfigError(f"stages.{stage}: 'stage:{spec.model}' must name a training stage ({trainers})")
     folder = stage_output(spec.model, out)
     stats = load_stats(folder)
     if stats is None or not folder.is_dir():
         raise StageError(f"{stage} uses the model of stage {spec.model!r}, which has not run yet ({folder})")
     return resolve_stage_model(spec, folder, stats.fingerprint)
-
-
-# ------------------------------------------------------------------------------------------------ executing
 
 
 def execute_stage(run: StageRun, *, stream: IO[str] | None = None) -> StageResult:
@@ -200,149 +190,17 @@ def execute_stage(run: StageRun, *, stream: IO[str] | None = None) -> StageResul
     """
     print(f"[{run.name}] running -> {run.output}", file=stream or sys.stdout, flush=True)
     with ExitStack() as stack:
-        result = _EXECUTORS[run.name](run, stack)
+        result = run.stage.run(run, stack)
     if "torch" in sys.modules:  # release the stage's models before the next one loads its own
-        from .training import free_memory
-
         free_memory()
     return result
-
-
-def _generator(run: StageRun, stack: ExitStack, role: str, spec: ModelSpec | None = None) -> Any:
-    from ...generation.runner import Generator
-
-    backend = generation_backend(spec or run.model(role))
-    return stack.enter_context(Generator(backend, run.cache_dir, desc=f"{run.name}:{role}"))
-
-
-def _qft_data(run: StageRun, stack: ExitStack) -> StageResult:
-    from .qft import qft_data
-
-    tokenizer = load_tokenizer(run.model("model"))
-    return qft_data(run.input, run.output, tokenizer=tokenizer, settings=run.config.settings,
-                    fingerprint=run.fingerprint)  # fmt: skip
-
-
-def _qft(run: StageRun, stack: ExitStack) -> StageResult:
-    from .qft import train_qft
-
-    return train_qft(run.input, run.output, model=run.model("model"), training=run.config.settings.training,
-                     fingerprint=run.fingerprint)  # fmt: skip
-
-
-def _qpo(run: StageRun, stack: ExitStack) -> StageResult:
-    from .qpo import train_qpo
-
-    return train_qpo(run.input, run.output, model=run.model("model"), training=run.config.settings.training,
-                     fingerprint=run.fingerprint)  # fmt: skip
-
-
-def _qpo_pairs(run: StageRun, stack: ExitStack) -> StageResult:
-    from .generate import chat_prefix, training_prompt
-    from .qpo import qpo_pairs
-
-    settings = run.config.settings
-    tokenizer = load_tokenizer(run.model("model"))
-    prefix = chat_prefix(tokenizer, settings.system_prompt)
-    return qpo_pairs(
-        run.output, sampler=_generator(run, stack, "model"), rewriter=_generator(run, stack, "rewriter"),
-        prefix=prefix, prompt=training_prompt(tokenizer, prefix), eos_token=tokenizer.eos_token, settings=settings,
-        prompts=run.prompts, fingerprint=run.fingerprint,
-    )  # fmt: skip
-
-
-def _generate(run: StageRun, stack: ExitStack) -> StageResult:
-    from .generate import chat_prefix, generate_questions
-
-    settings = run.config.settings
-    spec = run.model("model")
-    prefix = chat_prefix(load_tokenizer(spec), settings.system_prompt)
-    return generate_questions(run.output, generator=_generator(run, stack, "model"), prefix=prefix,
-                              settings=settings, model_id=spec.identity(), fingerprint=run.fingerprint)  # fmt: skip
-
-
-def _filter_language(run: StageRun, stack: ExitStack) -> StageResult:
-    from .filters import filter_language
-
-    return filter_language(run.input, run.output, settings=run.config.settings, fingerprint=run.fingerprint)
-
-
-def _filter_solvable(run: StageRun, stack: ExitStack) -> StageResult:
-    from .filters import filter_solvable
-
-    return filter_solvable(run.input, run.output, judge=_generator(run, stack, "judge"), settings=run.config.settings,
-                           prompts=run.prompts, fingerprint=run.fingerprint)  # fmt: skip
-
-
-def _difficulty(run: StageRun, stack: ExitStack) -> StageResult:
-    from .difficulty import difficulty
-
-    settings = run.config.settings
-    solver_spec = run.config.models.get("solver")
-    solver = (
-        _generator(run, stack, "solver", solver_spec) if solver_spec is not None and settings.scorer.train else None
-    )
-    return difficulty(run.input, run.output, solver=solver, scorer_model=run.model("scorer_model"),
-                      cache_dir=run.cache_dir, settings=settings, prompts=run.prompts,
-                      fingerprint=run.fingerprint)  # fmt: skip
-
-
-def _respond(run: StageRun, stack: ExitStack) -> StageResult:
-    from .respond import respond
-
-    return respond(run.input, run.output, responder=_generator(run, stack, "model"), settings=run.config.settings,
-                   prompts=run.prompts, fingerprint=run.fingerprint)  # fmt: skip
-
-
-def _reward_select(run: StageRun, stack: ExitStack) -> StageResult:
-    from ...generation.runner import Generator
-    from .backends import score_backend
-    from .respond import reward_select
-
-    backend = score_backend(run.model("reward_model"), text_format="chat")
-    scorer = stack.enter_context(Generator(backend, run.cache_dir, desc="reward-select:reward_model"))
-    return reward_select(run.input, run.output, scorer=scorer, settings=run.config.settings,
-                         fingerprint=run.fingerprint)  # fmt: skip
-
-
-def _decontaminate(run: StageRun, stack: ExitStack) -> StageResult:
-    from .decontaminate import decontaminate
-
-    return decontaminate(run.input, run.output, settings=run.config.settings, fingerprint=run.fingerprint)
-
-
-_EXECUTORS: dict[str, Callable[[StageRun, ExitStack], StageResult]] = {
-    "qft-data": _qft_data, "qft": _qft, "qpo-pairs": _qpo_pairs, "qpo": _qpo, "generate": _generate,
-    "filter-language": _filter_language, "filter-solvable": _filter_solvable, "difficulty": _difficulty,
-    "respond": _respond, "reward-select": _reward_select, "decontaminate": _decontaminate,
-}  # fmt: skip
 
 
 def summary_table(all_stats: dict[str, StageStats]) -> list[str]:
     """One line per stage: units in and out, drops, and the stage's headline number."""
     lines = ["", f"{'stage':<16} {'unit':<18} {'in':>8} {'out':>8} {'dropped':>8}  headline"]
     for name, stats in all_stats.items():
+        headline = STAGES[name].headline(stats) if name in STAGES else ""
         lines.append(f"{name:<16} {stats.unit:<18} {stats.rows_in:>8} {stats.rows_out:>8} {stats.dropped_total:>8}  "
-                     f"{_headline(stats)}")  # fmt: skip
+                     f"{headline}")  # fmt: skip
     return lines
-
-
-_HEADLINES = {
-    "filter-solvable": "solvable_ratio", "respond": "answer_presence_ratio",
-    "decontaminate": "contamination_ratio", "qpo-pairs": "pair_ratio", "qft": "train_loss", "qpo": "train_loss",
-}  # fmt: skip
-
-
-def _headline(stats: StageStats) -> str:
-    if stats.stage == "filter-language":
-        return "-" if stats.kept_ratio is None else f"kept_ratio {stats.kept_ratio:.4g}"
-    key = _HEADLINES.get(stats.stage)
-    if key is not None:
-        value = stats.metrics.get(key)
-        return f"{key} {value:.4g}" if isinstance(value, (int, float)) else f"{key} {value}"
-    if stats.stage == "difficulty":
-        return f"dropped easiest {stats.metrics.get('dropped_easiest')}, labelled {stats.metrics.get('labelled')}"
-    if stats.stage == "reward-select":
-        mean = (stats.metrics.get("reward_selected") or {}).get("mean")
-        return f"selected reward mean {mean:.4g}" if isinstance(mean, float) else "selected reward mean -"
-    return ""

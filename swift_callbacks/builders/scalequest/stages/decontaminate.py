@@ -17,20 +17,25 @@ Example::
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import time
 import unicodedata
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io import read_source
-from ..records import Reject
-from .contract import StageError, StageResult, StageStats, finish, read_rows
-from .contract import fingerprint as make_fingerprint
-from .metrics import ratio
-from .settings import settings_dict
+from ....configuration import ConfigError, resolve_local
+from ...io import read_source
+from ...records import Reject
+from ..contract import StageError, StageResult, StageStats, finish, read_rows
+from ..contract import fingerprint as make_fingerprint
+from ..metrics import ratio
+from ..settings import settings_dict
+from .base import Stage, StageRun
 
 
 def normalized_tokens(text: str) -> list[str]:
@@ -246,3 +251,42 @@ def _first_hit(row: dict[str, Any], fields: list[str], index: ContaminationIndex
             if hit is not None:
                 return name, hit
     return None
+
+
+class Decontaminate(Stage):
+    name = "decontaminate"
+    settings = DecontaminateSettings
+    input_from = "reward-select"
+    help = "drop rows sharing a 13-gram with an evaluation set"
+    headline_metric = "contamination_ratio"
+
+    def resolve_paths(self, settings: DecontaminateSettings, base: Path, path: str) -> DecontaminateSettings:
+        if not settings.eval_sets:
+            raise ConfigError(f"{path}.eval_sets: at least one evaluation set is required")
+        eval_sets = [
+            dataclasses.replace(
+                s, path=str(resolve_local(s.path, base, f"{path}.eval_sets[{i}].path", must_exist=False))
+            )
+            for i, s in enumerate(settings.eval_sets)
+        ]
+        return dataclasses.replace(settings, eval_sets=eval_sets)
+
+    def add_arguments(self, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--eval", action="append", default=[], metavar="PATH[:FIELD,...]",
+                           help="evaluation set and its text fields (default: question); repeatable")  # fmt: skip
+
+    def apply_arguments(self, args: argparse.Namespace, data: dict[str, Any]) -> None:
+        if args.eval:
+            data["eval_sets"] = [_eval_set(item) for item in args.eval]
+
+    def run(self, run: StageRun, stack: ExitStack) -> StageResult:
+        return decontaminate(run.input, run.output, settings=run.settings, fingerprint=run.fingerprint)
+
+
+def _eval_set(item: str) -> dict[str, Any]:
+    # "PATH:FIELDS" splits at the last colon only when what follows looks like field names (Windows drive letters
+    # and paths with colons stay whole).
+    path, sep, fields = item.rpartition(":")
+    if sep and fields and all(f.strip().isidentifier() for f in fields.split(",")) and path:
+        return {"path": path, "fields": [f.strip() for f in fields.split(",")]}
+    return {"path": item}

@@ -22,20 +22,23 @@ import math
 import os
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from ...generation.base import GenerationRequest, SamplingParams
-from ..records import Reject
-from .answers import boxed_answer, majority_answer, normalize_answer
-from .backends import score_backend
-from .contract import StageError, StageResult, StageStats, finish, generation_counts, read_rows
-from .contract import fingerprint as make_fingerprint
-from .metrics import distribution, histogram, ratio
-from .models import ModelSpec
-from .prompts import DEFAULT_PROMPTS, Prompts
-from .settings import Sampling, settings_dict
+from ....generation.base import GenerationRequest, SamplingParams
+from ...records import Reject
+from ..answers import boxed_answer, majority_answer, normalize_answer
+from ..backends import score_backend
+from ..contract import StageError, StageResult, StageStats, finish, generation_counts, read_rows
+from ..contract import fingerprint as make_fingerprint
+from ..metrics import distribution, histogram, ratio
+from ..models import ModelSpec
+from ..prompts import DEFAULT_PROMPTS, Prompts
+from ..settings import Sampling, settings_dict
+from ..training import check_overrides, train_regressor
+from .base import OPTIONAL, REQUIRED, Stage, StageRun
 
 SCORER_MARKER = "scalequest_scorer.json"
 
@@ -144,7 +147,7 @@ def difficulty(
     Raises:
         StageError: A scorer to train without a solver, or fewer than 2 labelled questions.
     """
-    from ...generation.runner import Generator
+    from ....generation.runner import Generator
 
     started = time.perf_counter()
     spec = ModelSpec.parse(scorer_model, "difficulty.scorer_model")
@@ -226,13 +229,11 @@ def _trained_scorer(
     metrics: dict[str, Any],
 ) -> ModelSpec:
     """Trains the scorer (or finds it trained by an earlier run with the same labels) and returns its spec."""
-    from . import training as trainers
-
     if len(labels) < 2:
         raise StageError(
             f"difficulty: only {len(labels)} question(s) got a fail-rate label; the scorer needs 2 or more"
         )
-    trainers.check_overrides("regression", settings.scorer.training, "difficulty.scorer.training")
+    check_overrides("regression", settings.scorer.training, "difficulty.scorer.training")
     folder = Path(output).with_name(Path(output).stem + ".scorer")
     texts = [r[settings.question_field] for r in rows if r["id"] in labels]
     targets = [labels[r["id"]] for r in rows if r["id"] in labels]
@@ -242,7 +243,7 @@ def _trained_scorer(
     if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == digest:
         metrics["scorer"] = {"folder": str(folder), "reused": True}
     else:
-        trained = trainers.train_regressor(texts, targets, base, folder, settings.scorer.training,
+        trained = train_regressor(texts, targets, base, folder, settings.scorer.training,
                                            settings.scorer.max_length, run_key=digest)  # fmt: skip
         marker.write_text(json.dumps({"fingerprint": digest, "base": base.identity(), **trained}, default=str))
         metrics["scorer"] = {"folder": str(folder), "reused": False, **trained}
@@ -285,3 +286,28 @@ def _drop_easiest(
         rejects.append(Reject(row["id"], "filter", "among the easiest", row, detail))
     metrics.update(dropped_easiest=count, easiest_threshold=threshold)
     return [r for r in scored if r["id"] not in dropped_ids]
+
+
+class Difficulty(Stage):
+    name = "difficulty"
+    settings = DifficultySettings
+    roles: ClassVar[dict[str, str]] = {"solver": OPTIONAL, "scorer_model": REQUIRED}
+    input_from = "filter-solvable"
+    uses_prompts = True
+    help = "fail-rate labels, a regression scorer, drop the easiest fraction"
+    main_role = "solver"
+    role_flags: ClassVar[dict[str, str]] = {"scorer_model": "--scorer-model"}
+    sampling_field = "sampling"
+
+    def check(self, settings: DifficultySettings, path: str) -> None:
+        check_overrides("regression", settings.scorer.training, f"{path}.scorer.training")
+
+    def run(self, run: StageRun, stack: ExitStack) -> StageResult:
+        settings = run.settings
+        solver = run.generator(stack, "solver") if run.models.get("solver") and settings.scorer.train else None
+        return difficulty(run.input, run.output, solver=solver, scorer_model=run.model("scorer_model"),
+                          cache_dir=run.cache_dir, settings=settings, prompts=run.prompts,
+                          fingerprint=run.fingerprint)  # fmt: skip
+
+    def headline(self, stats: StageStats) -> str:
+        return f"dropped easiest {stats.metrics.get('dropped_easiest')}, labelled {stats.metrics.get('labelled')}"

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from ...generation.base import GenerationRequest
-from ..records import Reject
-from .answers import parse_final_verdict
-from .contract import StageResult, StageStats, finish, generation_counts, read_rows
-from .contract import fingerprint as make_fingerprint
-from .metrics import ratio
-from .prompts import DEFAULT_PROMPTS, Prompts
-from .settings import Sampling, settings_dict
+from ....generation.base import GenerationRequest
+from ...records import Reject
+from ..answers import parse_final_verdict
+from ..contract import StageResult, StageStats, finish, generation_counts, read_rows
+from ..contract import fingerprint as make_fingerprint
+from ..metrics import ratio
+from ..prompts import DEFAULT_PROMPTS, Prompts
+from ..settings import Sampling, settings_dict
+from .base import REQUIRED, Stage, StageRun
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,19 @@ def filter_language(
         fingerprint=fingerprint or make_fingerprint("filter-language", settings, [input]),
     )  # fmt: skip
     return finish(output, kept, rejects, stats, started=started)
+
+
+class FilterLanguage(Stage):
+    name = "filter-language"
+    settings = LanguageSettings
+    input_from = "generate"
+    help = "keep non-empty, all-ASCII questions"
+
+    def run(self, run: StageRun, stack: ExitStack) -> StageResult:
+        return filter_language(run.input, run.output, settings=run.settings, fingerprint=run.fingerprint)
+
+    def headline(self, stats: StageStats) -> str:
+        return "-" if stats.kept_ratio is None else f"kept_ratio {stats.kept_ratio:.4g}"
 
 
 @dataclass(frozen=True)
@@ -152,3 +167,19 @@ def filter_solvable(
                                                     [input], [getattr(judge.backend, "model", "")]),
     )  # fmt: skip
     return finish(output, kept, rejects, stats, started=started)
+
+
+class FilterSolvable(Stage):
+    name = "filter-solvable"
+    settings = SolvableSettings
+    roles: ClassVar[dict[str, str]] = {"judge": REQUIRED}
+    input_from = FilterLanguage.name
+    uses_prompts = True
+    help = "keep questions an LLM judge calls solvable (strict final Yes/No)"
+    main_role = "judge"
+    sampling_field = "sampling"
+    headline_metric = "solvable_ratio"
+
+    def run(self, run: StageRun, stack: ExitStack) -> StageResult:
+        return filter_solvable(run.input, run.output, judge=run.generator(stack, "judge"), settings=run.settings,
+                               prompts=run.prompts, fingerprint=run.fingerprint)  # fmt: skip

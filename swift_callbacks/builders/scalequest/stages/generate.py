@@ -16,15 +16,18 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from ..records import Reject
-from .backends import prefix_request, supports_prefix
-from .contract import StageError, StageResult, StageStats, finish, generation_counts
-from .contract import fingerprint as make_fingerprint
-from .metrics import distribution, ratio
-from .settings import Sampling, settings_dict
+from ...records import Reject
+from ..backends import prefix_request, supports_prefix
+from ..contract import StageError, StageResult, StageStats, finish, generation_counts
+from ..contract import fingerprint as make_fingerprint
+from ..metrics import distribution, ratio
+from ..models import load_tokenizer
+from ..settings import Sampling, settings_dict
+from .base import Stage, StageRun
 
 _SENTINEL = "SCALEQUEST-QUESTION-SLOT-7f3a9c"
 
@@ -184,3 +187,19 @@ def generate_questions(
         or make_fingerprint("generate", {"settings": settings, "prefix": prefix}, models=[model_id]),
     )  # fmt: skip
     return finish(output, rows, rejects, stats, started=started)
+
+
+class Generate(Stage):
+    name = "generate"
+    settings = GenerateSettings
+    roles: ClassVar[dict[str, str]] = {"model": "stage:qpo"}
+    help = "questions from the chat prefix only (temperature 1.0, top-p 0.99, max 512 tokens)"
+    main_role = "model"
+    sampling_field = "sampling"
+
+    def run(self, run: StageRun, stack: ExitStack) -> StageResult:
+        spec = run.model("model")
+        prefix = chat_prefix(load_tokenizer(spec), run.settings.system_prompt)
+        return generate_questions(run.output, generator=run.generator(stack, "model"), prefix=prefix,
+                                  settings=run.settings, model_id=spec.identity(),
+                                  fingerprint=run.fingerprint)  # fmt: skip

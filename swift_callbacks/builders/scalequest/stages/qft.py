@@ -15,16 +15,18 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from ..records import Reject
-from .contract import StageError, StageResult, StageStats, finish, read_rows
-from .contract import fingerprint as make_fingerprint
+from ...records import Reject
+from ..contract import StageError, StageResult, StageStats, finish, read_rows
+from ..contract import fingerprint as make_fingerprint
+from ..metrics import distribution
+from ..models import ModelSpec, load_tokenizer
+from ..settings import settings_dict
+from .base import REQUIRED, Stage, StageRun, TrainingStage, train_stage
 from .generate import chat_prefix, training_prompt
-from .metrics import distribution
-from .models import ModelSpec
-from .settings import settings_dict
 
 
 @dataclass(frozen=True)
@@ -97,44 +99,6 @@ def qft_data(
     return finish(output, kept, rejects, stats, started=started)
 
 
-def train_stage(
-    stage: str,
-    kind: str,
-    input: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    *,
-    model: ModelSpec | str,
-    training: Mapping[str, Any] | None = None,
-    required: tuple[str, ...],
-    fingerprint: str | None = None,
-) -> StageResult:
-    """Runs one training stage (``qft`` or ``qpo``) under the stage contract.
-
-    The model folder is the output; ``<output_dir>.stats.json`` gets the training metrics and
-    ``<output_dir>.rejects.jsonl`` the input rows that could not be used.
-
-    Raises:
-        StageError: No usable training rows.
-    """
-    from . import training as trainers
-
-    started = time.perf_counter()
-    spec = ModelSpec.parse(model, f"{stage}.model")
-    overrides = dict(training or {})
-    trainers.check_overrides(kind, overrides, f"{stage}.training")
-    rows, rejects, rows_in = read_rows(input, list(required))
-    if not rows:
-        raise StageError(f"{stage}: no usable training rows in {str(input)!r}")
-    fingerprint = fingerprint or make_fingerprint(stage, overrides, [input], [spec.identity()])
-    train = trainers.train_sft if kind == "sft" else trainers.train_dpo
-    metrics = train(rows, spec, output_dir, overrides, run_key=fingerprint)
-    stats = StageStats(stage, unit="examples", rows_in=rows_in, rows_out=len(rows), metrics=metrics,
-                       settings={"model": spec.identity(), "training": overrides}, fingerprint=fingerprint)  # fmt: skip
-    if not metrics.get("is_main_process", True):  # other ranks of a distributed run write nothing
-        return StageResult(rows, rejects, stats)
-    return finish(output_dir, None, rejects, stats, started=started)
-
-
 def train_qft(
     input: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -155,5 +119,31 @@ def train_qft(
     Returns:
         The stage result (``rows_out``: examples trained on).
     """
-    return train_stage("qft", "sft", input, output_dir, model=model, training=training,
-                       required=("prompt", "completion"), fingerprint=fingerprint)  # fmt: skip
+    return train_stage(Qft.name, "sft", input, output_dir, model=model, training=training,
+                       required=Qft.required_columns, fingerprint=fingerprint)  # fmt: skip
+
+
+class QftData(Stage):
+    name = "qft-data"
+    settings = QftDataSettings
+    roles: ClassVar[dict[str, str]] = {"model": REQUIRED}
+    input_required = True
+    help = "questions-only SFT rows (prompt = chat prefix, completion = question + EOS) from a seed set"
+    role_flags: ClassVar[dict[str, str]] = {"model": "--tokenizer"}
+
+    def default_role(self, role: str, sections: Mapping[str, Any]) -> Any:
+        # The tokenizer of the model QFT trains, unless given.
+        return (sections.get(Qft.name) or {}).get("model") or super().default_role(role, sections)
+
+    def run(self, run: StageRun, stack: ExitStack) -> StageResult:
+        return qft_data(run.input, run.output, tokenizer=load_tokenizer(run.model("model")), settings=run.settings,
+                        fingerprint=run.fingerprint)  # fmt: skip
+
+
+class Qft(TrainingStage):
+    name = "qft"
+    roles: ClassVar[dict[str, str]] = {"model": REQUIRED}
+    input_from = QftData.name
+    trainer = "sft"
+    help = "question fine-tuning: TRL SFT (1 epoch, packing, max length 256, lr 2e-5)"
+    required_columns = ("prompt", "completion")

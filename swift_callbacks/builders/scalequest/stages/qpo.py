@@ -19,20 +19,22 @@ import random
 import time
 from collections import Counter
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from ...generation.base import GenerationRequest
-from ..records import Reject
-from .answers import text_after_final_marker
-from .contract import StageResult, StageStats, finish, generation_counts
-from .contract import fingerprint as make_fingerprint
-from .generate import GenerateSettings, sample_questions
-from .metrics import ratio
-from .models import ModelSpec
-from .prompts import DEFAULT_PROMPTS, Prompts
-from .qft import train_stage
-from .settings import Sampling, settings_dict
+from ....generation.base import GenerationRequest
+from ...records import Reject
+from ..answers import text_after_final_marker
+from ..contract import StageResult, StageStats, finish, generation_counts
+from ..contract import fingerprint as make_fingerprint
+from ..metrics import ratio
+from ..models import ModelSpec, load_tokenizer
+from ..prompts import DEFAULT_PROMPTS, Prompts
+from ..settings import Sampling, settings_dict
+from .base import REQUIRED, Stage, StageRun, TrainingStage, train_stage
+from .generate import GenerateSettings, chat_prefix, sample_questions, training_prompt
+from .qft import Qft
 
 ASPECTS = {"solvability": "solvability_rewrite", "difficulty": "difficulty_rewrite"}
 
@@ -176,5 +178,36 @@ def train_qpo(
     Returns:
         The stage result (``rows_out``: pairs trained on).
     """
-    return train_stage("qpo", "dpo", input, output_dir, model=model, training=training,
-                       required=("prompt", "chosen", "rejected"), fingerprint=fingerprint)  # fmt: skip
+    return train_stage(Qpo.name, "dpo", input, output_dir, model=model, training=training,
+                       required=Qpo.required_columns, fingerprint=fingerprint)  # fmt: skip
+
+
+class QpoPairs(Stage):
+    name = "qpo-pairs"
+    settings = QpoPairsSettings
+    roles: ClassVar[dict[str, str]] = {"model": f"stage:{Qft.name}", "rewriter": REQUIRED}
+    uses_prompts = True
+    help = "sample questions from the QFT model, rewrite them for solvability or difficulty -> DPO pairs"
+    main_role = "rewriter"
+    role_flags: ClassVar[dict[str, str]] = {"model": "--sampler"}
+    sampling_field = "rewrite_sampling"
+    headline_metric = "pair_ratio"
+
+    def run(self, run: StageRun, stack: ExitStack) -> StageResult:
+        settings = run.settings
+        tokenizer = load_tokenizer(run.model("model"))
+        prefix = chat_prefix(tokenizer, settings.system_prompt)
+        return qpo_pairs(
+            run.output, sampler=run.generator(stack, "model"), rewriter=run.generator(stack, "rewriter"),
+            prefix=prefix, prompt=training_prompt(tokenizer, prefix), eos_token=tokenizer.eos_token,
+            settings=settings, prompts=run.prompts, fingerprint=run.fingerprint,
+        )  # fmt: skip
+
+
+class Qpo(TrainingStage):
+    name = "qpo"
+    roles: ClassVar[dict[str, str]] = {"model": f"stage:{Qft.name}"}
+    input_from = QpoPairs.name
+    trainer = "dpo"
+    help = "question preference optimization: TRL DPO (lr 5e-7, beta 0.1, 1 epoch)"
+    required_columns = ("prompt", "chosen", "rejected")

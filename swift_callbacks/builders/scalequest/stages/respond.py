@@ -11,20 +11,24 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from ...generation.base import GenerationRequest, SamplingParams
-from ..records import Reject
-from .answers import boxed_answer
-from .contract import StageResult, StageStats, finish, generation_counts, read_rows
-from .contract import fingerprint as make_fingerprint
-from .metrics import distribution, histogram, ratio
-from .prompts import DEFAULT_PROMPTS, Prompts
-from .settings import Sampling, settings_dict
+from ....generation.base import GenerationRequest, SamplingParams
+from ...records import Reject
+from ..answers import boxed_answer
+from ..backends import score_backend
+from ..contract import StageResult, StageStats, finish, generation_counts, read_rows
+from ..contract import fingerprint as make_fingerprint
+from ..metrics import distribution, histogram, ratio
+from ..prompts import DEFAULT_PROMPTS, Prompts
+from ..settings import Sampling, settings_dict
+from .base import REQUIRED, Stage, StageRun
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,22 @@ def _samples(row: dict[str, Any], result: Any, settings: RespondSettings) -> lis
         else:
             out.append(sample)
     return out
+
+
+class Respond(Stage):
+    name = "respond"
+    settings = RespondSettings
+    roles: ClassVar[dict[str, str]] = {"model": REQUIRED}
+    input_from = "difficulty"
+    uses_prompts = True
+    help = "n step-by-step solutions per question, kept only with a final \\boxed{} answer"
+    main_role = "model"
+    sampling_field = "sampling"
+    headline_metric = "answer_presence_ratio"
+
+    def run(self, run: StageRun, stack: ExitStack) -> StageResult:
+        return respond(run.input, run.output, responder=run.generator(stack, "model"), settings=run.settings,
+                       prompts=run.prompts, fingerprint=run.fingerprint)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ reward-select
@@ -233,3 +253,27 @@ def _histogram(values: list[float], bins: int) -> dict[str, Any] | None:
         return None
     low, high = min(values), max(values)
     return histogram(values, bins, low, high if high > low else low + 1.0)
+
+
+class RewardSelect(Stage):
+    name = "reward-select"
+    settings = RewardSettings
+    roles: ClassVar[dict[str, str]] = {"reward_model": REQUIRED}
+    input_from = Respond.name
+    help = "keep the best solution per question by a reward model"
+    role_flags: ClassVar[dict[str, str]] = {"reward_model": "--reward-model"}
+
+    def add_arguments(self, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--cache-dir", default=".swift_cache/generation", help="score cache directory")
+
+    def run(self, run: StageRun, stack: ExitStack) -> StageResult:
+        from ....generation.runner import Generator
+
+        backend = score_backend(run.model("reward_model"), text_format="chat")
+        scorer = stack.enter_context(Generator(backend, run.cache_dir, desc=f"{self.name}:reward_model"))
+        return reward_select(run.input, run.output, scorer=scorer, settings=run.settings,
+                             fingerprint=run.fingerprint)  # fmt: skip
+
+    def headline(self, stats: StageStats) -> str:
+        mean = (stats.metrics.get("reward_selected") or {}).get("mean")
+        return f"selected reward mean {mean:.4g}" if isinstance(mean, float) else "selected reward mean -"
