@@ -25,13 +25,15 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
+
 MISSING = dataclasses.MISSING
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """An invalid config, override or spec; the message starts with the key path of the problem."""
 
 

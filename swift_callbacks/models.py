@@ -135,10 +135,14 @@ def load_tokenizer(config: ModelConfig):
         folder, name = _gguf_location(config.name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(
-            config.tokenizer or config.name_or_path, trust_remote_code=config.trust_remote_code,
-            revision=config.revision,
-        )  # fmt: skip
+        source = config.tokenizer or config.name_or_path
+        _check_local(source)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, trust_remote_code=config.trust_remote_code, revision=config.revision
+            )
+        except OSError as err:
+            raise ConfigError(f"cannot load the tokenizer {source!r}: {_first_line(err)}") from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -171,7 +175,11 @@ def load_model(config: ModelConfig, tokenizer: Any = None, *, name_or_path: str 
     elif config.kind == "gguf" and name_or_path is None:
         model = _load_gguf(config, head)
     else:
-        model = _auto_class(head).from_pretrained(source, **_pretrained_kwargs(config, head))
+        _check_local(source)
+        try:
+            model = _auto_class(head).from_pretrained(source, **_pretrained_kwargs(config, head))
+        except OSError as err:  # not found locally nor on the Hub (or no network): the user's model name
+            raise ConfigError(f"cannot load the model {source!r}: {_first_line(err)}") from err
     if head == "regression" and model.config.pad_token_id is None:
         # Sequence classification pools the last non-pad token, so batches need a pad id.
         tok = tokenizer if tokenizer is not None else load_tokenizer(config)
@@ -183,6 +191,16 @@ def load_model_and_tokenizer(config: ModelConfig, *, head: str = "causal-lm") ->
     """``(tokenizer, model)`` of ``config``."""
     tokenizer = load_tokenizer(config)
     return tokenizer, load_model(config, tokenizer, head=head)
+
+
+def _check_local(source: str) -> None:
+    """A name written as a path (``/``, ``./``, ``../``, ``~``) must exist: it is never a Hub id."""
+    if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().exists():
+        raise ConfigError(f"model path {source!r} does not exist")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _auto_class(head: str):

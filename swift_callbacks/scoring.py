@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .configuration import ConfigError
+from .errors import run_command
 from .training.config import TrainConfig, load_config
 
 logger = logging.getLogger(__name__)
@@ -232,20 +233,14 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def score_command(args: argparse.Namespace) -> int:
-    """Run ``score`` from parsed arguments; a config error is printed (with its key path) and returns 2."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("swift_callbacks").setLevel(logging.INFO)
+    """Run ``score`` from parsed arguments (errors are reported by ``errors.run_command``)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        config = None
-        if args.config is not None or args.overrides:
-            from .training.train import CONFIG_FILE
+    config = None
+    if args.config is not None or args.overrides:
+        from .training.train import CONFIG_FILE
 
-            config = load_config(args.config or Path(args.run) / CONFIG_FILE, args.overrides)
-        scored = score_run(args.run, config, output_dir=args.output_dir, steps=args.steps)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        config = load_config(args.config or Path(args.run) / CONFIG_FILE, args.overrides)
+    scored = score_run(args.run, config, output_dir=args.output_dir, steps=args.steps)
     print(f"scored steps {scored}" if scored else "nothing to score: every checkpoint is already in the history")
     return 0
 
@@ -256,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Compute the influence history over the saved checkpoints of an existing run.",
     )
     add_score_arguments(parser)
-    return score_command(parser.parse_args(argv))
+    return run_command("swift_callbacks.scoring", score_command, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 ROW_COLUMN = "__swift_row"
 IGNORE_INDEX = -100
 # Fields each TRL format needs, checked in this order (the first match decides the format).
@@ -28,7 +30,7 @@ PASSTHROUGH = ("tools", "chat_template_kwargs", "labels", "completion_mask", "as
 SetSource = Any  # datasets.Dataset | Sequence[Mapping] | str | os.PathLike
 
 
-class SetError(ValueError):
+class SetError(UserError):
     """Invalid example set; the message names the set, the example and the reason."""
 
 

@@ -47,6 +47,8 @@ from typing import Any
 
 import pandas as pd
 
+from .errors import UserError
+
 logger = logging.getLogger(__name__)
 
 STORE_DIR = "swift_influence"
@@ -74,7 +76,7 @@ SCORE_COLUMNS = [
 FAILURE_COLUMNS = ["step", "kind", "side", "set", "ids", "reason", "stored", "time"]
 
 
-class HistoryError(ValueError):
+class HistoryError(UserError):
     """The influence history is missing, damaged or inconsistent; the message names the file and what to do."""
 
 

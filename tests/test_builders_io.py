@@ -253,10 +253,12 @@ def test_cli_build_prints_summary_and_reuses_the_cache(tmp_path, capsys, monkeyp
      ("rules-apply", ["--dry-run", "--rule", "Nope"], "unknown rules ['Nope']")],
 )  # fmt: skip
 def test_cli_configuration_errors(tmp_path, capsys, kind, extra, message):
+    from swift_callbacks.cli import main
+
     source = write_lines(tmp_path / "refs.jsonl", [row(query="q", response="r")])
-    args = parse(["build", kind, "--input", str(source), *extra])
-    assert args.func(args) == 2
-    assert message in capsys.readouterr().err
+    assert main(["build", kind, "--input", str(source), *extra]) == 2  # one line, no traceback
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("swift-study build: error:") and "Traceback" not in err
 
 
 def test_cli_exits_nonzero_when_nothing_was_built(tmp_path, capsys, monkeypatch):

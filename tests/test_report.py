@@ -261,11 +261,11 @@ def test_empty_history_is_a_clear_error(tmp_path):
 
 
 def test_cli_prints_the_path_or_the_error(cot_html, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="swift-study")
-    add_report_parser(parser.add_subparsers(dest="command", required=True))
-    empty = parser.parse_args(["report", str(tmp_path / "nothing")])
-    assert empty.func(empty) == 1
-    assert "No influence history" in capsys.readouterr().err
+    from swift_callbacks.cli import main
+
+    assert main(["report", str(tmp_path / "nothing")]) == 2  # a user error: one line, exit 2
+    err = capsys.readouterr().err
+    assert err.startswith("swift-study report: error:") and "does not exist" in err and "Traceback" not in err
 
 
 def test_report_package_imports_without_torch_or_matplotlib():

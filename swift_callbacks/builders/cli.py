@@ -6,8 +6,8 @@ The top-level CLI adds this with ``add_build_parser(subparsers)``; the parser's 
 from __future__ import annotations
 
 import argparse
-import sys
 
+from ..errors import UserError
 from .build import DEFAULT_SAMPLING, KINDS, run_build, summary_lines
 from .records import FORMATS
 from .templating import LANGS
@@ -88,7 +88,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     from ..generation.factory import backend_from_args, sampling_from_args
 
     if not args.dry_run and not args.output:
-        return _fail("--output is required (or use --dry-run)")
+        raise UserError("--output is required (or use --dry-run)")
     generator = None
     try:
         if not args.dry_run:
@@ -102,14 +102,10 @@ def run_from_args(args: argparse.Namespace) -> int:
             fmt=args.fmt, limit=args.limit, seeds_per_request=args.seeds_per_request, dry_run=args.dry_run,
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as err:  # configuration problems, all found before anything is sent
-        return _fail(str(err))
+        raise UserError(str(err)) from err
     finally:
         if generator is not None:
             generator.close()
     print("\n".join([f"swift-study build {args.kind}:", *summary_lines(result)]))
     return 1 if not args.dry_run and result.stats.rows_in and not result.stats.rows_out else 0
 
-
-def _fail(message: str) -> int:
-    print(f"swift-study build: error: {message}", file=sys.stderr)
-    return 2

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from ..errors import UserError
 from ..generation.base import SamplingParams
 from .parsing import Rejection, contains_phrase, normalize, numbers, parse_structured, strip_answer_text
 from .pipeline import Builder, Job, execute
@@ -37,7 +38,7 @@ RulePaths = str | os.PathLike | Sequence[str | os.PathLike] | None
 _REWRITE_LABELS = ("Rewritten question", "Rewritten", "Question", "改写后的问题", "问题")
 
 
-class RuleError(ValueError):
+class RuleError(UserError):
     """A malformed rules file or rule, a duplicate name, or an unknown rule name."""
 
 

@@ -27,13 +27,14 @@ from typing import Any
 
 import yaml
 
+from ..errors import UserError
 from ..generation.base import Message
 
 LANGS = ("en", "zh")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError):
     """A template file is malformed: unknown key, wrong type, missing or unknown placeholder."""
 
 

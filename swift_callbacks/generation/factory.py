@@ -13,6 +13,7 @@ import dataclasses
 import os
 import re
 
+from ..errors import UserError
 from .base import Backend, SamplingParams
 
 DEFAULT_CACHE_DIR = ".swift_cache/generation"
@@ -21,7 +22,7 @@ MODEL_ENV = "SWIFT_MODEL"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-class BackendConfigError(ValueError):
+class BackendConfigError(UserError):
     """The command line does not pick exactly one usable backend."""
 
 

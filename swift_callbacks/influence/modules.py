@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..errors import UserError
 from . import sharding
 
 ParamFilter = Callable[[str], bool] | str | None
@@ -23,7 +24,7 @@ BlockKind = Literal["linear", "embedding", "generic", "shared"]
 Rule = Literal["linear", "embedding", "generic"]
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     """The model uses a tracked parameter in a way whose per-example gradient the engine cannot recover.
 
     The message names the module or parameter and the way out (usually ``param_filter``).

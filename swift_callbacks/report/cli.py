@@ -7,7 +7,6 @@ without loading pandas, matplotlib or torch.
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,8 +27,9 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         help="md: report.md with PNG files beside it; html: one self-contained file (default: md)",
     )
     parser.add_argument(
-        "--out", default=None, metavar="PATH", help="report file (default: OUTPUT_DIR/report/report.md or .html)"
-    )
+        "--output", "--out", dest="out", default=None, metavar="PATH",
+        help="report file (default: OUTPUT_DIR/report/report.md or .html)",
+    )  # fmt: skip
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples per band point")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")  # fmt: skip
     parser.set_defaults(func=run_report)
@@ -37,14 +37,8 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 
 def run_report(args: argparse.Namespace) -> int:
-    """Build the report; print its path, or the reason there is none (exit status 1)."""
+    """Build the report and print its path (a missing or empty history is a ``ReportError``: exit 2)."""
     from .build import build_report
-    from .history import ReportError
 
-    try:
-        path = build_report(args.output_dir, fmt=args.fmt, out=args.out, resamples=args.resamples, seed=args.seed)
-    except ReportError as err:
-        print(f"swift-study report: error: {err}", file=sys.stderr)
-        return 1
-    print(path)
+    print(build_report(args.output_dir, fmt=args.fmt, out=args.out, resamples=args.resamples, seed=args.seed))
     return 0

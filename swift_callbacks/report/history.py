@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..errors import UserError
 from .stats import bootstrap_mean_ci, curve_rng
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ BASELINE_PROBE_SETS = {"cot": "noncot", "clarify": "pos", "evaluation": "pos"}
 CONTEXT_WORDS = {"in": "In-task", "cross": "Cross-task"}
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """The run cannot be reported (no history, unreadable study definitions)."""
 
 
@@ -176,7 +177,7 @@ def load_history(output_dir: str | os.PathLike, resamples: int = 1000, seed: int
     path = resolve_output_dir(output_dir)
     try:
         # empty_ok: no recorded step yet is reported below; a missing folder or a damaged history raises.
-        pairs = load_pairs(path, empty_ok=True) if path.is_dir() else pd.DataFrame()
+        pairs = load_pairs(path, empty_ok=True)  # a folder that does not exist is named as such
         specs = load_metric_specs(path) if not pairs.empty else {}
     except HistoryError as err:
         raise ReportError(str(err)) from err

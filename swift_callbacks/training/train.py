@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from ..configuration import ConfigError
+from ..errors import run_command
 from ..models import load_model, load_tokenizer
 from ..trainers import lora_config, make_trainer, trainer_arguments
 from .config import TrainConfig, load_config
@@ -133,15 +133,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    """Run ``train`` from parsed arguments; a config error is printed (with its key path) and returns 2."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("swift_callbacks").setLevel(logging.INFO)  # one line per influence computation
+    """Run ``train`` from parsed arguments (errors are reported by ``errors.run_command``)."""
     try:
-        config = load_config(args.config, args.overrides)
-        run_training(config, influence=not args.no_influence)
-    except ConfigError as err:
-        print(f"error: {args.config}: {err}", file=sys.stderr)
-        return 2
+        run_training(load_config(args.config, args.overrides), influence=not args.no_influence)
     finally:
         _close_process_group()
     return 0
@@ -163,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Fine-tune with TRL's SFTTrainer from a YAML config, tracking swift-study influence.",
     )
     add_train_arguments(parser)
-    return train_command(parser.parse_args(argv))
+    return run_command("swift_callbacks.training.train", train_command, parser.parse_args(argv))
 
 
 if __name__ == "__main__":
