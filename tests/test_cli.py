@@ -29,7 +29,7 @@ def test_every_command_of_the_table_is_registered():
         (["score", "--run", "no-such-run"], "no-such-run"),
         (["report", "no-such-run"], "no-such-run does not exist"),
         (["build", "cot", "--input", "no-such.jsonl", "--dry-run"], "no-such.jsonl"),
-        (["demo", "--output-dir", "{tmp}/out", "--model", "./no-such-model"], "model path './no-such-model' does not exist"),
+        (["demo", "--output-dir", "{tmp}/out", "--model", "./no-such-model"], "'./no-such-model' does not exist"),
         (["demo", "--output-dir", "{tmp}/out", "--model", "{tmp}/m.gguf"], "GGUF file"),
     ],
 )  # fmt: skip
