@@ -86,7 +86,7 @@ def study_recipe(cfg: DemoConfig, model: str) -> dict[str, Any]:
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo study; returns paths of the outputs."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .. import load_metrics, load_pairs
+    from ..store import load_metrics, load_pairs
     from ..training.config import config_from_dict
     from ..training.train import run_training
 
