@@ -300,6 +300,10 @@ def _fake_vllm(fail_on: str | None = None) -> types.ModuleType:
                 raise RuntimeError("CUDA out of memory")
             return [self._answer(conv, sp) for conv, sp in zip(conversations, sampling_params, strict=True)]
 
+        def generate(self, prompts, sampling_params, use_tqdm):  # raw-text completion
+            self.calls.append((prompts, sampling_params))
+            return [self._answer([{"content": p}], sp) for p, sp in zip(prompts, sampling_params, strict=True)]
+
         @staticmethod
         def _answer(conv, sp):
             text = conv[-1]["content"]
@@ -334,3 +338,28 @@ def test_vllm_adapter_maps_requests_and_chunks(monkeypatch, tmp_path):
     assert [len(convs) for convs, _ in llm.calls] == [2, 2]
     sp = llm.calls[0][1][0]
     assert (sp.n, sp.temperature, sp.top_p, sp.max_tokens, sp.seed, sp.stop) == (2, 0.5, 1.0, 512, 3, ["x"])
+
+
+def test_vllm_answers_completion_requests_with_generate(monkeypatch, tmp_path):
+    fake = _fake_vllm()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    from swift_callbacks.generation import VLLMBackend
+
+    backend = VLLMBackend("org/model")
+    assert backend.supports_completion
+    raw = GenerationRequest.completion("raw", "<|im_start|>user\n", SamplingParams(n=1))
+    results = Generator(backend, tmp_path, progress=False).run([raw, ask("chat")])
+    assert results["raw"].texts == ["<|im_start|>user\n/0"] and results["chat"].texts == ["chat/0"]
+    llm = fake.LLM.instances[-1]
+    assert [call[0] for call in llm.calls] == [[[{"role": "user", "content": "chat"}]], ["<|im_start|>user\n"]]
+
+
+def test_completion_requests_keep_the_cache_keys_of_earlier_prefix_requests():
+    params = SamplingParams(temperature=1.0, n=4, seed=1)
+    request = GenerationRequest.completion("k", "<|im_start|>user\n", params)
+    legacy = GenerationRequest("k", (("prefix", "<|im_start|>user\n"),), params)  # how ScaleQuest wrote them before
+    assert request.is_completion and request.messages == () and request.prompt == "<|im_start|>user\n"
+    assert request.cache_key("vllm", "m") == legacy.cache_key("vllm", "m")
+    assert request.cache_key("vllm", "m") != GenerationRequest.chat("k", [{"role": "user", "content": "x"}]).cache_key(
+        "vllm", "m"
+    )

@@ -318,3 +318,31 @@ def test_finish_reason_comes_back_from_the_server():
             [GenerationRequest.chat("q", [{"role": "user", "content": "hi"}])]
         )["q"]
     assert result.finish_reasons == ["stop"] and not result.truncated(0)
+
+
+class _FakeCompletions:
+    """Stands in for ``openai.OpenAI().completions``: records the call, answers with ``texts``."""
+
+    def __init__(self, texts):
+        self.texts, self.calls = texts, []
+
+    def create(self, **kwargs):
+        from types import SimpleNamespace
+
+        self.calls.append(kwargs)
+        choices = [SimpleNamespace(index=i, text=t) for i, t in enumerate(self.texts)]
+        return SimpleNamespace(choices=choices, usage=SimpleNamespace(prompt_tokens=3, completion_tokens=5))
+
+
+def test_completion_requests_use_the_completions_endpoint():
+    backend = OpenAICompatibleBackend("http://127.0.0.1:9/v1", "qgen", max_retries=0, timeout=1.0)
+    fake = _FakeCompletions(["Q one?", "Q two?"])
+    backend._client.completions = fake
+    params = SamplingParams(temperature=1.0, top_p=0.99, max_tokens=512, n=2, seed=11)
+    (result,) = list(backend.generate([GenerationRequest.completion("k", "<|im_start|>user\n", params)]))
+    assert result.ok and result.texts == ["Q one?", "Q two?"] and result.completion_tokens == 5
+    assert fake.calls == [{"model": "qgen", "prompt": "<|im_start|>user\n", "temperature": 1.0, "top_p": 0.99,
+                           "max_tokens": 512, "n": 2, "seed": 11}]  # fmt: skip
+    backend._client.completions = _FakeCompletions(["only one"])
+    (short,) = list(backend.generate([GenerationRequest.completion("k", "p", params)]))
+    assert not short.ok and "server returned 1 choice(s), 2 requested" in short.error

@@ -157,7 +157,7 @@ def test_chat_prefix_and_bos_handling():
 
 def test_generate_samples_from_the_prefix_only(tmp_path):
     def reply(req):
-        assert req.messages == (("prefix", "<|im_start|>user\n"),)  # raw prefix, no chat template
+        assert req.prompt == "<|im_start|>user\n" and req.messages == ()  # raw prefix, no chat template
         if req.key == "gen-000002":
             raise RuntimeError("backend down")
         return [f" question {req.key} #{k}? " for k in range(req.params.n - 1)] + [""]
@@ -250,7 +250,7 @@ REWRITES = {
 
 def test_qpo_pairs_builds_dpo_pairs_from_rewrites(tmp_path):
     def sample(req):
-        assert req.messages[0][0] == "prefix"
+        assert req.is_completion
         return SAMPLES[: req.params.n]
 
     def rewrite(req):
@@ -449,37 +449,6 @@ def test_a_rerun_answers_from_the_cache_and_writes_the_same_output(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ backends
-
-
-class _FakeCompletions:
-    """Stands in for ``openai.OpenAI().completions``: records the call, answers with ``texts``."""
-
-    def __init__(self, texts):
-        self.texts, self.calls = texts, []
-
-    def create(self, **kwargs):
-        from types import SimpleNamespace
-
-        self.calls.append(kwargs)
-        choices = [SimpleNamespace(index=i, text=t) for i, t in enumerate(self.texts)]
-        return SimpleNamespace(choices=choices, usage=SimpleNamespace(prompt_tokens=3, completion_tokens=5))
-
-
-def test_openai_prefix_requests_use_the_completions_endpoint():
-    from swift_callbacks.builders.scalequest.backends import PrefixOpenAIBackend, prefix_request
-    from swift_callbacks.generation import SamplingParams
-
-    backend = PrefixOpenAIBackend("http://127.0.0.1:9/v1", "qgen", max_retries=0, timeout=1.0)
-    fake = _FakeCompletions(["Q one?", "Q two?"])
-    backend._client.completions = fake
-    params = SamplingParams(temperature=1.0, top_p=0.99, max_tokens=512, n=2, seed=11)
-    (result,) = list(backend.generate([prefix_request("k", "<|im_start|>user\n", params)]))
-    assert result.ok and result.texts == ["Q one?", "Q two?"] and result.completion_tokens == 5
-    assert fake.calls == [{"model": "qgen", "prompt": "<|im_start|>user\n", "temperature": 1.0, "top_p": 0.99,
-                           "max_tokens": 512, "n": 2, "seed": 11}]  # fmt: skip
-    backend._client.completions = _FakeCompletions(["only one"])
-    (short,) = list(backend.generate([prefix_request("k", "p", params)]))
-    assert not short.ok and "1 usable choice(s), 2 requested" in short.error
 
 
 def test_filter_solvable_and_respond_reject_truncated_replies(tmp_path):

@@ -20,7 +20,6 @@ from swift_callbacks.builders.scalequest import (
     train_qft,
     train_qpo,
 )
-from swift_callbacks.builders.scalequest.backends import prefix_request
 from swift_callbacks.builders.scalequest.contract import load_stats
 from swift_callbacks.builders.scalequest.models import load_causal_lm
 from swift_callbacks.generation import GenerationRequest, Generator, SamplingParams
@@ -85,7 +84,7 @@ def test_qft_trains_and_saves_a_loadable_question_generator(qft_model, qft_rows)
     backend = generation_backend(ModelSpec.parse(str(qft_model)))
     assert backend.model.startswith(f"{qft_model}@")  # the folder's version is part of the cache key
     prefix = "<|im_start|>user\n"
-    req = prefix_request("k", prefix, SamplingParams())
+    req = GenerationRequest.completion("k", prefix, SamplingParams())
     assert backend._encode(req) == backend.tokenizer(prefix, add_special_tokens=False)["input_ids"]  # raw, no template
     settings = GenerateSettings(num_questions=6, samples_per_request=3, sampling=Sampling(1.0, 0.99, 12))
     result = generate_questions(qft_model.parent / "gen.jsonl", generator=Generator(backend, None, progress=False),

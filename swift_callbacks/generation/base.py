@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+COMPLETION_ROLE = "prefix"
 
 
 @dataclass(frozen=True)
@@ -30,22 +31,38 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One chat request.
+    """One request: a chat (``messages``), or a raw-text completion (``prompt``).
+
+    A completion request continues ``prompt`` exactly as written, with no chat template and no special tokens
+    added: e.g. a chat template's prefix up to the user turn, so that the model writes a user question. Every
+    backend whose ``supports_completion`` is true answers both kinds (transformers: the text tokenized as is;
+    vLLM: ``LLM.generate``; OpenAI-compatible servers: the ``/v1/completions`` endpoint).
 
     Attributes:
         key: Caller's id of the item the request belongs to (e.g. ``"<source id>/cot"``); used in records and
             rejects, not in the cache key.
-        messages: The chat messages.
+        messages: The chat messages (empty for a completion request).
         params: Sampling settings.
+        prompt: The raw text to continue, or None for a chat request.
     """
 
     key: str
     messages: tuple[tuple[str, str], ...]  # ((role, content), ...) so requests are hashable
     params: SamplingParams = SamplingParams()
+    prompt: str | None = None
 
     @classmethod
     def chat(cls, key: str, messages: Iterable[Message], params: SamplingParams | None = None) -> GenerationRequest:
         return cls(key, tuple((m["role"], m["content"]) for m in messages), params or SamplingParams())
+
+    @classmethod
+    def completion(cls, key: str, prompt: str, params: SamplingParams | None = None) -> GenerationRequest:
+        """A request to continue the raw text ``prompt`` (see the class docstring)."""
+        return cls(key, (), params or SamplingParams(), prompt)
+
+    @property
+    def is_completion(self) -> bool:
+        return self.prompt is not None
 
     def message_dicts(self) -> list[Message]:
         return [{"role": r, "content": c} for r, c in self.messages]
@@ -61,7 +78,9 @@ class GenerationRequest:
         for name in ("max_tokens", "n", "seed"):
             if params[name] is not None:
                 params[name] = int(params[name])
-        payload = {"backend": backend, "model": model, "messages": self.messages, "params": params}
+        # A completion is keyed as a one-message conversation of role "prefix" (the keys of earlier caches).
+        messages = ((COMPLETION_ROLE, self.prompt),) if self.prompt is not None else self.messages
+        payload = {"backend": backend, "model": model, "messages": messages, "params": params}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
@@ -88,6 +107,11 @@ class GenerationResult:
     def truncated(self, index: int = 0) -> bool:
         """Whether text ``index`` was cut short by the token limit (a final answer read from it is not one)."""
         return index < len(self.finish_reasons) and self.finish_reasons[index] == "length"
+
+
+def supports_completion(backend: Any) -> bool:
+    """Whether ``backend`` answers raw-text completion requests (:meth:`GenerationRequest.completion`)."""
+    return bool(getattr(backend, "supports_completion", False))
 
 
 def backend_identity(backend: Any) -> str:
@@ -124,6 +148,7 @@ class Backend(Protocol):
 
     name: str  # "openai", "transformers", "vllm", ... (part of the cache key)
     model: str  # model name or path (part of the cache key)
+    # Optional: ``supports_completion = True`` when it answers raw-text requests (GenerationRequest.completion).
 
     def generate(self, requests: list[GenerationRequest]) -> Iterator[GenerationResult]:
         """Yield one result per request, in any order, as each finishes. Never raise for one bad request:
@@ -135,6 +160,7 @@ class ScriptedBackend:
     """A backend answering from a function of the request: for tests of parsing and templates only."""
 
     name = "scripted"
+    supports_completion = True  # ``reply`` sees the request, raw prompt included
 
     def __init__(self, reply, model: str = "scripted") -> None:
         self.reply = reply

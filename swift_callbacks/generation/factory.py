@@ -139,14 +139,19 @@ def _http_backend(args: argparse.Namespace) -> Backend:
     return OpenAICompatibleBackend(
         base_url,
         model,
-        api_key=_api_key_from_env(args.api_key_env),
+        api_key=api_key_from_env(args.api_key_env),
         max_concurrency=args.max_concurrency,
         timeout=args.timeout,
         max_retries=args.max_retries,
     )
 
 
-def _api_key_from_env(name: str | None) -> str | None:
+def api_key_from_env(name: str | None) -> str | None:
+    """The API key in environment variable ``name`` (None: the backend's own fallbacks).
+
+    Raises:
+        BackendConfigError: The variable is not set or empty.
+    """
     if name is None:
         return None  # the backend's own fallbacks: SWIFT_API_KEY, OPENAI_API_KEY, else no auth
     value = os.environ.get(name)

@@ -104,6 +104,7 @@ class OpenAICompatibleBackend:
     """
 
     name = "openai"
+    supports_completion = True  # answers GenerationRequest.completion (raw text) as well as chat requests
 
     def __init__(
         self,
@@ -207,20 +208,25 @@ class OpenAICompatibleBackend:
                 return GenerationResult(req.key, error=f"{reason} (cancelled before retry)")
 
     def _call(self, req: GenerationRequest) -> GenerationResult:
-        """One HTTP attempt; raises the client's exception on failure, ``_BadReply`` on an unusable answer."""
+        """One HTTP attempt; raises the client's exception on failure, ``_BadReply`` on an unusable answer.
+
+        Chat requests go to ``/v1/chat/completions``; completion requests (raw text) to ``/v1/completions``.
+        """
         p = req.params
-        response = self._client.chat.completions.create(
-            model=self.model,
-            messages=req.message_dicts(),
-            temperature=p.temperature,
-            top_p=p.top_p,
-            max_tokens=p.max_tokens,
-            n=p.n,
+        options = {
+            "model": self.model,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "max_tokens": p.max_tokens,
+            "n": p.n,
             **({"seed": p.seed} if p.seed is not None else {}),
             **({"stop": list(p.stop)} if p.stop else {}),
             **({"extra_body": self.extra_body} if self.extra_body else {}),
-        )
-        return _to_result(req, response)
+        }
+        if req.is_completion:
+            return _to_result(req, self._client.completions.create(prompt=req.prompt, **options), lambda c: c.text)
+        response = self._client.chat.completions.create(messages=req.message_dicts(), **options)
+        return _to_result(req, response, lambda c: c.message.content)
 
     def _retry_delay(self, err: Exception, attempt: int) -> float | None:
         """Seconds to wait before the next attempt, or ``None`` when ``err`` is not worth retrying."""
@@ -262,11 +268,11 @@ class _BadReply(Exception):
     """The server answered 200 but the answer cannot be used (too few choices, no text)."""
 
 
-def _to_result(req: GenerationRequest, response: Any) -> GenerationResult:
+def _to_result(req: GenerationRequest, response: Any, text_of: Any) -> GenerationResult:
     choices = sorted(response.choices or [], key=lambda c: c.index)
     if len(choices) < req.params.n:
         raise _BadReply(f"server returned {len(choices)} choice(s), {req.params.n} requested")
-    texts = [c.message.content for c in choices[: req.params.n]]
+    texts = [text_of(c) for c in choices[: req.params.n]]
     if any(t is None for t in texts):
         raise _BadReply("a choice has no text content (refusal or tool call)")
     usage = response.usage

@@ -42,6 +42,7 @@ class TransformersBackend:
     """
 
     name = "transformers"
+    supports_completion = True  # answers GenerationRequest.completion (raw text) as well as chat requests
 
     def __init__(
         self,
@@ -134,6 +135,8 @@ class TransformersBackend:
         ]
 
     def _encode(self, req: GenerationRequest) -> list[int]:
+        if req.is_completion:  # raw text as written: it already holds whatever special tokens it needs
+            return list(self.tokenizer(req.prompt, add_special_tokens=False)["input_ids"])
         text = self.tokenizer.apply_chat_template(req.message_dicts(), tokenize=False, add_generation_prompt=True)
         # The template already wrote any BOS/special tokens it wants; adding them again would double them.
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

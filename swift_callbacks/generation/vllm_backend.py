@@ -38,6 +38,7 @@ class VLLMBackend:
     """
 
     name = "vllm"
+    supports_completion = True  # answers GenerationRequest.completion (raw text) as well as chat requests
 
     def __init__(self, model: str, *, chunk_size: int = 256, **engine_kwargs: Any) -> None:
         if chunk_size < 1:
@@ -59,8 +60,12 @@ class VLLMBackend:
         Yields:
             One result per request.
         """
-        yield from self._in_chunks(requests, lambda chunk, sampling: self.llm.chat(
+        chat = [req for req in requests if not req.is_completion]
+        raw = [req for req in requests if req.is_completion]
+        yield from self._in_chunks(chat, lambda chunk, sampling: self.llm.chat(
             [req.message_dicts() for req in chunk], sampling_params=sampling, use_tqdm=False))  # fmt: skip
+        yield from self._in_chunks(raw, lambda chunk, sampling: self.llm.generate(
+            [req.prompt for req in chunk], sampling_params=sampling, use_tqdm=False))  # fmt: skip
 
     def _in_chunks(self, requests: list[GenerationRequest], call: Any) -> Iterator[GenerationResult]:
         """Runs ``call(chunk, sampling_params)`` chunk by chunk (so results reach the cache as they come); a chunk

@@ -20,8 +20,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ....generation.base import GenerationRequest, supports_completion
 from ...records import Reject
-from ..backends import prefix_request, supports_prefix
 from ..contract import StageError, StageResult, StageStats, finish, generation_counts
 from ..contract import fingerprint as make_fingerprint
 from ..metrics import distribution, ratio
@@ -117,12 +117,12 @@ def sample_questions(
     Raises:
         StageError: The generator's backend cannot continue raw prefixes.
     """
-    if not supports_prefix(generator.backend):
-        raise StageError(f"backend {generator.backend!r} cannot continue a raw chat prefix; build it with "
-                         "swift_callbacks.builders.scalequest.models.generation_backend")  # fmt: skip
+    if not supports_completion(generator.backend):
+        raise StageError(f"backend {generator.backend!r} cannot continue a raw chat prefix (it does not answer "
+                         "GenerationRequest.completion)")  # fmt: skip
     sizes = _request_sizes(settings.num_questions, settings.samples_per_request)
     requests = [
-        prefix_request(
+        GenerationRequest.completion(
             f"{settings.id_prefix}-{j:06d}", prefix, settings.sampling.params(n, sample_seed(settings.seed, j))
         )
         for j, n in enumerate(sizes)
