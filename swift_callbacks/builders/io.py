@@ -210,6 +210,12 @@ def write_yaml(path: str | os.PathLike, data: Any) -> Path:
     return _atomic_write(Path(path), lambda fh: fh.write(text.encode("utf-8")))
 
 
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Writes one JSON document (indented), atomically."""
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
+    return _atomic_write(Path(path), lambda fh: fh.write(text.encode("utf-8")))
+
+
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

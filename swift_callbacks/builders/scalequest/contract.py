@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ...generation.base import folder_digest
-from ..io import _atomic_write, read_source, rejects_path, write_jsonl
+from ..io import read_source, rejects_path, write_json, write_jsonl
 from ..records import Reject
 from .metrics import ratio
 
@@ -219,12 +219,6 @@ def finish(
     write_json(stats_path(output), stats.to_dict())
     print("\n".join(stats.summary_lines()), file=stream or sys.stdout, flush=True)
     return StageResult(rows, list(rejects), stats)
-
-
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Writes one JSON document atomically."""
-    text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
-    return _atomic_write(Path(path), lambda fh: fh.write(text.encode("utf-8")))
 
 
 def load_stats(output: str | os.PathLike) -> StageStats | None:
