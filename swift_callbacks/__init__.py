@@ -4,6 +4,9 @@ Public API::
 
     from swift_callbacks import InfluenceCallback, load_pairs, load_scores
 
+Engine options are one ``InfluenceArguments``; models load through ``load_model_and_tokenizer(ModelConfig(...))``
+(a Hub id, a folder, a ``.gguf`` file or a ``tiny:`` spec).
+
 Names are imported lazily so that light subpackages (``swift_callbacks.builders``, ``swift_callbacks.generation``)
 and the CLI start without importing torch.
 """
@@ -18,7 +21,16 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "InfluenceCallback": "callback",
+    "ConfigError": "configuration",
+    "InfluenceArguments": "influence",
     "InfluenceEngine": "influence",
+    "ModelConfig": "models",
+    "UserError": "errors",
+    "load_model": "models",
+    "load_model_and_tokenizer": "models",
+    "load_tokenizer": "models",
+    "register_variant": "influence",
+    "ScoreVariant": "influence",
     "InfluenceResult": "influence",
     "ExampleSet": "sets",
     "SetError": "sets",
@@ -36,28 +48,40 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "ConfigError",
     "ExampleSet",
     "HistoryError",
+    "InfluenceArguments",
     "InfluenceCallback",
     "InfluenceEngine",
     "InfluenceResult",
     "Metric",
+    "ModelConfig",
+    "ScoreVariant",
     "SetError",
     "Study",
+    "UserError",
     "__version__",
     "clarify_study",
     "cot_study",
     "evaluation_study",
     "load_failures",
     "load_metrics",
+    "load_model",
+    "load_model_and_tokenizer",
     "load_pairs",
     "load_scores",
     "load_set",
+    "load_tokenizer",
+    "register_variant",
 ]
 
 if TYPE_CHECKING:
     from .callback import InfluenceCallback
-    from .influence import InfluenceEngine, InfluenceResult
+    from .configuration import ConfigError
+    from .errors import UserError
+    from .influence import InfluenceArguments, InfluenceEngine, InfluenceResult, ScoreVariant, register_variant
+    from .models import ModelConfig, load_model, load_model_and_tokenizer, load_tokenizer
     from .sets import ExampleSet, SetError, load_set
     from .store import HistoryError, load_failures, load_metrics, load_pairs, load_scores
     from .studies import Metric, Study, clarify_study, cot_study, evaluation_study

@@ -12,10 +12,34 @@ Examples of the sets are paired by their ``task`` field, or by position when the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Context = Literal["in", "cross"]
+
+
+@dataclass(frozen=True)
+class StudyType:
+    """A registered study: its builder (whose argument names are the sets a recipe gives) and the probe set that is
+    its plain-QA baseline (what reports compare each strategy probe set against)."""
+
+    build: Callable[..., Study]
+    baseline: str
+
+
+STUDIES: dict[str, StudyType] = {}
+"""``{name: StudyType}``: the studies recipes (``influence.studies[].type``) and reports know by name."""
+
+
+def register_study(name: str, baseline: str) -> Callable[[Callable[..., Study]], Callable[..., Study]]:
+    """Decorator registering a study builder under ``name`` with its baseline probe set."""
+
+    def register(build: Callable[..., Study]) -> Callable[..., Study]:
+        STUDIES[name] = StudyType(build, baseline)
+        return build
+
+    return register
 
 
 @dataclass(frozen=True)
@@ -49,6 +73,7 @@ def _metrics(study: str, probes: dict[str, str], evals: dict[str, str]) -> list[
     return out
 
 
+@register_study("cot", baseline="noncot")
 def cot_study(z: Any, z_similar: Any, z_cot: Any) -> Study:
     """Can CoT training data improve generalization on non-CoT queries? (paper section 4.1, Figure 1)
 
@@ -66,6 +91,7 @@ def cot_study(z: Any, z_similar: Any, z_cot: Any) -> Study:
     )
 
 
+@register_study("clarify", baseline="pos")
 def clarify_study(z_clarify: Any, z_pos: Any, z_pos_similar: Any, z_neg_similar: Any) -> Study:
     """Can query clarification data improve generalization on confused queries? (section 4.2, Figure 2)
 
@@ -83,6 +109,7 @@ def clarify_study(z_clarify: Any, z_pos: Any, z_pos_similar: Any, z_neg_similar:
     )
 
 
+@register_study("evaluation", baseline="pos")
 def evaluation_study(e_pos: Any, e_neg: Any, z_pos: Any, z_pos_similar: Any, z_neg_similar: Any) -> Study:
     """Can response evaluation data improve generalization? (section 4.3, Figure 3)
 

@@ -25,14 +25,14 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
+from ..studies import STUDIES
 from .stats import bootstrap_mean_ci, curve_rng
 
 logger = logging.getLogger(__name__)
 
-# The plain-QA (baseline) probe set of each of the paper's studies, as ``swift_callbacks.studies`` defines them
-# (the probe set its docstring calls "the baseline probes"). A ``baseline_probe_set`` entry in a metric's spec in
-# metrics.json, when present, takes precedence, so custom studies can declare their own.
-BASELINE_PROBE_SETS = {"cot": "noncot", "clarify": "pos", "evaluation": "pos"}
+# The plain-QA (baseline) probe set of each registered study (``swift_callbacks.studies.register_study``). A
+# ``baseline_probe_set`` entry in a metric's spec in metrics.json, when present, takes precedence.
+BASELINE_PROBE_SETS = {name: study.baseline for name, study in STUDIES.items()}
 
 CONTEXT_WORDS = {"in": "In-task", "cross": "Cross-task"}
 

@@ -35,19 +35,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ..configuration import ConfigError, build, join, load_yaml, suggest
 from ..configuration import resolve_local as resolve_file
 from ..influence.arguments import InfluenceArguments
 from ..models import ModelConfig
-from ..studies import clarify_study, cot_study, evaluation_study
+from ..studies import STUDIES
 from ..trainers import check_arguments
 
 DEMO_PREFIX = "demo:"
 DEMO_PREFIX = "demo:"
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-STUDY_BUILDERS = {"cot": cot_study, "clarify": clarify_study, "evaluation": evaluation_study}
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -178,11 +177,13 @@ class StudyConfig:
             ``e_pos``, ``e_neg``, ``z_pos``, ``z_pos_similar``, ``z_neg_similar``).
     """
 
-    type: Literal["cot", "clarify", "evaluation"]
+    type: str
     sets: dict[str, SetSpec]
 
     def check(self, path: str) -> None:
-        names = list(inspect.signature(STUDY_BUILDERS[self.type]).parameters)
+        if self.type not in STUDIES:
+            raise ConfigError(f"{join(path, 'type')}: unknown study {self.type!r}; {suggest(self.type, list(STUDIES))}")
+        names = list(inspect.signature(STUDIES[self.type].build).parameters)
         where = join(path, "sets")
         for name in self.sets:
             if name not in names:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import DEMO_PREFIX, STUDY_BUILDERS, InfluenceConfig, SourceConfig, is_demo
+from ..studies import STUDIES
+from .config import DEMO_PREFIX, InfluenceConfig, SourceConfig, is_demo
 from .data import load_source
 
 
@@ -42,7 +43,7 @@ def callback_kwargs(influence: InfluenceConfig) -> dict[str, Any]:
     """Keyword arguments of ``InfluenceCallback(trainer, **kwargs)`` for an ``influence`` section."""
     resolve = SetResolver()
     study_objects = [
-        STUDY_BUILDERS[s.type](**{name: resolve(spec) for name, spec in s.sets.items()}) for s in influence.studies
+        STUDIES[s.type].build(**{name: resolve(spec) for name, spec in s.sets.items()}) for s in influence.studies
     ]
     return {
         "probe_sets": {name: resolve(spec) for name, spec in influence.probe_sets.items()},
