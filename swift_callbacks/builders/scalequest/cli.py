@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ...configuration import ConfigError, apply_override, build, load_yaml
+from ...errors import run_command
 from ...generation.factory import BASE_URL_ENV, MODEL_ENV, add_backend_arguments
 from .config import StageConfig, load_pipeline_config
 from .contract import StageError
@@ -107,11 +108,9 @@ def stage_from_args(args: argparse.Namespace) -> int:
 
 
 def _guarded(action) -> int:
+    """A stage that cannot do its work exits 1; a user error (config, files) is left to ``errors.run_command``."""
     try:
         action()
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"swift-study scalequest: error: {err}", file=sys.stderr)
-        return 2
     except StageError as err:
         print(f"swift-study scalequest: stage failed: {err}", file=sys.stderr)
         return 1
@@ -224,4 +223,4 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Runs ``scalequest`` commands: ``python -m swift_callbacks.builders.scalequest run --config ...``."""
     args = build_parser().parse_args(["scalequest", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    return run_command("swift-study scalequest", args.func, args)
