@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -22,7 +21,7 @@ from typing import IO, Any
 from ..generation.base import SamplingParams
 from .io import group_path, read_source, rejects_path, write_jsonl, write_yaml
 from .pipeline import Builder, Plan, complete, prepare
-from .records import BuildResult, BuildStats
+from .records import BuildResult, BuildStats, reject_counts
 from .rules import RulesApplyBuilder, RulesExtractBuilder, load_rules, rules_document, slugify
 from .strategies import STRATEGY_BUILDERS
 from .templating import TemplateSet, load_templates
@@ -129,7 +128,7 @@ def run_build(
 
 
 def _plan_stats(plan: Plan) -> BuildStats:
-    return BuildStats(plan.rows_in, len(plan.jobs), 0, Counter(f"{r.stage}: {r.reason}" for r in plan.rejects))
+    return BuildStats(plan.rows_in, len(plan.jobs), 0, reject_counts(plan.rejects))
 
 
 def print_plan(plan: Plan, stream: IO[str]) -> None:

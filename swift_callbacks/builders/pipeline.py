@@ -1,19 +1,21 @@
-"""The loop every builder shares: validate rows, plan one request per item, generate, parse, check, format.
+"""The loop every builder and every ScaleQuest LLM stage shares: plan requests, generate, parse, keep or reject.
 
-A builder only says how to turn rows into requests (:meth:`Builder.plan`) and a reply into outputs
-(:meth:`Builder.finish`); everything about caching, failures, rejects, provenance and counting lives here once.
+:func:`ask` is the loop: it sends the requests of a list of :class:`Job` (the generator's cache answers what is
+already done), turns a failed request into a reject, and sorts what a reader makes of each answer (all its ``n``
+samples) into outputs and rejects. A builder only says how to turn rows into requests (:meth:`Builder.plan`) and a
+reply into outputs (:meth:`Builder.finish`); a stage supplies its jobs and a reader. Caching, failures, rejects,
+provenance and counting live here once.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..generation.base import GenerationRequest, Message, SamplingParams
+from ..generation.base import GenerationRequest, GenerationResult, Message, SamplingParams
 from .parsing import Rejection
-from .records import FORMATS, BuildResult, BuildStats, Example, Provenance, Reject, format_example
+from .records import FORMATS, BuildResult, BuildStats, Example, Provenance, Reject, format_example, reject_counts
 from .schema import Field, Row, parse_mapping, validate_rows
 from .templating import TemplateSet
 
@@ -26,18 +28,64 @@ class Job:
         key: Unique request key, e.g. ``"<source id>/cot"``.
         source_id: Id written into rejects (a row's id, or a batch name).
         raw: Input written into rejects.
-        messages: The chat messages to send.
+        messages: The chat messages to send, or a raw text to continue (a completion request).
         context: Builder-specific data for :meth:`Builder.finish` (e.g. the row).
+        params: This job's sampling (``n`` samples, a seed), or None for the run's.
     """
 
     key: str
     source_id: str
     raw: Any
-    messages: list[Message]
+    messages: list[Message] | str
     context: dict[str, Any] = field(default_factory=dict)
+    params: SamplingParams | None = None
 
     def request(self, params: SamplingParams | None) -> GenerationRequest:
-        return GenerationRequest.chat(self.key, self.messages, params)
+        if isinstance(self.messages, str):
+            return GenerationRequest.completion(self.key, self.messages, self.params or params)
+        return GenerationRequest.chat(self.key, self.messages, self.params or params)
+
+    def reject(self, stage: str, reason: str, detail: str = "") -> Reject:
+        return Reject(self.source_id, stage, reason, self.raw, detail)
+
+
+Reader = Callable[[Job, GenerationResult], Iterable[Any]]
+
+
+def ask(
+    jobs: Sequence[Job],
+    generator: Any,
+    read: Reader,
+    params: SamplingParams | None = None,
+    *,
+    failed: Callable[[Job, GenerationResult], Iterable[Reject]] | None = None,
+) -> tuple[list[Any], list[Reject]]:
+    """The generate -> parse -> reject loop.
+
+    Args:
+        jobs: The requests to send, with what is needed to read their answers.
+        generator: A ``generation.runner.Generator`` (anything with ``run(requests)``).
+        read: Turns one answered job (all its samples) into outputs and :class:`Reject` items.
+        params: Sampling of the jobs that have none of their own.
+        failed: The rejects of a failed request (default: :func:`failed_request`).
+
+    Returns:
+        ``(outputs, rejects)``, both in job order.
+    """
+    results = generator.run([job.request(params) for job in jobs]) if jobs else {}
+    outputs: list[Any] = []
+    rejects: list[Reject] = []
+    for job in jobs:
+        result = results[job.key]
+        for item in read(job, result) if result.ok else (failed or failed_request)(job, result):
+            (rejects if isinstance(item, Reject) else outputs).append(item)
+    return outputs, rejects
+
+
+def failed_request(job: Job, result: GenerationResult, reason: str = "generation failed") -> list[Reject]:
+    """The reject of a request that failed; its detail names the request when that is not the row itself."""
+    detail = result.error or ""
+    return [job.reject("generate", reason, detail if job.key == job.source_id else f"[{job.key}] {detail}")]
 
 
 @dataclass
@@ -82,6 +130,10 @@ class Builder:
         """
         raise NotImplementedError
 
+    def read(self, job: Job, result: GenerationResult) -> list[Any]:
+        """Outputs of one answered request: those of its first sample that :meth:`finish` accepts."""
+        return first_accepted(self.finish, job, result)
+
     def emit(self, output: Any, provenance: Provenance) -> dict[str, Any]:
         """One output row."""
         assert isinstance(output, Example)
@@ -120,23 +172,11 @@ def complete(builder: Builder, plan: Plan, generator: Any, params: SamplingParam
             ``backend``).
         params: Sampling settings of every request (default: the builder's ``sampling``).
     """
-    rejects = list(plan.rejects)
-    rows: list[dict[str, Any]] = []
-    requests = [job.request(params or builder.sampling) for job in plan.jobs]
-    results = generator.run(requests) if requests else {}
+    outputs, rejects = ask(plan.jobs, generator, builder.read, params or builder.sampling)
     provenance = _provenance(builder.templates, generator)
-    for job in plan.jobs:
-        result = results[job.key]
-        if not result.ok:
-            detail = f"[{job.key}] {result.error}"
-            rejects.append(Reject(job.source_id, "generate", "generation failed", job.raw, detail))
-            continue
-        for output in _first_accepted(builder, job, result.texts, result.finish_reasons):
-            if isinstance(output, Reject):
-                rejects.append(output)
-            else:
-                rows.append(builder.emit(output, provenance))
-    stats = BuildStats(plan.rows_in, len(plan.jobs), len(rows), Counter(f"{r.stage}: {r.reason}" for r in rejects))
+    rows = [builder.emit(output, provenance) for output in outputs]
+    rejects = [*plan.rejects, *rejects]
+    stats = BuildStats(plan.rows_in, len(plan.jobs), len(rows), reject_counts(rejects))
     if plan.jobs:
         stats.generation = replace(generator.last_stats)
     return BuildResult(rows, rejects, stats, builder.group_by)
@@ -154,21 +194,19 @@ def execute(
     return complete(builder, prepare(builder, positioned(rows), mapping=mapping), generator, params)
 
 
-def _first_accepted(
-    builder: Builder, job: Job, texts: list[str], finish_reasons: Sequence[str | None] = ()
-) -> list[Any]:
-    """The outputs of the first sample that passes (with ``n > 1`` the others are spares). A sample the token
-    limit cut short is rejected: its answer or verdict may be missing, or stated before the reasoning ended."""
+def first_accepted(finish: Callable[[Job, str], list[Any]], job: Job, result: GenerationResult) -> list[Any]:
+    """The outputs of the first sample that ``finish`` accepts (with ``n > 1`` the others are spares). A sample the
+    token limit cut short is rejected: its answer or verdict may be missing, or stated before the reasoning ended."""
     first: Rejection | None = None
-    for i, text in enumerate(texts):
+    for i, text in enumerate(result.texts):
         try:
-            if i < len(finish_reasons) and finish_reasons[i] == "length":
+            if result.truncated(i):
                 raise Rejection("truncated reply", "generation stopped at max_tokens", stage="parse")
-            return builder.finish(job, text)
+            return finish(job, text)
         except Rejection as rejection:
             first = first or rejection
     first = first or Rejection("empty reply", "the backend returned no text", stage="parse")
-    return [Reject(job.source_id, first.stage, first.reason, job.raw, f"[{job.key}] {first.detail}".strip())]
+    return [job.reject(first.stage, first.reason, f"[{job.key}] {first.detail}".strip())]
 
 
 def _provenance(templates: TemplateSet, generator: Any) -> Provenance:

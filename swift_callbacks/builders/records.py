@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -87,16 +88,23 @@ def format_example(example: Example, fmt: str, provenance: Provenance) -> dict[s
     return {"id": example.id, "task": example.task, **body, **example.columns, **asdict(provenance)}
 
 
+def reject_counts(rejects: Iterable[Reject]) -> Counter:
+    """Rejects counted by ``"<stage>: <reason>"``, the key every summary and stats file uses."""
+    return Counter(f"{r.stage}: {r.reason}" for r in rejects)
+
+
 @dataclass
 class BuildStats:
-    """Counts of one build.
+    """Counts of one build, and the base of every stage's stats (``scalequest.contract.StageStats`` adds the
+    stage's name, unit, metrics, settings and fingerprint).
 
     Attributes:
         rows_in: Input rows read (unreadable ones included).
         requests: Generation requests planned.
         rows_out: Output rows written.
-        rejects: Reject count by ``"stage: reason"``.
-        generation: The generator's counts for this build (``RunStats``), or None (dry run, nothing to send).
+        rejects: Reject count by ``"stage: reason"`` (see :func:`reject_counts`).
+        generation: The generator's counts for this build (``RunStats``), or None (dry run, nothing to send); a
+            stage's are JSON-ready counts by model role.
     """
 
     rows_in: int = 0
@@ -117,14 +125,15 @@ class BuildStats:
 
 @dataclass
 class BuildResult:
-    """Output of a build.
+    """Output of a build or of a ScaleQuest stage.
 
     Attributes:
-        rows: Output rows in the requested TRL format (for ``rules-extract``: rules in registry form).
+        rows: Output rows in the requested TRL format (for ``rules-extract``: rules in registry form; for a stage:
+            the rows it kept).
         rejects: Everything that was dropped, with reasons.
-        stats: Counts.
+        stats: Counts (a stage's :class:`~.scalequest.contract.StageStats`).
         group_by: Column that splits ``rows`` into separate datasets (``"rule"`` for ``rules-apply``), or None.
-        files: Paths written (by ``run_build``; empty for the Python API and dry runs).
+        files: Paths written (by ``run_build`` or a stage; empty for the builders' Python API and dry runs).
     """
 
     rows: list[dict[str, Any]]
