@@ -15,6 +15,7 @@ and since outputs are only ever written whole, no row is duplicated or lost.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -29,7 +30,7 @@ from typing import IO, Any
 
 from ...generation.base import folder_digest
 from ..io import read_source, rejects_path, write_json, write_jsonl
-from ..records import Reject
+from ..records import BuildResult, BuildStats, Reject, reject_counts
 from .metrics import ratio
 
 STATS_SUFFIX = ".stats.json"
@@ -47,35 +48,32 @@ def stats_path(output: str | os.PathLike) -> Path:
 
 
 @dataclass
-class StageStats:
-    """What one stage did, as written to ``<output stem>.stats.json``.
+class StageStats(BuildStats):
+    """What one stage did, as written to ``<output stem>.stats.json``: a build's counts plus the stage's own.
 
     Attributes:
-        stage: Stage name (``"filter-solvable"``).
-        unit: What ``rows_in`` and ``rows_out`` count (``"questions"``, ``"samples"``, ``"examples"``, ...).
         rows_in: Units read (unreadable input lines included) or requested.
         rows_out: Units written.
-        dropped: Dropped units by ``"<step>: <reason>"``; their sum is ``rows_in - rows_out``.
-        kept_ratio: ``rows_out / rows_in`` (None when nothing came in).
-        dropped_ratio: Each reason's share of ``rows_in``.
-        metrics: Stage-specific numbers (ratios, histograms, distributions).
+        rejects: Dropped units by ``"<step>: <reason>"``; their sum is ``rows_in - rows_out`` (``dropped`` in
+            the file).
         generation: The generator's counts (requests, cached, sent, failed, tokens), by role.
+        stage: Stage name (``"filter-solvable"``).
+        unit: What ``rows_in`` and ``rows_out`` count (``"questions"``, ``"samples"``, ``"examples"``, ...).
+        metrics: Stage-specific numbers (ratios, histograms, distributions).
         settings: The settings the stage ran with.
         fingerprint: Hash of the inputs, settings and models; equal fingerprints mean an equal result.
         seconds: Wall-clock time.
         outputs: Paths written.
         complete: Always True in a written file (a stage that fails writes no stats).
+
+    The file also holds ``kept_ratio`` (``rows_out / rows_in``, None when nothing came in) and ``dropped_ratio``
+    (each reason's share of ``rows_in``).
     """
 
-    stage: str
+    generation: Any = field(default_factory=dict)
+    stage: str = ""
     unit: str = "rows"
-    rows_in: int = 0
-    rows_out: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-    kept_ratio: float | None = None
-    dropped_ratio: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
-    generation: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
     seconds: float = 0.0
@@ -83,16 +81,30 @@ class StageStats:
     complete: bool = True
 
     @property
+    def dropped(self) -> dict[str, int]:
+        return dict(sorted(self.rejects.items()))
+
+    @property
     def dropped_total(self) -> int:
-        return sum(self.dropped.values())
+        return sum(self.rejects.values())
+
+    @property
+    def kept_ratio(self) -> float | None:
+        return ratio(self.rows_out, self.rows_in)
+
+    @property
+    def dropped_ratio(self) -> dict[str, float]:
+        return {reason: count / self.rows_in for reason, count in self.dropped.items() if self.rows_in}
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"stage": self.stage, "unit": self.unit, "rows_in": self.rows_in, "rows_out": self.rows_out,
+                "dropped": self.dropped, "kept_ratio": self.kept_ratio, "dropped_ratio": self.dropped_ratio,
+                **{name: copy.deepcopy(getattr(self, name)) for name in _STAGE_FIELDS}}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StageStats:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        known = {"rows_in", "rows_out", *_STAGE_FIELDS}
+        return cls(rejects=Counter(data.get("dropped") or {}), **{k: v for k, v in data.items() if k in known})
 
     def summary_lines(self) -> list[str]:
         """A human-readable summary, one fact per line."""
@@ -100,20 +112,16 @@ class StageStats:
         lines = [f"[{self.stage}] {self.rows_in} {self.unit} in, {self.rows_out} out ({kept} kept), "
                  f"{self.dropped_total} dropped ({self.seconds:.1f} s)"]  # fmt: skip
         lines += [f"  dropped {count:6d} ({self.dropped_ratio.get(reason, 0):6.1%})  {reason}"
-                  for reason, count in sorted(self.dropped.items())]  # fmt: skip
+                  for reason, count in self.dropped.items()]  # fmt: skip
         lines += [f"  {key}: {_short(value)}" for key, value in self.metrics.items()]
         lines += [f"  generation ({role}): {_short(counts)}" for role, counts in self.generation.items()]
         lines += [f"  wrote {path}" for path in self.outputs.values()]
         return lines
 
 
-@dataclass
-class StageResult:
-    """Rows kept, rows dropped (as :class:`Reject`) and the stats of one stage run."""
-
-    rows: list[dict[str, Any]]
-    rejects: list[Reject]
-    stats: StageStats
+_STAGE_FIELDS = ("metrics", "generation", "settings", "fingerprint", "seconds", "outputs", "complete")
+# A stage's result is a build's: the rows it kept, its rejects and its stats.
+StageResult = BuildResult
 
 
 def _short(value: Any) -> str:
@@ -199,7 +207,7 @@ def finish(
         output: The output path (a JSONL file; for training stages the model folder, already written).
         rows: Rows to write to ``output``, or None when the stage wrote its output itself.
         rejects: Dropped rows.
-        stats: The stats; ``dropped``, ``seconds`` and ``outputs`` are filled in here.
+        stats: The stats; ``rejects``, ``seconds`` and ``outputs`` are filled in here.
         started: ``time.perf_counter()`` at the start of the stage.
         stream: Where to print the summary (default stdout).
 
@@ -207,9 +215,7 @@ def finish(
         The result.
     """
     rows = list(rows) if rows is not None else []
-    stats.dropped = dict(sorted(Counter(f"{r.stage}: {r.reason}" for r in rejects).items()))
-    stats.kept_ratio = ratio(stats.rows_out, stats.rows_in)
-    stats.dropped_ratio = {reason: count / stats.rows_in for reason, count in stats.dropped.items() if stats.rows_in}
+    stats.rejects = reject_counts(rejects)
     outputs = {"output": str(output), "rejects": str(rejects_path(output)), "stats": str(stats_path(output))}
     if Path(output).suffix.lower() == ".jsonl":
         write_jsonl(output, rows)
@@ -218,7 +224,7 @@ def finish(
     stats.seconds = round(time.perf_counter() - started, 3)
     write_json(stats_path(output), stats.to_dict())
     print("\n".join(stats.summary_lines()), file=stream or sys.stdout, flush=True)
-    return StageResult(rows, list(rejects), stats)
+    return BuildResult(rows, list(rejects), stats, files=list(outputs.values()))
 
 
 def load_stats(output: str | os.PathLike) -> StageStats | None:

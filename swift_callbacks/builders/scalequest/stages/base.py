@@ -221,7 +221,7 @@ def train_stage(
     fingerprint = fingerprint or make_fingerprint(stage, overrides, [input], [spec.identity()])
     train = train_sft if kind == "sft" else train_dpo
     metrics = train(rows, spec, output_dir, overrides, run_key=fingerprint)
-    stats = StageStats(stage, unit="examples", rows_in=rows_in, rows_out=len(rows), metrics=metrics,
+    stats = StageStats(stage=stage, unit="examples", rows_in=rows_in, rows_out=len(rows), metrics=metrics,
                        settings={"model": spec.identity(), "training": overrides}, fingerprint=fingerprint)  # fmt: skip
     if not metrics.get("is_main_process", True):  # other ranks of a distributed run write nothing
         return StageResult(rows, rejects, stats)

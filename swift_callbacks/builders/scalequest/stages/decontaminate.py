@@ -232,7 +232,7 @@ def decontaminate(
         rejects.append(Reject(row["id"], "filter", f"contaminated: {set_name}", row, detail))
     contaminated = sum(by_set.values())
     stats = StageStats(
-        "decontaminate", unit="rows", rows_in=rows_in, rows_out=len(kept),
+        stage="decontaminate", unit="rows", rows_in=rows_in, rows_out=len(kept),
         metrics={"n": settings.n, "contaminated": contaminated, "contamination_ratio": ratio(contaminated, rows_in),
                  "contaminated_by_set": by_set, "eval_set_rows": index.sizes, "eval_rows_unreadable": index.unreadable,
                  "eval_ngrams": len(index.grams), "rows_without_checked_text": unchecked},

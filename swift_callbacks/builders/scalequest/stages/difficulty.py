@@ -171,8 +171,8 @@ def difficulty(
     predicted = [r["difficulty"] for r in scored]
     metrics.update(predicted=distribution(predicted), predicted_histogram=histogram(predicted, settings.bins))
     stats = StageStats(
-        "difficulty", unit="questions", rows_in=rows_in, rows_out=len(kept), metrics=metrics, generation=generation,
-        settings=settings_dict(settings),
+        stage="difficulty", unit="questions", rows_in=rows_in, rows_out=len(kept), metrics=metrics,
+        generation=generation, settings=settings_dict(settings),
         fingerprint=fingerprint or make_fingerprint(
             "difficulty", {"settings": settings, "prompts": prompts}, [input],
             [getattr(getattr(solver, "backend", None), "model", ""), spec.identity()]),

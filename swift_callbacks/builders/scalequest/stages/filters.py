@@ -71,7 +71,7 @@ def filter_language(
         else:
             kept.append({**row, settings.question_field: text})
     stats = StageStats(
-        "filter-language", unit="questions", rows_in=rows_in, rows_out=len(kept),
+        stage="filter-language", unit="questions", rows_in=rows_in, rows_out=len(kept),
         settings=settings_dict(settings),
         fingerprint=fingerprint or make_fingerprint("filter-language", settings, [input]),
     )  # fmt: skip
@@ -160,7 +160,7 @@ def filter_solvable(
         else:
             rejects.append(Reject(row["id"], "check", "judged unsolvable", row, f"reply ends: {reply[-300:]!r}"))
     stats = StageStats(
-        "filter-solvable", unit="questions", rows_in=rows_in, rows_out=len(kept),
+        stage="filter-solvable", unit="questions", rows_in=rows_in, rows_out=len(kept),
         metrics={"verdicts": verdicts, "solvable_ratio": ratio(verdicts["yes"], verdicts["yes"] + verdicts["no"])},
         generation={"judge": generation_counts(judge)}, settings=settings_dict(settings),
         fingerprint=fingerprint or make_fingerprint("filter-solvable", {"settings": settings, "prompts": prompts},

@@ -178,7 +178,7 @@ def generate_questions(
         row["generator"] = model_id
     lengths = [len(row["question"]) for row in rows]
     stats = StageStats(
-        "generate", unit="questions", rows_in=settings.num_questions, rows_out=len(rows),
+        stage="generate", unit="questions", rows_in=settings.num_questions, rows_out=len(rows),
         metrics={"empty_questions": sum(1 for n in lengths if n == 0),
                  "empty_ratio": ratio(sum(1 for n in lengths if n == 0), len(rows)),
                  "question_chars": distribution(lengths), "prefix": prefix},

@@ -89,7 +89,7 @@ def qft_data(
             seen.add(key)
             kept.append({"id": row["id"], "prompt": prompt, "completion": question + eos, "question": question})
     stats = StageStats(
-        "qft-data", unit="questions", rows_in=rows_in, rows_out=len(kept),
+        stage="qft-data", unit="questions", rows_in=rows_in, rows_out=len(kept),
         metrics={"prompt": prompt, "eos_token": eos,
                  "question_chars": distribution([len(r["question"]) for r in kept])},
         settings=settings_dict(settings),

@@ -127,7 +127,7 @@ def qpo_pairs(
         outcome = _pair(job, results[job["id"]], prompts.final_marker, prompt, eos_token)
         (pairs if isinstance(outcome, dict) else rejects).append(outcome)
     stats = StageStats(
-        "qpo-pairs", unit="sampled questions", rows_in=settings.num_questions, rows_out=len(pairs),
+        stage="qpo-pairs", unit="sampled questions", rows_in=settings.num_questions, rows_out=len(pairs),
         metrics={"aspects_drawn": dict(Counter(j["aspect"] for j in jobs)),
                  "pairs_by_aspect": dict(Counter(p["aspect"] for p in pairs)),
                  "pair_ratio": ratio(len(pairs), settings.num_questions)},

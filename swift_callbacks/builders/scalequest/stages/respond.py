@@ -98,7 +98,7 @@ def respond(
         kept += row_kept
         rejects += [s for s in samples if isinstance(s, Reject)]
     stats = StageStats(
-        "respond", unit="samples", rows_in=rows_in * settings.n, rows_out=len(kept),
+        stage="respond", unit="samples", rows_in=rows_in * settings.n, rows_out=len(kept),
         metrics={"questions_in": rows_in, "samples_generated": generated,
                  "answer_presence_ratio": ratio(len(kept), generated),
                  "questions_with_an_answer": answered, "questions_without_an_answer": len(rows) - answered},
@@ -201,7 +201,7 @@ def reward_select(
                     for r in candidates if r is not best]  # fmt: skip
     rewards = [r["reward"] for r in scored]
     stats = StageStats(
-        "reward-select", unit="responses", rows_in=rows_in, rows_out=len(selected),
+        stage="reward-select", unit="responses", rows_in=rows_in, rows_out=len(selected),
         metrics={"questions": len(groups), "reward_all": distribution(rewards),
                  "reward_selected": distribution([r["reward"] for r in selected]),
                  "reward_histogram": _histogram(rewards, settings.bins)},
