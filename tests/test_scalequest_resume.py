@@ -145,6 +145,9 @@ def test_runner_skips_complete_stages_and_reruns_what_changed(tmp_path, capsys):
     assert "[respond] complete, skipped" in capsys.readouterr().out
     assert {name: (out / f"{name}.stats.json").stat().st_mtime_ns for name in stages} == stamps
     assert {n: s.fingerprint for n, s in again.items()} == {n: s.fingerprint for n, s in first.items()}
+    # A skipped stage's stats read back whole: the same file, the same summary row.
+    assert {n: s.to_dict() for n, s in again.items()} == {n: s.to_dict() for n, s in first.items()}
+    assert again["respond"].to_dict() == json.loads((out / "respond.stats.json").read_text())
 
     data["stages"]["respond"]["n"] = 2  # a changed setting reruns that stage only
     run_pipeline(write_config(config, data), out, stages)

@@ -19,17 +19,20 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
-from ...generation.base import folder_digest
+from ...generation.base import Message, SamplingParams, folder_digest
 from ..io import read_source, rejects_path, write_json, write_jsonl
+from ..pipeline import Job, ask, failed_request
 from ..records import BuildResult, BuildStats, Reject, reject_counts
 from .metrics import ratio
 
@@ -103,7 +106,7 @@ class StageStats(BuildStats):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StageStats:
-        known = {"rows_in", "rows_out", *_STAGE_FIELDS}
+        known = {"stage", "unit", "rows_in", "rows_out", *_STAGE_FIELDS}
         return cls(rejects=Counter(data.get("dropped") or {}), **{k: v for k, v in data.items() if k in known})
 
     def summary_lines(self) -> list[str]:
@@ -308,6 +311,40 @@ def path_digest(path: str | os.PathLike) -> str:
         # A folder from elsewhere (a model): known by its content, cheap even for large weights.
         return folder_digest(path)
     return f"missing:{path}"
+
+
+def score_rows(
+    rows: Sequence[dict[str, Any]],
+    scorer: Any,
+    messages: Callable[[dict[str, Any]], list[Message]],
+    column: str,
+    invalid: tuple[str, str] = ("parse", "score is not a number"),
+) -> tuple[list[dict[str, Any]], list[Reject]]:
+    """Scores every row (a scoring backend answers each request with a number).
+
+    Args:
+        rows: Rows with a string ``id``.
+        scorer: A Generator whose backend returns scores.
+        messages: The conversation that is scored, of one row.
+        column: The column the score is written to.
+        invalid: Step and reason of a reply that is not a finite number.
+
+    Returns:
+        The rows with a finite score (with ``column`` set), and the rejects of the others (a failed request is
+        ``generate: scoring failed``).
+    """
+
+    def read(job: Job, result: Any) -> list[Any]:
+        try:
+            value = float(result.texts[0])
+        except (ValueError, IndexError):
+            value = math.nan
+        if not math.isfinite(value):
+            return [job.reject(*invalid, repr(result.texts[:1]))]
+        return [{**job.raw, column: value}]
+
+    jobs = [Job(row["id"], row["id"], row, messages(row)) for row in rows]
+    return ask(jobs, scorer, read, SamplingParams(), failed=partial(failed_request, reason="scoring failed"))
 
 
 def generation_counts(generator: Any) -> dict[str, Any]:

@@ -24,14 +24,16 @@ import random
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ....generation.base import GenerationRequest, SamplingParams
+from ....generation.base import GenerationResult, Message
+from ...pipeline import Job, ask
 from ...records import Reject
 from ..answers import boxed_answer, majority_answer, normalize_answer
 from ..backends import score_backend
-from ..contract import StageError, StageResult, StageStats, finish, generation_counts, read_rows
+from ..contract import StageError, StageResult, StageStats, finish, generation_counts, read_rows, score_rows
 from ..contract import fingerprint as make_fingerprint
 from ..metrics import distribution, histogram, ratio
 from ..models import ModelSpec
@@ -165,7 +167,9 @@ def difficulty(
             row["fail_rate"] = labels.get(row["id"])
     backend = score_backend(scorer_spec, text_format="text", max_length=settings.scorer.max_length)
     with Generator(backend, cache_dir, desc="difficulty:scorer") as scorer:
-        scored = _predict(rows, scorer, settings.question_field, rejects) if rows else []
+        scored, dropped = score_rows(rows, scorer, partial(_question, settings.question_field), "difficulty",
+                                     invalid=("generate", "scoring failed"))  # fmt: skip
+        rejects += dropped
         generation["scorer"] = generation_counts(scorer)
     kept = _drop_easiest(scored, settings.drop_easiest_fraction, rejects, metrics)
     predicted = [r["difficulty"] for r in scored]
@@ -187,30 +191,13 @@ def _labels(
     chosen = rows
     if settings.label_rows is not None and settings.label_rows < len(rows):
         chosen = random.Random(settings.seed).sample(rows, settings.label_rows)
+    jobs = [Job(r["id"], r["id"], r, prompts.messages("respond", r[settings.question_field])) for r in chosen]
     params = settings.sampling.params(settings.samples, settings.seed)
-    requests = [
-        GenerationRequest.chat(r["id"], prompts.messages("respond", r[settings.question_field]), params) for r in chosen
-    ]
-    results = solver.run(requests)
-    labels: dict[str, float] = {}
-    unlabelled = {"generation failed": 0, "no reference answer": 0}
-    with_answer = total = 0
-    for row in chosen:
-        result = results[row["id"]]
-        if not result.ok:
-            unlabelled["generation failed"] += 1
-            continue
-        # A reply cut at max_tokens has no final answer, whatever box its unfinished reasoning holds.
-        texts = result.texts[: settings.samples]
-        answers = [None if result.truncated(i) else boxed_answer(t) for i, t in enumerate(texts)]
-        total += len(answers)
-        with_answer += sum(a is not None for a in answers)
-        reference = reference_answer(row.get(settings.answer_field)) if settings.answer_field else None
-        rate = None if settings.answer_field and reference is None else fail_rate(answers, reference)
-        if rate is None:
-            unlabelled["no reference answer"] += 1
-        else:
-            labels[row["id"]] = rate
+    outcomes, failed = ask(jobs, solver, partial(_label, settings), params)
+    labels = {o["id"]: o["rate"] for o in outcomes if o["rate"] is not None}
+    unlabelled = {"generation failed": len(failed), "no reference answer": len(outcomes) - len(labels)}
+    with_answer = sum(a is not None for o in outcomes for a in o["answers"])
+    total = sum(len(o["answers"]) for o in outcomes)
     metrics.update(
         labelled=len(labels), unlabelled=unlabelled, solver_answer_presence_ratio=ratio(with_answer, total),
         reference="answer_field" if settings.answer_field else "majority",
@@ -218,6 +205,16 @@ def _labels(
         fail_rate_histogram=histogram(list(labels.values()), settings.bins),
     )  # fmt: skip
     return labels
+
+
+def _label(settings: DifficultySettings, job: Job, result: GenerationResult) -> list[dict[str, Any]]:
+    """One question's sample answers and fail rate (None: no reference to compare with)."""
+    # A reply cut at max_tokens has no final answer, whatever box its unfinished reasoning holds.
+    texts = result.texts[: settings.samples]
+    answers = [None if result.truncated(i) else boxed_answer(t) for i, t in enumerate(texts)]
+    reference = reference_answer(job.raw.get(settings.answer_field)) if settings.answer_field else None
+    rate = None if settings.answer_field and reference is None else fail_rate(answers, reference)
+    return [{"id": job.key, "answers": answers, "rate": rate}]
 
 
 def _trained_scorer(
@@ -251,26 +248,8 @@ def _trained_scorer(
                      device=base.device)  # fmt: skip
 
 
-def _predict(rows: list[dict[str, Any]], scorer: Any, field_name: str, rejects: list[Reject]) -> list[dict[str, Any]]:
-    requests = [GenerationRequest.chat(r["id"], [{"role": "user", "content": r[field_name]}], SamplingParams())
-                for r in rows]  # fmt: skip
-    results = scorer.run(requests)
-    scored = []
-    for row in rows:
-        result = results[row["id"]]
-        value = _as_float(result.texts) if result.ok else math.nan
-        if not math.isfinite(value):
-            rejects.append(Reject(row["id"], "generate", "scoring failed", row, result.error or repr(result.texts)))
-        else:
-            scored.append({**row, "difficulty": value})
-    return scored
-
-
-def _as_float(texts: list[str]) -> float:
-    try:
-        return float(texts[0])
-    except (ValueError, IndexError):
-        return math.nan
+def _question(field_name: str, row: dict[str, Any]) -> list[Message]:
+    return [{"role": "user", "content": row[field_name]}]
 
 
 def _drop_easiest(

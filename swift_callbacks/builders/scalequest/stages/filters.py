@@ -15,8 +15,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ....generation.base import GenerationRequest
-from ...records import Reject
+from ....generation.base import GenerationResult
+from ...pipeline import Job, ask
+from ...records import Reject, reject_counts
 from ..answers import parse_final_verdict
 from ..contract import StageResult, StageStats, finish, generation_counts, read_rows
 from ..contract import fingerprint as make_fingerprint
@@ -133,32 +134,13 @@ def filter_solvable(
     """
     started = time.perf_counter()
     rows, rejects, rows_in = read_rows(input, [settings.question_field])
-    params = settings.sampling.params()
-    requests = [
-        GenerationRequest.chat(row["id"], prompts.messages("solvability_judge", row[settings.question_field]), params)
-        for row in rows
-    ]
-    results = judge.run(requests) if requests else {}
-    kept, verdicts = [], {"yes": 0, "no": 0, "none": 0, "failed": 0}
-    for row in rows:
-        result = results[row["id"]]
-        if not result.ok:
-            verdicts["failed"] += 1
-            rejects.append(Reject(row["id"], "generate", "generation failed", row, result.error or ""))
-            continue
-        reply = result.texts[0]
-        if result.truncated(0):  # cut at max_tokens: a "Yes" line in unfinished reasoning is no verdict
-            verdicts["none"] += 1
-            rejects.append(Reject(row["id"], "parse", "truncated reply", row, f"reply ends: {reply[-300:]!r}"))
-            continue
-        verdict = parse_final_verdict(reply)
-        verdicts[{True: "yes", False: "no", None: "none"}[verdict]] += 1
-        if verdict:
-            kept.append(row)
-        elif verdict is None:
-            rejects.append(Reject(row["id"], "parse", "no final verdict", row, f"reply ends: {reply[-300:]!r}"))
-        else:
-            rejects.append(Reject(row["id"], "check", "judged unsolvable", row, f"reply ends: {reply[-300:]!r}"))
+    jobs = [Job(r["id"], r["id"], r, prompts.messages("solvability_judge", r[settings.question_field])) for r in rows]
+    kept, dropped = ask(jobs, judge, _verdict, settings.sampling.params())
+    rejects += dropped
+    counts = reject_counts(dropped)
+    verdicts = {"yes": len(kept), "no": counts["check: judged unsolvable"],
+                "none": sum(n for reason, n in counts.items() if reason.startswith("parse:")),
+                "failed": counts["generate: generation failed"]}  # fmt: skip
     stats = StageStats(
         stage="filter-solvable", unit="questions", rows_in=rows_in, rows_out=len(kept),
         metrics={"verdicts": verdicts, "solvable_ratio": ratio(verdicts["yes"], verdicts["yes"] + verdicts["no"])},
@@ -167,6 +149,18 @@ def filter_solvable(
                                                     [input], [getattr(judge.backend, "model", "")]),
     )  # fmt: skip
     return finish(output, kept, rejects, stats, started=started)
+
+
+def _verdict(job: Job, result: GenerationResult) -> list[Any]:
+    """The row when the judge's final verdict is Yes, else the reject saying why not."""
+    reply = result.texts[0]
+    ends = f"reply ends: {reply[-300:]!r}"
+    if result.truncated(0):  # cut at max_tokens: a "Yes" line in unfinished reasoning is no verdict
+        return [job.reject("parse", "truncated reply", ends)]
+    verdict = parse_final_verdict(reply)
+    if verdict is None:
+        return [job.reject("parse", "no final verdict", ends)]
+    return [job.raw] if verdict else [job.reject("check", "judged unsolvable", ends)]
 
 
 class FilterSolvable(Stage):

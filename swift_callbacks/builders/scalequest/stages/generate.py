@@ -20,7 +20,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ....generation.base import GenerationRequest, supports_completion
+from ....generation.base import GenerationResult, supports_completion
+from ...pipeline import Job, ask
 from ...records import Reject
 from ..contract import StageError, StageResult, StageStats, finish, generation_counts
 from ..contract import fingerprint as make_fingerprint
@@ -121,24 +122,20 @@ def sample_questions(
         raise StageError(f"backend {generator.backend!r} cannot continue a raw chat prefix (it does not answer "
                          "GenerationRequest.completion)")  # fmt: skip
     sizes = _request_sizes(settings.num_questions, settings.samples_per_request)
-    requests = [
-        GenerationRequest.completion(
-            f"{settings.id_prefix}-{j:06d}", prefix, settings.sampling.params(n, sample_seed(settings.seed, j))
-        )
-        for j, n in enumerate(sizes)
-    ]
-    results = generator.run(requests)
-    rows: list[dict[str, Any]] = []
-    rejects: list[Reject] = []
-    for req, n in zip(requests, sizes, strict=True):
-        result = results[req.key]
-        for k in range(n):
-            row_id = f"{req.key}-{k:03d}"
-            if not result.ok:
-                rejects.append(Reject(row_id, "generate", "generation failed", {"id": row_id}, result.error or ""))
-            else:
-                rows.append({"id": row_id, "question": result.texts[k].strip()})
-    return rows, rejects
+    keys = [f"{settings.id_prefix}-{j:06d}" for j in range(len(sizes))]
+    jobs = [Job(key, key, None, prefix, params=settings.sampling.params(n, sample_seed(settings.seed, j)))
+            for j, (key, n) in enumerate(zip(keys, sizes, strict=True))]  # fmt: skip
+    return ask(jobs, generator, _questions, failed=_failed)
+
+
+def _questions(job: Job, result: GenerationResult) -> list[dict[str, Any]]:
+    return [{"id": f"{job.key}-{k:03d}", "question": result.texts[k].strip()} for k in range(job.params.n)]
+
+
+def _failed(job: Job, result: GenerationResult) -> list[Reject]:
+    """A failed request loses each of its samples."""
+    ids = [f"{job.key}-{k:03d}" for k in range(job.params.n)]
+    return [Reject(row_id, "generate", "generation failed", {"id": row_id}, result.error or "") for row_id in ids]
 
 
 def _request_sizes(total: int, per_request: int) -> list[int]:

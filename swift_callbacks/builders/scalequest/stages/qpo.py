@@ -21,9 +21,11 @@ from collections import Counter
 from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
-from ....generation.base import GenerationRequest
+from ....generation.base import GenerationResult
+from ...pipeline import Job, ask
 from ...records import Reject
 from ..answers import text_after_final_marker
 from ..contract import StageResult, StageStats, finish, generation_counts
@@ -116,19 +118,16 @@ def qpo_pairs(
     for row in sampled:
         if not row["question"]:
             rejects.append(Reject(row["id"], "generate", "empty sample", row))
-        else:
-            jobs.append({**row, "aspect": choose_aspect(settings.seed, row["id"], settings.solvability_probability)})
-    params = settings.rewrite_sampling.params()
-    requests = [GenerationRequest.chat(job["id"], prompts.messages(ASPECTS[job["aspect"]], job["question"]), params)
-                for job in jobs]  # fmt: skip
-    results = rewriter.run(requests) if requests else {}
-    pairs = []
-    for job in jobs:
-        outcome = _pair(job, results[job["id"]], prompts.final_marker, prompt, eos_token)
-        (pairs if isinstance(outcome, dict) else rejects).append(outcome)
+            continue
+        aspect = choose_aspect(settings.seed, row["id"], settings.solvability_probability)
+        raw = {"id": row["id"], "question": row["question"], "aspect": aspect}
+        jobs.append(Job(row["id"], row["id"], raw, prompts.messages(ASPECTS[aspect], row["question"])))
+    read = partial(_pair, prompts.final_marker, prompt, eos_token)
+    pairs, dropped = ask(jobs, rewriter, read, settings.rewrite_sampling.params())
+    rejects += dropped
     stats = StageStats(
         stage="qpo-pairs", unit="sampled questions", rows_in=settings.num_questions, rows_out=len(pairs),
-        metrics={"aspects_drawn": dict(Counter(j["aspect"] for j in jobs)),
+        metrics={"aspects_drawn": dict(Counter(j.raw["aspect"] for j in jobs)),
                  "pairs_by_aspect": dict(Counter(p["aspect"] for p in pairs)),
                  "pair_ratio": ratio(len(pairs), settings.num_questions)},
         generation={"sampler": generation_counts(sampler), "rewriter": generation_counts(rewriter)},
@@ -141,21 +140,18 @@ def qpo_pairs(
     return finish(output, pairs, rejects, stats, started=started)
 
 
-def _pair(job: dict[str, Any], result: Any, marker: str, prompt: str, eos: str) -> dict[str, Any] | Reject:
+def _pair(marker: str, prompt: str, eos: str, job: Job, result: GenerationResult) -> list[dict[str, Any] | Reject]:
     """The DPO pair of one rewrite, or the reject saying why there is none."""
-    raw = {"id": job["id"], "question": job["question"], "aspect": job["aspect"]}
-    if not result.ok:
-        return Reject(job["id"], "generate", "generation failed", raw, result.error or "")
-    reply = result.texts[0]
+    question, reply = job.raw["question"], result.texts[0]
     rewrite = text_after_final_marker(reply, marker)
     if rewrite is None:
-        return Reject(job["id"], "parse", "no final marker", raw, f"reply ends: {reply[-300:]!r}")
+        return [job.reject("parse", "no final marker", f"reply ends: {reply[-300:]!r}")]
     if not rewrite:
-        return Reject(job["id"], "check", "empty rewrite", raw, f"reply ends: {reply[-300:]!r}")
-    if " ".join(rewrite.split()).casefold() == " ".join(job["question"].split()).casefold():
-        return Reject(job["id"], "check", "rewrite identical to original", raw)
-    return {"id": job["id"], "prompt": prompt, "chosen": rewrite + eos, "rejected": job["question"] + eos,
-            "aspect": job["aspect"], "original": job["question"], "rewrite": rewrite}  # fmt: skip
+        return [job.reject("check", "empty rewrite", f"reply ends: {reply[-300:]!r}")]
+    if " ".join(rewrite.split()).casefold() == " ".join(question.split()).casefold():
+        return [job.reject("check", "rewrite identical to original")]
+    return [{"id": job.key, "prompt": prompt, "chosen": rewrite + eos, "rejected": question + eos,
+             "aspect": job.raw["aspect"], "original": question, "rewrite": rewrite}]  # fmt: skip
 
 
 def train_qpo(

@@ -12,18 +12,19 @@ Example::
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
-from ....generation.base import GenerationRequest, SamplingParams
+from ....generation.base import GenerationResult, Message
+from ...pipeline import Job, ask
 from ...records import Reject
 from ..answers import boxed_answer
 from ..backends import score_backend
-from ..contract import StageResult, StageStats, finish, generation_counts, read_rows
+from ..contract import StageResult, StageStats, finish, generation_counts, read_rows, score_rows
 from ..contract import fingerprint as make_fingerprint
 from ..metrics import distribution, histogram, ratio
 from ..prompts import DEFAULT_PROMPTS, Prompts
@@ -83,20 +84,12 @@ def respond(
     started = time.perf_counter()
     rows, bad, rows_in = read_rows(input, [settings.question_field])
     rejects = [Reject(f"{r.source_id}/{k}", r.stage, r.reason, r.row, r.detail) for r in bad for k in range(settings.n)]
+    jobs = [Job(row["id"], row["id"], row, prompts.messages("respond", row[settings.question_field])) for row in rows]
     params = settings.sampling.params(settings.n, settings.seed)
-    requests = [GenerationRequest.chat(row["id"], prompts.messages("respond", row[settings.question_field]), params)
-                for row in rows]  # fmt: skip
-    results = responder.run(requests) if requests else {}
-    kept: list[dict[str, Any]] = []
-    answered = generated = 0
-    for row in rows:
-        result = results[row["id"]]
-        samples = _samples(row, result, settings)
-        generated += len(samples) if result.ok else 0
-        row_kept = [s for s in samples if isinstance(s, dict)]
-        answered += bool(row_kept)
-        kept += row_kept
-        rejects += [s for s in samples if isinstance(s, Reject)]
+    kept, dropped = ask(jobs, responder, partial(_samples, settings), params, failed=partial(_failed, settings.n))
+    rejects += dropped
+    generated = len(kept) + sum(1 for r in dropped if r.stage == "check")
+    answered = len({sample["question_id"] for sample in kept})
     stats = StageStats(
         stage="respond", unit="samples", rows_in=rows_in * settings.n, rows_out=len(kept),
         metrics={"questions_in": rows_in, "samples_generated": generated,
@@ -109,13 +102,9 @@ def respond(
     return finish(output, kept, rejects, stats, started=started)
 
 
-def _samples(row: dict[str, Any], result: Any, settings: RespondSettings) -> list[dict[str, Any] | Reject]:
+def _samples(settings: RespondSettings, job: Job, result: GenerationResult) -> list[dict[str, Any] | Reject]:
     """The kept samples (dicts) and dropped ones (rejects) of one question."""
-    qid, question = row["id"], row[settings.question_field]
-    if not result.ok:
-        return [
-            Reject(f"{qid}/{k}", "generate", "generation failed", row, result.error or "") for k in range(settings.n)
-        ]
+    qid, question = job.key, job.raw[settings.question_field]
     out: list[dict[str, Any] | Reject] = []
     for k, text in enumerate(result.texts[: settings.n]):
         answer = boxed_answer(text)
@@ -128,6 +117,11 @@ def _samples(row: dict[str, Any], result: Any, settings: RespondSettings) -> lis
         else:
             out.append(sample)
     return out
+
+
+def _failed(n: int, job: Job, result: GenerationResult) -> list[Reject]:
+    """A failed request drops each of its ``n`` samples."""
+    return [Reject(f"{job.key}/{k}", "generate", "generation failed", job.raw, result.error or "") for k in range(n)]
 
 
 class Respond(Stage):
@@ -189,7 +183,8 @@ def reward_select(
     """
     started = time.perf_counter()
     rows, rejects, rows_in = read_rows(input, ["question_id", "question", "response"])
-    scored = _score(rows, scorer, rejects)
+    scored, dropped = score_rows(rows, scorer, _conversation, "reward")
+    rejects += dropped
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in scored:
         groups.setdefault(row["question_id"], []).append(row)
@@ -212,27 +207,8 @@ def reward_select(
     return finish(output, selected, rejects, stats, started=started)
 
 
-def _score(rows: list[dict[str, Any]], scorer: Any, rejects: list[Reject]) -> list[dict[str, Any]]:
-    """The rows that got a finite score, with ``reward`` set; the others become rejects."""
-    messages = [[{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["response"]}]
-                for r in rows]  # fmt: skip
-    requests = [GenerationRequest.chat(r["id"], m, SamplingParams()) for r, m in zip(rows, messages, strict=True)]
-    results = scorer.run(requests) if requests else {}
-    scored = []
-    for row in rows:
-        result = results[row["id"]]
-        if not result.ok:
-            rejects.append(Reject(row["id"], "generate", "scoring failed", row, result.error or ""))
-            continue
-        try:
-            reward = float(result.texts[0])
-        except (ValueError, IndexError):
-            reward = math.nan
-        if not math.isfinite(reward):
-            rejects.append(Reject(row["id"], "parse", "score is not a number", row, repr(result.texts[:1])))
-            continue
-        scored.append({**row, "reward": reward})
-    return scored
+def _conversation(row: dict[str, Any]) -> list[Message]:
+    return [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["response"]}]
 
 
 def _why_not(row: dict[str, Any], best: dict[str, Any]) -> str:
