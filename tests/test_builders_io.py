@@ -11,13 +11,13 @@ import subprocess
 import sys
 
 import pytest
+from doubles import ScriptedBackend
 
 from swift_callbacks import load_set
 from swift_callbacks.builders import run_build
 from swift_callbacks.builders.cli import add_build_parser
 from swift_callbacks.builders.io import read_source
 from swift_callbacks.builders.schema import STRATEGY_FIELDS, parse_mapping
-from swift_callbacks.generation.base import ScriptedBackend
 from swift_callbacks.generation.runner import Generator
 
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import yaml
+from doubles import ScriptedBackend
 
 from swift_callbacks import load_set
 from swift_callbacks.builders import RuleError, build_rules_apply, build_rules_extract, load_rules, run_build
 from swift_callbacks.builders.rules import check_rewrite, rule_key, slugify
-from swift_callbacks.generation.base import ScriptedBackend
 from swift_callbacks.generation.runner import Generator
 
 PUBLIC_RULES = ["Counterintuitive Thinking", "Blurring the Conceptual Boundaries", "Humor in Social Commentary",

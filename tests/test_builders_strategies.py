@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from doubles import ScriptedBackend
 
 from swift_callbacks import load_set
 from swift_callbacks.builders import build_clarify, build_cot, build_evaluate, build_similar, load_templates
-from swift_callbacks.generation.base import SamplingParams, ScriptedBackend
+from swift_callbacks.generation.base import SamplingParams
 from swift_callbacks.generation.runner import Generator
 
 DIRECTIVE = " Please output the reason first and then the final answer, regardless of the above description."

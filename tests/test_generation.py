@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from doubles import ScriptedBackend
 
 from swift_callbacks.generation import (
     BackendConfigError,
@@ -22,7 +23,6 @@ from swift_callbacks.generation import (
     Generator,
     OpenAICompatibleBackend,
     SamplingParams,
-    ScriptedBackend,
     add_backend_arguments,
     backend_from_args,
     sampling_from_args,

@@ -1,4 +1,4 @@
-"""OpenAICompatibleBackend + Generator against a real local HTTP server (tests/chat_server.py).
+"""OpenAICompatibleBackend + Generator against a real local HTTP server (scripts/chat_server.py).
 
 Timeouts and backoffs are tiny so that every fault costs milliseconds, except the one deliberate client timeout.
 """

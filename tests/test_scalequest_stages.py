@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+from doubles import ScriptedBackend
 
 from swift_callbacks.builders.scalequest import (
     DEFAULT_PROMPTS,
@@ -39,7 +40,7 @@ from swift_callbacks.builders.scalequest import (
 )
 from swift_callbacks.builders.scalequest.contract import load_stats
 from swift_callbacks.builders.scalequest.stages.qpo import choose_aspect
-from swift_callbacks.generation import Generator, ScriptedBackend
+from swift_callbacks.generation import Generator
 
 EOS = "<|endoftext|>"
 

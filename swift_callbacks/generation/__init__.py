@@ -12,6 +12,10 @@ Example::
     results = Generator(backend, ".swift_cache/generation").run(
         [GenerationRequest.chat("q1", [{"role": "user", "content": "What is 2 + 2?"}])]
     )
+
+Backends from outside the package (users' plugins, in-house servers, test doubles) are added by name with
+:func:`register_backend` (or an entry point of group ``swift_callbacks.backends``); model specs that name them
+are resolved through :func:`get_backend`. See :mod:`swift_callbacks.generation.registry`.
 """
 
 from __future__ import annotations
@@ -19,8 +23,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..lazy import lazy_exports
-from .base import Backend, GenerationRequest, GenerationResult, SamplingParams, ScriptedBackend
+from .base import Backend, GenerationRequest, GenerationResult, SamplingParams
 from .cache import GenerationCache
+from .registry import (
+    UnknownBackendError,
+    get_backend,
+    is_registered,
+    make_backend,
+    register_backend,
+    registered_backends,
+    unregister_backend,
+)
 from .runner import Generator, RunStats
 
 # Loaded on first access: each pulls in a heavy or optional dependency (openai, torch/transformers, vllm).
@@ -44,12 +57,18 @@ __all__ = [
     "OpenAICompatibleBackend",
     "RunStats",
     "SamplingParams",
-    "ScriptedBackend",
     "TransformersBackend",
+    "UnknownBackendError",
     "VLLMBackend",
     "add_backend_arguments",
     "backend_from_args",
+    "get_backend",
+    "is_registered",
+    "make_backend",
+    "register_backend",
+    "registered_backends",
     "sampling_from_args",
+    "unregister_backend",
 ]
 
 if TYPE_CHECKING:

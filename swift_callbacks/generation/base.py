@@ -144,7 +144,8 @@ _SMALL_FILE = 1 << 20
 
 @runtime_checkable
 class Backend(Protocol):
-    """A text generator. Implementations: OpenAI-compatible HTTP, local transformers, vLLM offline."""
+    """A text generator. Implementations: OpenAI-compatible HTTP, local transformers, vLLM offline, and any
+    backend added by name with :func:`~swift_callbacks.generation.register_backend`."""
 
     name: str  # "openai", "transformers", "vllm", ... (part of the cache key)
     model: str  # model name or path (part of the cache key)
@@ -154,26 +155,3 @@ class Backend(Protocol):
         """Yield one result per request, in any order, as each finishes. Never raise for one bad request:
         report it as a result with ``error`` set (after the backend's own retries)."""
         ...
-
-
-class ScriptedBackend:
-    """A backend answering from a function of the request: for tests of parsing and templates only."""
-
-    name = "scripted"
-    supports_completion = True  # ``reply`` sees the request, raw prompt included
-
-    def __init__(self, reply, model: str = "scripted") -> None:
-        self.reply = reply
-        self.model = model
-        self.calls: list[GenerationRequest] = []
-
-    def generate(self, requests: list[GenerationRequest]) -> Iterator[GenerationResult]:
-        for req in requests:
-            self.calls.append(req)
-            try:
-                out = self.reply(req)
-            except Exception as err:  # scripted failure
-                yield GenerationResult(req.key, error=f"{type(err).__name__}: {err}")
-                continue
-            texts = out if isinstance(out, list) else [out]
-            yield GenerationResult(req.key, texts=texts, prompt_tokens=1, completion_tokens=len(texts))

@@ -3,7 +3,8 @@
 Question generation feeds a model only the chat template's prefix up to the user turn: a raw-text completion
 request (:meth:`swift_callbacks.generation.GenerationRequest.completion`), which every shared backend of
 :mod:`swift_callbacks.generation` answers. Scoring (reward models, the difficulty scorer) goes through the same
-interface, so it is cached and resumable too.
+interface, so it is cached and resumable too. A spec naming a registered backend
+(:func:`swift_callbacks.generation.register_backend`) is built by that backend's factory, for either use.
 
 torch and transformers are imported inside functions only.
 """
@@ -17,6 +18,7 @@ from ...configuration import ConfigError
 from ...generation.base import GenerationRequest, GenerationResult
 from ...generation.factory import api_key_from_env
 from ...generation.openai_backend import OpenAICompatibleBackend
+from ...generation.registry import UnknownBackendError, make_backend
 from ...generation.transformers_backend import TransformersBackend
 from ...generation.vllm_backend import VLLMBackend
 from .models import ModelSpec, device_of, load_causal_lm, load_regression_model
@@ -26,14 +28,12 @@ def generation_backend(spec: ModelSpec) -> Any:
     """A backend answering chat and completion (raw prefix) requests with the model of ``spec``.
 
     Raises:
-        ConfigError: A ``stage:`` spec the runner did not resolve, or an unknown scripted stand-in.
+        ConfigError: A ``stage:`` spec the runner did not resolve, or a registered backend that is no longer there.
     """
     if spec.backend == "stage":
         raise ConfigError(f"model 'stage:{spec.model}' must be resolved to the stage's output folder first")
-    if spec.backend == "scripted":
-        from .scripted import scripted_backend
-
-        return scripted_backend(spec.model)
+    if spec.registered:
+        return registered_backend(spec)
     if spec.backend == "openai":
         return OpenAICompatibleBackend(
             spec.base_url, spec.model, api_key=api_key_from_env(spec.api_key_env),
@@ -55,6 +55,18 @@ def generation_backend(spec: ModelSpec) -> Any:
     backend.model = spec.identity()  # the cache key: a retrained folder at the same path is another model
     backend.cache_identity = backend.model
     return backend
+
+
+def registered_backend(spec: ModelSpec) -> Any:
+    """The backend a registered factory builds for ``spec`` (``factory(spec.model, **spec.options)``).
+
+    Raises:
+        ConfigError: No backend is registered under ``spec.backend`` any more.
+    """
+    try:
+        return make_backend(spec.backend, spec.model, **spec.options)
+    except UnknownBackendError as err:
+        raise ConfigError(str(err)) from None
 
 
 class SequenceScoreBackend:
@@ -118,11 +130,9 @@ class SequenceScoreBackend:
 
 
 def score_backend(spec: ModelSpec, *, text_format: str, max_length: int = 2048) -> Any:
-    """The backend scoring with ``spec``: a scripted stand-in, or :class:`SequenceScoreBackend`."""
-    if spec.backend == "scripted":
-        from .scripted import scripted_backend
-
-        return scripted_backend(spec.model)
+    """The backend scoring with ``spec``: a registered backend's, or :class:`SequenceScoreBackend`."""
+    if spec.registered:
+        return registered_backend(spec)
     if spec.backend == "stage":
         raise ConfigError(f"model 'stage:{spec.model}' must be resolved to the stage's output folder first")
     return SequenceScoreBackend(spec, text_format=text_format, max_length=max_length)

@@ -5,13 +5,15 @@ A model spec is a string or a mapping:
 - ``"tiny:hidden_size=64,num_layers=2,seed=0"``: the offline tiny model (the grammar of
   :func:`swift_callbacks.models.parse_tiny`); for a scoring role, the same body with a one-output regression head.
 - ``"stage:qft"``: the model a training stage of this pipeline wrote (resolved by the runner).
-- ``"scripted:arithmetic"``: a deterministic offline stand-in for an instruction-following LLM (see
-  :mod:`.scripted`); only for smoke tests of the pipeline's plumbing.
+- ``"NAME:MODEL"``, where ``NAME`` is a backend registered with
+  :func:`swift_callbacks.generation.register_backend` (a user's plugin, a test double): that backend's factory
+  called with ``MODEL``.
 - ``"vllm:PATH"``: vLLM's offline engine.
 - any other string: a local folder or hub id run with transformers.
-- a mapping with ``backend:`` one of ``transformers``, ``vllm``, ``openai``, ``tiny``, ``scripted``, ``stage`` and
-  that backend's options (``openai`` needs ``base_url`` and ``model``; the key comes from the environment variable
-  ``api_key_env`` names, never from the file).
+- a mapping with ``backend:`` one of ``transformers``, ``vllm``, ``openai``, ``tiny``, ``stage`` or a registered
+  name, and that backend's options (``openai`` needs ``base_url`` and ``model``; the key comes from the environment
+  variable ``api_key_env`` names, never from the file; a registered backend takes ``model``, ``tokenizer`` and
+  ``options``, the keyword arguments of its factory).
 
 Local weights (tiny, a folder, a Hub id, a ``.gguf`` file) are loaded by :mod:`swift_callbacks.models` through
 :meth:`ModelSpec.weights`; the backends that run a spec are in :mod:`.backends`.
@@ -20,27 +22,29 @@ Local weights (tiny, a folder, a Hub id, a ``.gguf`` file) are loaded by :mod:`s
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ...configuration import ConfigError
+from ...generation.registry import is_registered, registered_backends
 from ...models import ModelConfig, load_model_and_tokenizer, parse_tiny, tiny_identity
 from ...models import load_tokenizer as load_weights_tokenizer
 from .contract import path_digest
 
-BACKENDS = ("transformers", "vllm", "openai", "tiny", "scripted", "stage")
-# Options each backend accepts in the mapping form (besides "backend").
+BACKENDS = ("transformers", "vllm", "openai", "tiny", "stage")  # built in; others come from the backend registry
+# Options each backend accepts in the mapping form (besides "backend"); REGISTERED: any registered backend.
 _OPTIONS = {
     "transformers": {"model", "tokenizer", "batch_size", "device", "dtype", "trust_remote_code"},
     "vllm": {"model", "tokenizer", "engine", "chunk_size"},
     "openai": {"model", "base_url", "api_key_env", "tokenizer", "max_concurrency", "timeout", "max_retries",
                "extra_body"},
     "tiny": {"tiny", "batch_size", "device"},
-    "scripted": {"model"},
     "stage": {"model", "run_with", "batch_size", "device", "dtype", "engine", "chunk_size", "trust_remote_code"},
 }  # fmt: skip
+REGISTERED_OPTIONS = {"model", "tokenizer", "options"}
 
 
 @dataclass(frozen=True)
@@ -48,9 +52,9 @@ class ModelSpec:
     """One model and how to run it (see the module docstring for the forms).
 
     Attributes:
-        backend: One of ``BACKENDS``.
-        model: Folder or hub id (transformers, vLLM), server model name (openai), stand-in name (scripted),
-            stage name (stage).
+        backend: One of ``BACKENDS``, or the name of a registered backend.
+        model: Folder or hub id (transformers, vLLM), server model name (openai), stage name (stage), the model
+            argument of a registered backend's factory.
         tokenizer: Tokenizer folder or hub id when it differs from ``model`` (for openai: where to read the chat
             template that makes question-generation prefixes).
         tiny: Keyword arguments of the tiny model.
@@ -69,6 +73,7 @@ class ModelSpec:
             put it in ``engine``).
         run_with: For ``stage`` models: generate with ``"transformers"`` (default) or ``"vllm"``.
         fingerprint: Set by the runner for ``stage:`` models: the producing stage's fingerprint.
+        options: Keyword arguments of a registered backend's factory.
     """
 
     backend: str
@@ -89,6 +94,12 @@ class ModelSpec:
     trust_remote_code: bool = False
     run_with: str = "transformers"
     fingerprint: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def registered(self) -> bool:
+        """Whether the backend comes from the registry (:func:`swift_callbacks.generation.register_backend`)."""
+        return self.backend not in BACKENDS
 
     @classmethod
     def parse(cls, value: Any, path: str = "model") -> ModelSpec:
@@ -109,7 +120,7 @@ class ModelSpec:
         """The local weights this spec runs, as the one model loader takes them.
 
         Raises:
-            ConfigError: The spec has no local weights (an OpenAI-compatible server, a scripted stand-in), or an
+            ConfigError: The spec has no local weights (an OpenAI-compatible server, a registered backend), or an
                 unknown dtype.
         """
         if self.backend == "tiny":
@@ -125,8 +136,9 @@ class ModelSpec:
         """What distinguishes this model's answers: part of the cache keys and the stage fingerprints."""
         if self.backend == "tiny":
             return tiny_identity(self.tiny)
-        if self.backend in ("scripted", "openai"):
-            return f"{self.backend}:{self.model}" + (f"@{self.base_url}" if self.base_url else "")
+        if self.backend == "openai" or self.registered:
+            options = json.dumps(self.options, sort_keys=True, default=str) if self.options else ""
+            return f"{self.backend}:{self.model}" + (f"@{self.base_url}" if self.base_url else "") + options
         if self.fingerprint:
             return f"{self.model}@{self.fingerprint[:16]}"
         if os.path.isdir(self.model):
@@ -148,7 +160,7 @@ def _parse_string(text: str, path: str) -> ModelSpec:
         return ModelSpec("tiny", tiny=parse_tiny(text, path))
     if text == "tiny":
         return ModelSpec("tiny")
-    if sep and kind in ("scripted", "stage", "vllm"):
+    if sep and (kind in ("stage", "vllm") or (kind not in BACKENDS and is_registered(kind))):
         if not rest:
             raise ConfigError(f"{path}: {kind!r} spec needs a name after the colon")
         return ModelSpec(kind, model=rest)
@@ -162,9 +174,11 @@ def _parse_string(text: str, path: str) -> ModelSpec:
 
 def _parse_mapping(value: Mapping[str, Any], path: str) -> ModelSpec:
     backend = value.get("backend")
-    if backend not in BACKENDS:
-        raise ConfigError(f"{path}.backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
-    allowed = _OPTIONS[backend]
+    if backend not in BACKENDS and not (isinstance(backend, str) and is_registered(backend)):
+        known = ", ".join([*BACKENDS, *registered_backends()])
+        raise ConfigError(f"{path}.backend: expected one of {known} (or a name given to register_backend), "
+                          f"got {backend!r}")  # fmt: skip
+    allowed = _OPTIONS.get(backend, REGISTERED_OPTIONS)
     for key in value:
         if key != "backend" and key not in allowed:
             raise ConfigError(f"{path}.{key}: unknown key for backend {backend!r}; expected one of {sorted(allowed)}")
@@ -204,10 +218,10 @@ def device_of(spec: ModelSpec) -> str:
 
 
 def load_tokenizer(spec: ModelSpec) -> Any:
-    """The tokenizer of ``spec`` (for a server or scripted model: its ``tokenizer``, to build chat prefixes).
+    """The tokenizer of ``spec`` (for a server or registered backend: its ``tokenizer``, to build chat prefixes).
 
     Raises:
-        ConfigError: An OpenAI-compatible or scripted model without a ``tokenizer``.
+        ConfigError: An OpenAI-compatible or registered model without a ``tokenizer``.
     """
     if spec.backend in ("transformers", "vllm", "tiny"):
         return load_weights_tokenizer(spec.weights())

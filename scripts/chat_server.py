@@ -1,9 +1,18 @@
-"""A small OpenAI-compatible chat-completions server for the generation tests.
+"""A small local OpenAI-compatible chat-completions server: a stand-in LLM for smoke runs, and the tests' server.
 
-It listens on 127.0.0.1 only, on a port the OS picks, and speaks the real wire format of
-``POST /v1/chat/completions``. The reply to a request is a pure function of its last user message
-(``"echo: <content>"``, or a scripted text), so tests can check outputs exactly. Every request is counted per
-message hash, and faults can be injected per message content (by attempt) or per request number:
+It speaks the real wire format of ``POST /v1/chat/completions`` and answers deterministically: with a responder
+(``--responder arithmetic``: the stand-in of ``arithmetic_standin.py``, which plays the strong-LLM roles of the
+ScaleQuest pipeline on one-step arithmetic word problems), or with a pure function of the last user message
+(``"echo: <content>"``, or a text set per message). From the command line::
+
+    python scripts/chat_server.py --responder arithmetic --port 8631   # serves http://127.0.0.1:8631/v1
+
+then point an ``openai`` backend at it (any model name and API key; nothing is checked), as
+``recipes/scalequest/pipeline_tiny_cpu.yaml`` does. It listens on 127.0.0.1 unless ``--host`` says otherwise. It
+says nothing about the quality of a method: a real run uses real models.
+
+In tests (``ChatServer()`` on a port the OS picks) every request is counted per message hash, and faults can be
+injected per message content (by attempt) or per request number:
 
 - ``"429"``: rate limited, with ``Retry-After`` (0 s unless set)
 - any other HTTP status code as a string (``"500"``, ``"400"``, ``"409"``, ...): that status with an error body
@@ -17,6 +26,7 @@ Every wait is on the server's stop event, so stopping the server ends all of the
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -24,6 +34,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -39,16 +50,23 @@ def message_hash(content: str) -> str:
     return hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
 
 
+Responder = Callable[[dict[str, Any]], str | list[str]]
+
+
 class ChatServer:
-    """A threaded test server; use as a context manager or call :meth:`start` / :meth:`stop`.
+    """A threaded server; use as a context manager or call :meth:`start` / :meth:`stop`.
 
     Args:
         delay: Seconds every successful reply waits before answering (to make builds slow enough to kill).
         slow_seconds: How long a ``"slow"`` fault sleeps (keep it above the client's timeout).
         retry_after: Value of the ``Retry-After`` header sent with ``"429"``.
-        replies: Scripted reply texts by last user message; others get ``"echo: <content>"``.
+        replies: Reply texts by last user message; others get ``"echo: <content>"`` (without a responder).
         hold_after: If set, only this many requests are answered; every later one hangs until the server stops
             or ``hold_after`` is cleared for new requests (models a build killed with requests in flight).
+        responder: Answers every successful request from its JSON body (``messages``, ``n``): one text, or a list
+            of ``n`` texts; instead of ``replies`` and the echo.
+        host: Address to listen on.
+        port: Port to listen on (0: one the OS picks; see :attr:`base_url`).
     """
 
     def __init__(
@@ -59,12 +77,17 @@ class ChatServer:
         retry_after: str = "0",
         replies: dict[str, str] | None = None,
         hold_after: int | None = None,
+        responder: Responder | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
     ) -> None:
         self.delay = delay
         self.slow_seconds = slow_seconds
         self.retry_after = retry_after
         self.replies = dict(replies or {})
         self.hold_after = hold_after
+        self.responder = responder
+        self.address = (host, port)
         self.counts: Counter[str] = Counter()  # requests seen, by message hash
         self.ok_count = 0  # successful replies sent
         self.admitted_ok = 0  # requests admitted to a successful reply (what hold_after counts)
@@ -77,7 +100,7 @@ class ChatServer:
         self._forever: dict[str, str] = {}
         self._nth: dict[int, str] = {}
         self.nth_hits: dict[int, str] = {}  # request number -> message it hit, for faults set by inject_nth
-        self._attempts: Counter[str] = Counter()  # attempts per message that scripted faults are matched against
+        self._attempts: Counter[str] = Counter()  # attempts per message that injected faults are matched against
         self._lock = threading.Lock()
         self.stopped = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
@@ -115,7 +138,7 @@ class ChatServer:
         return f"http://{host}:{port}/v1"
 
     def start(self) -> ChatServer:
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._httpd = ThreadingHTTPServer(self.address, _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -157,7 +180,11 @@ class ChatServer:
 
     def _completion(self, body: dict[str, Any], content: str, short: bool = False) -> dict[str, Any]:
         n = 1 if short else int(body.get("n") or 1)
-        texts = [self.reply_for(content, i, n) for i in range(n)]
+        if self.responder is not None:
+            out = self.responder(body)
+            texts = (out if isinstance(out, list) else [out])[:n]
+        else:
+            texts = [self.reply_for(content, i, n) for i in range(n)]
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
         completion_tokens = sum(len(t.split()) for t in texts)
         return {
@@ -265,9 +292,29 @@ def _make_handler(server: ChatServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def main() -> None:
-    """Runs a server in the foreground until interrupted (handy for trying a builder by hand)."""
-    with ChatServer() as srv:
+def arithmetic_responder(body: dict[str, Any]) -> str | list[str]:
+    """The arithmetic stand-in (``arithmetic_standin.py``, next to this script) answering one request body."""
+    import arithmetic_standin  # imports swift_callbacks: the package must be installed or on PYTHONPATH
+
+    return arithmetic_standin.answer(body.get("messages", []), int(body.get("n") or 1))
+
+
+RESPONDERS: dict[str, Responder | None] = {"echo": None, "arithmetic": arithmetic_responder}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Runs a server in the foreground until interrupted; prints its base URL first."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--responder",
+        choices=sorted(RESPONDERS),
+        default="echo",
+        help="how to answer: the arithmetic stand-in, or echo the last user message (default)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8631, help="port; 0 picks a free one (default: %(default)s)")
+    args = parser.parse_args(argv)
+    with ChatServer(responder=RESPONDERS[args.responder], host=args.host, port=args.port) as srv:
         print(srv.base_url, flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             srv.stopped.wait()

@@ -1,13 +1,16 @@
-"""Deterministic offline stand-ins for the strong LLMs of the pipeline, for smoke tests of its plumbing only.
+"""A deterministic stand-in for the strong LLM of the ScaleQuest pipeline, for smoke runs of its plumbing only.
 
-``scripted:arithmetic`` plays the rewriter, the solvability judge, the solver and the responder on one-step
-arithmetic word problems (the kind in ``recipes/scalequest/data``). It recognises which of the default prompts it
-was sent, reads the question out of it, solves it with a keyword heuristic, and answers in the format the prompt
-asks for. Its answers are varied on purpose, so that every filter has something to drop: it judges problems
-without two numbers and a question mark unsolvable (with a stray "yes" in its reasoning), returns an empty rewrite
-for them, and, per sample, sometimes gets the answer wrong or leaves out the ``\\boxed{}``. As a reward model (a
-question with a response) it gives 1 for the right boxed answer and 0 otherwise, less a small length penalty; as a
-difficulty scorer (a bare question) it grows with the size and count of the numbers.
+Not part of the library: ``scripts/chat_server.py --responder arithmetic`` serves it over the OpenAI chat API
+(what ``recipes/scalequest/pipeline_tiny_cpu.yaml`` talks to), and the tests wrap it as an in-process backend.
+
+It plays the rewriter, the solvability judge, the solver and the responder on one-step arithmetic word problems
+(the kind in ``recipes/scalequest/data``). It recognises which of the default prompts it was sent, reads the
+question out of it, solves it with a keyword heuristic, and answers in the format the prompt asks for. Its answers
+are varied on purpose, so that every filter has something to drop: it judges problems without two numbers and a
+question mark unsolvable (with a stray "yes" in its reasoning), returns an empty rewrite for them, and, per sample,
+sometimes gets the answer wrong or leaves out the ``\\boxed{}``. As a reward model (a question with a response) it
+gives 1 for the right boxed answer and 0 otherwise, less a small length penalty; as a difficulty scorer (a bare
+question) it grows with the size and count of the numbers.
 
 It says nothing about the quality of the method: a real run uses real models.
 """
@@ -17,31 +20,18 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 
-from ...generation.base import GenerationRequest, ScriptedBackend
-from .answers import boxed_answer, normalize_answer
-from .prompts import DEFAULT_PROMPTS, QUESTION_SLOT
+from swift_callbacks.builders.scalequest.answers import boxed_answer, normalize_answer
+from swift_callbacks.builders.scalequest.prompts import DEFAULT_PROMPTS, QUESTION_SLOT
 
-VERSION = "1"
+VERSION = "1"  # bump when the answers change; model names carry it, so cached answers are not reused
 _NUMBER = re.compile(r"\d+")
 _SHARE = re.compile(r"\b(?:equal|equally|share[sd]?|split|divide[sd]?)\b")
 _TIMES = re.compile(r"\b(?:each|every|per|times)\b")
 _TAKE_AWAY = re.compile(
     r"\b(?:left|away|eats?|ate|los[et]s?|spen[dt]s?|sol[d]|sells?|use[sd]?|remain|fewer|leaves?|removed|popped)\b"
 )
-
-
-def scripted_backend(name: str) -> ScriptedBackend:
-    """The stand-in called ``name``.
-
-    Raises:
-        ValueError: Unknown name.
-    """
-    makers: dict[str, Callable[[GenerationRequest], str | list[str]]] = {"arithmetic": arithmetic_teacher}
-    if name not in makers:
-        raise ValueError(f"unknown scripted model {name!r}; available: {sorted(makers)}")
-    return ScriptedBackend(makers[name], model=f"{name}-v{VERSION}")
 
 
 def solve(question: str) -> int | None:
@@ -62,9 +52,9 @@ def solve(question: str) -> int | None:
     return sum(values)
 
 
-def arithmetic_teacher(req: GenerationRequest) -> str | list[str]:
-    """Answers one request of any stage (see the module docstring)."""
-    messages = req.message_dicts()
+def answer(messages: Sequence[Mapping[str, str]], n: int = 1) -> str | list[str]:
+    """The stand-in's answer to a chat request of any stage (see the module docstring): one text, or ``n`` texts
+    when a response is asked for with ``n > 1``."""
     if len(messages) == 2 and messages[1]["role"] == "assistant":
         return _score(messages[0]["content"], messages[1]["content"])
     text = messages[-1]["content"]
@@ -75,7 +65,7 @@ def arithmetic_teacher(req: GenerationRequest) -> str | list[str]:
             return reply(question)
     question = _fill_of(DEFAULT_PROMPTS.respond, text)
     if question is not None:
-        return [_solution(question, k) for k in range(req.params.n)] if req.params.n > 1 else _solution(question, 0)
+        return [_solution(question, k) for k in range(n)] if n > 1 else _solution(question, 0)
     return repr(_difficulty(text))  # a bare question: the difficulty scorer's request
 
 
