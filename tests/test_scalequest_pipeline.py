@@ -1,5 +1,5 @@
 """The tiny CPU ScaleQuest pipeline (recipes/scalequest/pipeline_tiny_cpu.yaml), every stage end to end, then a
-rerun that skips every stage."""
+rerun that skips every stage. Its teacher is the stand-in server of scripts/chat_server.py, over real HTTP."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from chat_server import ChatServer, arithmetic_responder
 
 from swift_callbacks.builders.scalequest import STAGE_ORDER, run_pipeline
 
@@ -31,10 +32,18 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+@pytest.fixture
+def teacher_url():
+    """The recipe's teacher: the arithmetic stand-in server, on a free port (the recipe's own may be taken)."""
+    with ChatServer(responder=arithmetic_responder) as server:
+        yield server.base_url
+
+
 @pytest.mark.slow
-def test_tiny_cpu_pipeline_runs_every_stage_end_to_end(tmp_path, capsys):
+def test_tiny_cpu_pipeline_runs_every_stage_end_to_end(tmp_path, capsys, teacher_url):
     out = tmp_path / "run"
-    stats = run_pipeline(CONFIG, out)
+    teacher = [f"models.teacher.base_url={teacher_url}"]
+    stats = run_pipeline(CONFIG, out, overrides=teacher)
     assert list(stats) == list(STAGE_ORDER)
     for name, s in stats.items():
         assert s.complete and (out / f"{name}.stats.json").is_file() and (out / f"{name}.rejects.jsonl").is_file()
@@ -69,7 +78,8 @@ def test_tiny_cpu_pipeline_runs_every_stage_end_to_end(tmp_path, capsys):
     assert "solvable_ratio" in capsys.readouterr().out  # the end-of-run table
 
     started = time.perf_counter()
-    again = run_pipeline(CONFIG, out)  # every stage complete: all skipped, nothing retrained or regenerated
+    # Every stage complete: all skipped, nothing retrained or regenerated.
+    again = run_pipeline(CONFIG, out, overrides=teacher)
     assert time.perf_counter() - started < 10
     assert {n: s.fingerprint for n, s in again.items()} == {n: s.fingerprint for n, s in stats.items()}
     assert capsys.readouterr().out.count("complete, skipped") == len(STAGE_ORDER)
@@ -82,6 +92,7 @@ def test_tiny_cpu_pipeline_runs_every_stage_end_to_end(tmp_path, capsys):
     (tmp_path / "leak.jsonl").write_text(json.dumps({"id": None, "question": leaked.upper() + " ?"}) + "\n")
     config = yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
     config["stages"]["decontaminate"]["eval_sets"].append({"path": "leak.jsonl", "name": "leak"})
+    config["models"]["teacher"]["base_url"] = teacher_url
     leaky = tmp_path / "pipeline_leak.yaml"
     leaky.write_text(yaml.safe_dump(config), encoding="utf-8")
     capsys.readouterr()
