@@ -108,4 +108,3 @@ def run_from_args(args: argparse.Namespace) -> int:
             generator.close()
     print("\n".join([f"swift-study build {args.kind}:", *summary_lines(result)]))
     return 1 if not args.dry_run and result.stats.rows_in and not result.stats.rows_out else 0
-
