@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import json
 import logging
+import math
 import time
+import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -171,19 +172,11 @@ class InfluenceCallback(TrainerCallback):
         """Record which checkpoint each ``trainer.train`` call resumes from.
 
         ``Trainer`` keeps no record of the ``resume_from_checkpoint`` path, and the history must be restored from
-        that checkpoint's sidecar: ``output_dir/checkpoint-N`` may be another run's, or absent.
+        that checkpoint's sidecar: ``output_dir/checkpoint-N`` may be another run's, or absent. The wrapper is a
+        method bound to the trainer, so a copy of the trainer (``copy.deepcopy``) trains itself.
         """
-        train = trainer.train
-
-        @functools.wraps(train)
-        def watched(resume_from_checkpoint=None, *args, **kwargs):
-            self._resumed_from = _resolve_checkpoint(trainer.args.output_dir, resume_from_checkpoint)
-            try:
-                return train(resume_from_checkpoint, *args, **kwargs)
-            finally:
-                self._resumed_from = _UNSEEN
-
-        trainer.train = watched
+        if not getattr(trainer.train, "_swift_watched", False):
+            trainer.train = types.MethodType(_watched_train, trainer)
 
     @property
     def engine(self) -> InfluenceEngine:
@@ -217,7 +210,7 @@ class InfluenceCallback(TrainerCallback):
         if state.is_world_process_zero:
             try:
                 resumed = self._resumed_checkpoint(args, state) if step > 0 else None
-                self._start_history(args, step, resumed)
+                self._start_history(args, state, resumed)
                 missing = step > 0 and step not in self.store.steps()
             except (HistoryError, OSError) as err:
                 self.store.release_lock()
@@ -264,12 +257,13 @@ class InfluenceCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.store.release_lock()
 
-    def _start_history(self, args: TrainingArguments, step: int, resumed: Path | None) -> None:
+    def _start_history(self, args: TrainingArguments, state: TrainerState, resumed: Path | None) -> None:
         """Rank 0 at train begin: lock, complete interrupted changes, resume or set an old history aside."""
+        step = state.global_step
         self.store.acquire_lock()
         self.store.open_for_writing()
         if step > 0:
-            self._resume(args, step, resumed)
+            self._resume(args, step, resumed, state.log_history)
         elif self.store.has_history():  # a fresh run in a used output_dir: keep the old history, out of the way
             label = f"previous-run-{time.strftime('%Y%m%d-%H%M%S')}"
             if self.store.set_aside(-1, label) or self.store.has_history():
@@ -326,9 +320,12 @@ class InfluenceCallback(TrainerCallback):
         ckpt = Path(args.output_dir) / f"checkpoint-{step}"
         if resumed is None or not ckpt.is_dir() or not resumed.is_dir():
             return None
-        return ckpt if ckpt.resolve() == resumed.resolve() else None
+        inside = ckpt.resolve().parent == Path(args.output_dir).resolve()  # not a link to a folder elsewhere
+        return ckpt if inside and ckpt.resolve() == resumed.resolve() else None
 
-    def _resume(self, args: TrainingArguments, step: int, resumed: Path | None) -> None:
+    def _resume(
+        self, args: TrainingArguments, step: int, resumed: Path | None, log_history: list[dict[str, Any]]
+    ) -> None:
         ckpt = resumed
         report = self.store.resume(ckpt if ckpt is not None and ckpt.is_dir() else None, step)
         if report.superseded:
@@ -343,24 +340,57 @@ class InfluenceCallback(TrainerCallback):
                 "Influence history has no record of steps %s before the resumed step %d (their files are gone and "
                 "there is no sidecar to restore them from).", report.dropped, step,
             )  # fmt: skip
-        own = self._own_checkpoint(args, step, resumed)
-        if not report.sidecar and own is not None and step in self.store.steps():
-            # The checkpoint lost its sidecar (killed between the trainer's save and ours): the history up to the
-            # resumed step is this lineage's now, so give the checkpoint its sidecar back.
-            try:
-                self.store.snapshot(own, step)
-            except (OSError, HistoryError) as err:
-                self._history_fault(step, "snapshot", f"could not write the sidecar of {own}: {err}", err)
-        if not report.sidecar and not any(s <= step for s in self.store.steps()):
+        if report.sidecar:
+            self._warn_changed_sets(step)
+        else:
+            self._check_lineage(step, ckpt, log_history)
+
+    def _check_lineage(self, step: int, ckpt: Path | None, log_history: list[dict[str, Any]]) -> None:
+        """Without a sidecar, keep a live step before ``step`` only if its scores are those the resumed checkpoint's
+        own trainer state logged for it (another run's steps, or another branch's, are moved aside); the resumed
+        step itself is always computed again from the loaded weights."""
+        logged: dict[int, dict[str, float]] = {}
+        for entry in log_history:
+            values = {k: v for k, v in entry.items() if k.startswith((f"{self.metric_prefix}/s_in/",
+                                                                      f"{self.metric_prefix}/s_cross/"))}  # fmt: skip
+            if values:
+                logged.setdefault(entry.get("step"), {}).update(values)
+        live = self.store.steps()
+        kept = [s for s in live if s < step and _same_scores(self._recorded_scores(s), logged.get(s))]
+        moved = self.store.move_aside([s for s in live if s not in kept and s <= step], f"unverified-at-{step}")
+        logger.warning(
+            "Resumed at step %d from %s, which has no influence sidecar: steps %s match the scores its trainer state "
+            "logged and are kept; %s could not be matched (another run or branch, or never logged) and were moved to "
+            "%s/; step %d is computed again.", step, ckpt, kept, moved or "none", self.store.root / "superseded", step,
+        )  # fmt: skip
+
+    def _recorded_scores(self, step: int) -> dict[str, float]:
+        """The s_in / s_cross the callback logged for a stored step, recomputed from its pairs (same arithmetic)."""
+        from .store import scores_from_pairs
+
+        scores, out = scores_from_pairs(self.store.read_step(step)), {}
+        for row in scores.itertuples():
+            for ctx in ("in", "cross"):
+                value = getattr(row, f"s_{ctx}")
+                if value is not None and math.isfinite(value):
+                    out[f"{self.metric_prefix}/s_{ctx}/{row.probe_set}→{row.eval_set}"] = float(value)
+        return out
+
+    def _warn_changed_sets(self, step: int) -> None:
+        """A resume whose sets differ from those of the restored steps mixes two set-ups in one history: say so."""
+        restored = [s for s in self.store.steps() if s <= step]
+        if not restored:
+            return
+        pairs = self.store.read_step(restored[-1])
+        before = {(r.probe_set, r.probe_id) for r in pairs[["probe_set", "probe_id"]].drop_duplicates().itertuples()}
+        before |= {(r.eval_set, r.eval_id) for r in pairs[["eval_set", "eval_id"]].drop_duplicates().itertuples()}
+        now = {(x.name, i) for x in (*self.probe_sets, *self.eval_sets) for i in x.ids}
+        changed = sorted({name for name, _ in before ^ now})
+        if changed:
             logger.warning(
-                "Resumed at step %d, but %s has no influence sidecar and the history has no step up to %d: the "
-                "history before this step is not restored (was the checkpoint saved without the callback?).",
-                step, ckpt, step,
-            )  # fmt: skip
-        elif not report.sidecar:
-            logger.warning(
-                "Resumed at step %d, but %s has no influence sidecar: the history's steps up to %d are kept as they "
-                "are (their lineage cannot be checked).", step, ckpt, step,
+                "Resumed at step %d: sets %s differ from those of the restored steps (added, removed or renamed "
+                "examples), so the history holds two set-ups; scores of steps <= %d and > %d are not comparable.",
+                step, changed, step, step,
             )  # fmt: skip
 
     def _check_single_instance(self) -> None:
@@ -536,6 +566,21 @@ def _pair_frame(step, p: ExampleSet, e: ExampleSet, paired, result: InfluenceRes
     })  # fmt: skip
 
 
+def _watched_train(trainer: Trainer, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any):
+    """``Trainer.train`` that first tells the trainer's influence callbacks which checkpoint it resumes from."""
+    callbacks = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, InfluenceCallback)]
+    for cb in callbacks:
+        cb._resumed_from = _resolve_checkpoint(trainer.args.output_dir, resume_from_checkpoint)
+    try:
+        return type(trainer).train(trainer, resume_from_checkpoint, *args, **kwargs)
+    finally:
+        for cb in callbacks:
+            cb._resumed_from = _UNSEEN
+
+
+_watched_train._swift_watched = True  # type: ignore[attr-defined]
+
+
 def _resolve_checkpoint(output_dir: str, resume_from_checkpoint: Any) -> Path | None:
     """The folder ``Trainer.train(resume_from_checkpoint=...)`` loads (``True``: the last one in output_dir)."""
     if resume_from_checkpoint is None or resume_from_checkpoint is False:
@@ -544,6 +589,12 @@ def _resolve_checkpoint(output_dir: str, resume_from_checkpoint: Any) -> Path | 
         last = last_checkpoint(output_dir)
         return Path(last) if last else None
     return Path(resume_from_checkpoint)
+
+
+def _same_scores(recorded: dict[str, float], logged: dict[str, float] | None) -> bool:
+    if not logged or recorded.keys() != logged.keys():
+        return False
+    return all(math.isclose(recorded[k], logged[k], rel_tol=1e-9, abs_tol=1e-12) for k in recorded)
 
 
 def _saved_state(checkpoint: Path) -> dict[str, Any] | None:

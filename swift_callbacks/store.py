@@ -80,6 +80,10 @@ class HistoryError(UserError):
     """The influence history is missing, damaged or inconsistent; the message names the file and what to do."""
 
 
+class _IncompleteChange(HistoryError):
+    """An interrupted change whose content is gone, so it cannot be completed."""
+
+
 class HistoryLockedError(HistoryError):
     """Another training holds the history's writer lock."""
 
@@ -203,6 +207,8 @@ def _check_bytes(path: Path, data: bytes, entry: dict[str, Any]) -> str | None:
 
 def _present_steps(root: Path) -> list[int]:
     pairs = root / "pairs"
+    if pairs.exists() and not pairs.is_dir():
+        raise HistoryError(f"{pairs} is a file, where the folder of step files should be: move it away.")
     if not pairs.is_dir():
         return []
     return sorted(int(m.group(1)) for f in pairs.iterdir() if (m := _STEP_FILE.match(f.name)))
@@ -232,6 +238,8 @@ def _read_manifest(folder: Path, advice: str) -> dict[str, Any] | None:
             f"{folder} is a file, where the influence history folder should be: move it away (training writes its "
             "history there), or pass the output_dir of another run."
         )
+    if path.is_symlink() and not path.exists():
+        raise HistoryError(f"{path} is a broken link. {advice}")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -527,7 +535,15 @@ class InfluenceStore:
                 "Completing an interrupted change of the influence history in %s: %s.", self.root,
                 manifest["pending"].get("what"),
             )  # fmt: skip
-            self._apply(manifest)
+            try:
+                self._apply(manifest)
+            except _IncompleteChange as err:
+                # Its content is gone (e.g. the sidecar it restored from was deleted): the history cannot be made
+                # consistent, so it is moved aside whole, as it is, and the writer starts from an empty one (a
+                # resume then restores what its checkpoint's sidecar holds).
+                folder = self._new_folder("unfinished-change")
+                logger.warning("%s The history is moved as it is to %s/%s/.", err, self.root / SUPERSEDED, folder)
+                self._retire_raw(folder)
 
     def _clean_temps(self) -> None:
         everything = self._lock_token is not None  # no other writer can be at work
@@ -584,7 +600,7 @@ class InfluenceStore:
             if not _matches(path, entry):
                 source = self.root / op["source"] if op.get("source") else None
                 if source is None or not _matches(source, entry):
-                    raise HistoryError(
+                    raise _IncompleteChange(
                         f"Cannot complete the interrupted change ({what}) of {self.root}: the content for {path} is "
                         f"gone ({source} is missing or altered). Restore it, or move {self.root} away and resume "
                         "from a checkpoint."
@@ -679,6 +695,22 @@ class InfluenceStore:
             ]
         self._transact(f"set aside steps after {after} to {aside}", ops)
         return moved
+
+    def move_aside(self, steps: Iterable[int], label: str) -> list[int]:
+        """Move the given recorded steps to ``superseded/<label>/`` (never deleted). Returns those moved."""
+        self._writable()
+        present = set(self.steps()) | set(_present_steps(self.root))
+        moved = sorted(s for s in set(steps) if s in present)
+        if moved:
+            aside = f"{SUPERSEDED}/{self._new_folder(label)}"
+            ops = [{"path": _step_rel(s), "entry": None, "aside": f"{aside}/{step_path(self.root, s).name}"}
+                   for s in moved]  # fmt: skip
+            self._transact(f"move steps {moved} to {aside}", ops)
+        return moved
+
+    def read_step(self, step: int) -> pd.DataFrame:
+        """One recorded step's pairs, verified against the manifest."""
+        return self._view().frame(step)
 
     def _retire_raw(self, folder: str) -> list[int]:
         dest = self.root / SUPERSEDED / folder
@@ -805,6 +837,8 @@ class InfluenceStore:
         """
         self._writable()
         side = Path(checkpoint_dir) / STORE_DIR if checkpoint_dir else None
+        if side is not None and (side.exists() or side.is_symlink()) and not side.is_dir():
+            raise HistoryError(f"{side} is not a folder: {_sidecar_advice(side)}")
         side_view = _sidecar_view(side, step) if side is not None and side.is_dir() else None
         if side_view is None and side is not None and side.is_dir():
             logger.warning("The influence sidecar %s is empty; resuming without it.", side)
@@ -862,8 +896,9 @@ class InfluenceStore:
         return ResumeReport(superseded, sorted(restored), dropped, side_view is not None, aside if superseded else None)
 
     def _restore_op(self, side: _View, rel: str, aside: str | None) -> dict[str, Any]:
-        source = os.path.relpath(side.root / rel, self.root)
-        return {"path": rel, "entry": _strip(side.files[rel]), "source": Path(source).as_posix(), "aside": aside}
+        # Absolute and resolved: a path relative to the history would go wrong when ".." crosses a symlinked folder.
+        source = (side.root / rel).resolve()
+        return {"path": rel, "entry": _strip(side.files[rel]), "source": source.as_posix(), "aside": aside}
 
     def _failure_ops(self, manifest: dict, side: _View | None, step: int, aside: str) -> list[dict[str, Any]]:
         """Make failures.jsonl that of the resumed lineage (the sidecar's, else the live one's up to ``step``)."""

@@ -9,7 +9,7 @@ import torch
 from helpers import StopAt, assert_close_rel, build_model, make_trainer, tokenizer, torch_threads
 from transformers import Trainer, TrainingArguments
 
-from swift_callbacks import InfluenceCallback, SetError, load_pairs
+from swift_callbacks import HistoryError, InfluenceCallback, SetError, load_pairs
 from swift_callbacks.store import list_steps, store_dir
 
 
@@ -62,6 +62,74 @@ def test_resume_from_a_checkpoint_outside_output_dir_restores_its_history(stoppe
     for step in (5, 10):
         assert_close_rel(resumed[resumed.step == step]["dot"], original[original.step == step]["dot"], 0, f"{step}")
     assert _tree(stopped_at_10 / "checkpoint-10") == before
+
+
+@pytest.fixture(scope="module")
+def other_run(tmp_path_factory):
+    """Run B: another model seed, stopped at step 10 (history 5, 10 and checkpoints 5, 10)."""
+    out = tmp_path_factory.mktemp("other") / "run"
+    trainer, _ = make_trainer(out, extra_callbacks=[StopAt(10)], save_steps=5, max_steps=20, n_train=64, model_seed=1)
+    trainer.train()
+    return out
+
+
+def _dots(run, step):
+    pairs = load_pairs(run)
+    return torch.tensor(pairs[pairs.step == step]["dot"].to_numpy())
+
+
+def test_resume_through_a_symlinked_output_dir(stopped_at_10, tmp_path):
+    (tmp_path / "x" / "y" / "real").mkdir(parents=True)  # ".." through the link lands elsewhere than it reads
+    (tmp_path / "link").symlink_to(tmp_path / "x" / "y" / "real")
+    out = tmp_path / "link" / "a" / "run"
+    trainer, _ = make_trainer(out, save_steps=5, max_steps=20, n_train=64)
+    trainer.train(resume_from_checkpoint=str(stopped_at_10 / "checkpoint-10"))
+    assert list_steps(store_dir(out)) == [5, 10, 15, 20]
+    assert torch.equal(_dots(out, 5), _dots(stopped_at_10, 5))
+
+
+def test_no_sidecar_outside_keeps_only_steps_the_checkpoint_logged(stopped_at_10, other_run, tmp_path):
+    """A checkpoint without sidecar resumed into a folder holding another run: B's steps are not A's lineage."""
+    a_ckpt = tmp_path / "a-checkpoint-10"
+    shutil.copytree(stopped_at_10 / "checkpoint-10", a_ckpt)
+    shutil.rmtree(a_ckpt / "swift_influence")
+    run = tmp_path / "b"
+    shutil.copytree(other_run, run)
+    trainer, _ = make_trainer(run, save_steps=5, max_steps=20, n_train=64)
+    trainer.train(resume_from_checkpoint=str(a_ckpt))
+    assert list_steps(store_dir(run)) == [10, 15, 20]  # B's 5 and 10 moved aside, 10 recomputed from A's weights
+    assert torch.allclose(_dots(run, 10), _dots(stopped_at_10, 10), rtol=1e-5)
+    moved = sorted(p.name for p in (store_dir(run) / "superseded").rglob("step-*.parquet"))
+    assert moved == ["step-000000005.parquet", "step-000000010.parquet"]
+    # The same checkpoint with its own sidecar in place of a folder: refused, nothing changed.
+    (a_ckpt / "swift_influence").write_text("not a folder")
+    trainer, _ = make_trainer(tmp_path / "c", save_steps=5, max_steps=20, n_train=64)
+    with pytest.raises(HistoryError, match="is not a folder"):
+        trainer.train(resume_from_checkpoint=str(a_ckpt))
+
+
+def test_resume_with_other_sets_says_the_history_holds_two_set_ups(stopped_at_10, tmp_path, caplog):
+    import logging
+
+    from helpers import eval_sets, probe_sets
+
+    run = tmp_path / "run"
+    shutil.copytree(stopped_at_10, run)
+    fewer = {name: rows[:3] for name, rows in probe_sets().items()}
+    trainer, _ = make_trainer(run, save_steps=5, max_steps=15, n_train=64,
+                              callback_kwargs={"probe_sets": fewer, "eval_sets": eval_sets()})  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="swift_callbacks.callback"):
+        trainer.train(resume_from_checkpoint=str(run / "checkpoint-10"))
+    assert "differ from those of the restored steps" in caplog.text
+
+
+def test_a_copied_trainer_trains_itself(tmp_path):
+    import copy
+
+    trainer, _ = make_trainer(tmp_path / "run", save_steps=5, max_steps=5, n_train=32)
+    twin = copy.deepcopy(trainer)
+    twin.train()
+    assert (twin.state.global_step, trainer.state.global_step) == (5, 0)
 
 
 def test_resume_from_outside_ignores_another_runs_checkpoint_of_the_same_step(stopped_at_10, tmp_path):

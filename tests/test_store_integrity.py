@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -332,6 +333,27 @@ def test_damaged_sidecar_refuses_the_resume_and_changes_nothing(tmp_path, damage
     with pytest.raises(HistoryError, match=rf"(?s){side / names}.*{match}.*move {side} away"):
         InfluenceStore(tmp_path).resume(tmp_path / "checkpoint-10", 10)
     assert files_of(st.root) == before
+
+
+def test_an_interrupted_resume_whose_sidecar_is_gone_is_set_aside_and_a_new_resume_works(tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    history(elsewhere, {5: A, 10: A}, checkpoint=10)  # an outside checkpoint with its sidecar
+    st = history(tmp_path / "run", {5: B, 10: B, 15: B}, checkpoint=15)
+    calls = {"n": 0}
+    real_apply = InfluenceStore._apply
+
+    def killed(self, manifest):  # the pending change is recorded; the process dies before carrying it out
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(InfluenceStore, "_apply", killed)
+    with pytest.raises(KeyboardInterrupt):
+        InfluenceStore(tmp_path / "run").resume(elsewhere / "checkpoint-10", 10)
+    monkeypatch.setattr(InfluenceStore, "_apply", real_apply)
+    shutil.rmtree(elsewhere)  # the outside checkpoint is deleted
+    report = InfluenceStore(tmp_path / "run").resume(tmp_path / "run" / "checkpoint-15", 15)
+    assert report.sidecar and branch_of(load_pairs(tmp_path / "run")) == {5: B, 10: B, 15: B}
+    assert list((st.root / "superseded").glob("unfinished-change*/manifest.json"))
 
 
 def test_sidecar_of_another_step_is_refused(tmp_path):
