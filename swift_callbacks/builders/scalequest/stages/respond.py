@@ -165,7 +165,8 @@ def reward_select(
     """The ``reward-select`` stage: scores every response and keeps the best one per question.
 
     The scorer sees the conversation (the question as the user turn, the response as the assistant turn) and
-    answers with a number (a :class:`~.models.SequenceScoreBackend` over a reward model, or a registered backend answering with a number).
+    answers with a number (a :class:`~.models.SequenceScoreBackend` over a reward model, or a registered backend
+    that answers with one).
     The unit is the response: ``rows_in`` responses, ``rows_out`` selected ones (one per question); the others
     are dropped as ``not the best response`` (ties go to the lowest sample index), and responses whose scoring
     failed or was not a number are dropped with that reason. Output rows carry ``reward``, ``candidates`` and a
