@@ -116,6 +116,15 @@ def apply_override(data: Any, override: str) -> Any:
     return root
 
 
+def add_override_argument(parser: Any, example: str, what: str = "a config value") -> None:
+    """The one ``--set KEY.PATH=VALUE`` option of every command (read with :func:`apply_override`; ``dest``:
+    ``overrides``)."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help=f"override {what}, e.g. --set {example} (VALUE is YAML; [i] indexes a list; repeatable)",
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------- values, paths
 
 

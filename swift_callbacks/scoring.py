@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .configuration import ConfigError
+from .configuration import ConfigError, add_override_argument
 from .errors import run_command
 from .training.config import TrainConfig, load_config
 
@@ -214,10 +214,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", default=None,
         help="training config YAML (default: RUN/swift_train_config.yaml, written by swift-study train)",
     )  # fmt: skip
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set influence.engine.micro_batch_size=4 (repeatable)",
-    )  # fmt: skip
+    add_override_argument(parser, "influence.engine.micro_batch_size=4")
     parser.add_argument("--output-dir", default=None, help="write the history here instead of into RUN")
     parser.add_argument("--steps", type=int, nargs="+", default=None, help="score only these checkpoint steps")
 

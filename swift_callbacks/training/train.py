@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from ..configuration import add_override_argument
 from ..errors import run_command
 from ..models import load_model, load_tokenizer
 from ..trainers import lora_config, make_trainer, trainer_arguments
@@ -111,10 +112,7 @@ def write_run_files(trainer, config: TrainConfig, *, tracked: bool) -> None:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="training config YAML (see recipes/)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set training.learning_rate=2e-5 (repeatable; VALUE is YAML)",
-    )  # fmt: skip
+    add_override_argument(parser, "training.learning_rate=2e-5")
     parser.add_argument(
         "--no-influence", action="store_true",
         help="train without InfluenceCallback even if the config has an influence section (score later with "

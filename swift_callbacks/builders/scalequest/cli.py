@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ...configuration import ConfigError, apply_override, build, load_yaml
+from ...configuration import ConfigError, add_override_argument, apply_override, build, load_yaml
 from ...errors import run_command
 from ...generation.factory import BASE_URL_ENV, MODEL_ENV, add_backend_arguments
 from .config import StageConfig, load_pipeline_config
@@ -61,8 +61,7 @@ def _add_run_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--config", required=True, help="pipeline config YAML (see recipes/scalequest/)")
     run.add_argument("--output-dir", required=True, help="where every stage's outputs go")
     run.add_argument("--stages", default=None, help=f"comma-separated subset of: {','.join(STAGE_ORDER)}")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="a config value over the file (YAML value; e.g. stages.respond.n=8); repeatable")  # fmt: skip
+    add_override_argument(run, "stages.respond.n=8")
     run.set_defaults(func=run_from_args)
 
 
@@ -74,9 +73,7 @@ def _add_stage_parser(commands: argparse._SubParsersAction, stage: Stage) -> Non
     data.add_argument("--output", required=True, help="output JSONL (training stages: the model folder)")
     settings = parser.add_argument_group("settings")
     settings.add_argument("--config", default=None, help="pipeline config whose section for this stage to start from")
-    settings.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                          help="a stage setting (YAML value; dotted keys and [i] for nested settings); "
-                               "repeatable")  # fmt: skip
+    add_override_argument(settings, "sampling.temperature=0.5", what="a stage setting")
     if stage.uses_prompts:
         settings.add_argument("--prompts", default=None, metavar="FILE", help="YAML overriding prompt templates")
     stage.add_arguments(settings)
@@ -99,7 +96,7 @@ def _add_stage_parser(commands: argparse._SubParsersAction, stage: Stage) -> Non
 def run_from_args(args: argparse.Namespace) -> int:
     """``scalequest run``: the pipeline. Returns 0, 1 (a stage failed) or 2 (configuration error)."""
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-    return _guarded(lambda: run_pipeline(args.config, args.output_dir, stages, overrides=args.set))
+    return _guarded(lambda: run_pipeline(args.config, args.output_dir, stages, overrides=args.overrides))
 
 
 def stage_from_args(args: argparse.Namespace) -> int:
@@ -138,7 +135,7 @@ def _run_stage(args: argparse.Namespace) -> None:
 def _settings(args: argparse.Namespace, stage: Stage, base: StageConfig | None) -> Any:
     """The stage's settings: its ``--config`` section, then ``--set``, then the sampling and stage options."""
     data: dict[str, Any] = dataclasses.asdict(base.settings) if base else {}
-    for item in args.set:
+    for item in args.overrides:
         data = apply_override(data, item)
     if stage.sampling_field:
         given = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p),
