@@ -21,6 +21,7 @@ from .configuration import ConfigError
 from .influence import InfluenceEngine, InfluenceResult, block_scores, pairing_mask, relinf
 from .influence import distributed as dist_utils
 from .influence.arguments import InfluenceArguments
+from .influence.engine import vocab_size
 from .sets import ExampleSet, SetError, SetSource, check_unique_names, load_set, tokenize_set
 from .store import HistoryError, InfluenceStore, StepExistsError
 from .studies import Metric, Study, merge_studies
@@ -113,6 +114,10 @@ class InfluenceCallback(TrainerCallback):
             raise SetError("InfluenceCallback needs at least one probe set and one evaluation set.")
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if isinstance(influence_args, Mapping):
+            influence_args = InfluenceArguments.from_options(influence_args, "influence_args")
+        if influence_args is not None and not isinstance(influence_args, InfluenceArguments):
+            raise ConfigError(f"influence_args must be an InfluenceArguments or a mapping, got {influence_args!r}")
         if influence_args is not None and engine_options:
             raise ConfigError(f"engine options go in influence_args or as keywords, not both: {sorted(engine_options)}")
         self.influence_args = influence_args or InfluenceArguments.from_options(engine_options)
@@ -127,7 +132,7 @@ class InfluenceCallback(TrainerCallback):
         self.probe_sets = [load_set(n, s) for n, s in probe_sets.items()]
         self.eval_sets = [load_set(n, s) for n, s in eval_sets.items()]
         self._check_training_layout(allow_packing)
-        vocab = _vocab_size(trainer.model)
+        vocab = vocab_size(trainer.model)
         for s in (*self.probe_sets, *self.eval_sets):
             tokenize_set(s, self._preparer(s.name), vocab_size=vocab)
         self._masks = {(p.name, e.name): _pairing(p, e) for p in self.probe_sets for e in self.eval_sets}
@@ -610,13 +615,6 @@ def _pairing(probe: ExampleSet, evals: ExampleSet) -> torch.Tensor:
         return pairing_mask(probe.tasks, evals.tasks)
     except ValueError as err:
         raise SetError(f"Probe set {probe.name!r} / evaluation set {evals.name!r}: {err}") from err
-
-
-def _vocab_size(model) -> int | None:
-    try:
-        return int(model.get_input_embeddings().num_embeddings)
-    except (AttributeError, TypeError):
-        return None
 
 
 def _metric_spec(m: Metric) -> dict[str, Any]:

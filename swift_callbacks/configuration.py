@@ -54,6 +54,13 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (``line 3, column 7``)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (getattr(err, "problem", None) or str(err).splitlines()[0])
+
+
 def load_yaml(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """A YAML config file as a mapping, with ``overrides`` applied.
 
@@ -68,7 +75,7 @@ def load_yaml(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[st
     try:
         data = read_yaml(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}") from err
     data = {} if data is None else data
     for override in overrides:
         data = apply_override(data, override)
@@ -90,7 +97,7 @@ def apply_override(data: Any, override: str) -> Any:
     try:
         value = read_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {override!r}: the value is not valid YAML ({err})") from err
+        raise ConfigError(f"--set {override!r}: the value is not valid YAML ({_yaml_problem(err)})") from err
     root = {} if data is None else data
     node, where = root, ""
     for i, part in enumerate(parts):
@@ -236,7 +243,12 @@ def build(cls: type, data: Any, path: str) -> Any:
     for f in fields:
         where = join(path, f.name)
         if f.name in data:
-            values[f.name] = check_type(data[f.name], hints[f.name], where)
+            value = data[f.name]
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+                # A partial section keeps the field's own defaults (a stage's sampling), not the class's.
+                value = {**{g.name: getattr(default, g.name) for g in dataclasses.fields(default) if g.init}, **value}
+            values[f.name] = check_type(value, hints[f.name], where)
         elif f.default is MISSING and f.default_factory is MISSING:
             raise ConfigError(f"{where}: required key is missing")
     try:
@@ -278,7 +290,7 @@ def check_type(value: Any, hint: Any, path: str) -> Any:
         item = args[1] if len(args) == 2 else Any
         return {k: check_type(v, item, join(path, k)) for k, v in mapping.items()}
     if dataclasses.is_dataclass(hint):
-        return build(hint, value, path)
+        return value if isinstance(value, hint) else build(hint, value, path)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         values = [m.value for m in hint]
         if value in values or isinstance(value, hint):

@@ -9,7 +9,7 @@ A model is named by one string, :attr:`ModelConfig.name_or_path`, in one of four
 - ``tiny:`` / ``tiny:hidden_size=64,num_layers=2``: the offline tiny model of :mod:`swift_callbacks.assets.tiny`,
   built from config with the bundled tokenizer (no download; deterministic, so every rank of a multi-process run
   and a later post-hoc scoring build the same model). The values after ``=`` are read as YAML and checked
-  against :data:`TINY_KEYS`; the mapping form ``{hidden_size: 64}`` is the same grammar.
+  against :data:`TINY_KEYS` (ScaleQuest model specs also take them as a mapping, ``{backend: tiny, tiny: {...}}``).
 
 Remote code runs only when ``trust_remote_code`` is set. torch and transformers are imported inside functions.
 """
@@ -103,6 +103,13 @@ def parse_tiny(spec: str | Mapping[str, Any], path: str) -> dict[str, Any]:
         if key not in TINY_KEYS:
             raise ConfigError(f"{path}: {key!r} in the tiny: spec is unknown; {suggest(str(key), list(TINY_KEYS))}")
         kwargs[key] = check_type(value, TINY_KEYS[key], f"{path} ({key})")
+        if TINY_KEYS[key] is int and kwargs[key] < (0 if key == "seed" else 1):
+            raise ConfigError(f"{path} ({key}): must be {'>= 0' if key == 'seed' else '>= 1'}, got {kwargs[key]}")
+    if kwargs.get("arch", "llama") not in ("llama", "qwen2"):
+        raise ConfigError(f"{path} (arch): must be 'llama' or 'qwen2', got {kwargs['arch']!r}")
+    heads, hidden = kwargs.get("num_heads", 4), kwargs.get("hidden_size", 64)
+    if hidden % heads:
+        raise ConfigError(f"{path}: hidden_size {hidden} is not a multiple of num_heads {heads}")
     return kwargs
 
 
@@ -133,7 +140,10 @@ def load_tokenizer(config: ModelConfig):
 
     if config.kind == "gguf" and config.tokenizer is None:
         folder, name = _gguf_location(config.name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        except Exception as err:  # the gguf reader raises struct.error, ValueError, ... on a file that is not GGUF
+            raise ConfigError(f"{config.name_or_path}: not a readable GGUF file ({_first_line(err)})") from err
     else:
         source = config.tokenizer or config.name_or_path
         _check_local(source)
@@ -141,7 +151,7 @@ def load_tokenizer(config: ModelConfig):
             tokenizer = AutoTokenizer.from_pretrained(
                 source, trust_remote_code=config.trust_remote_code, revision=config.revision
             )
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise ConfigError(f"cannot load the tokenizer {source!r}: {_first_line(err)}") from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -178,7 +188,7 @@ def load_model(config: ModelConfig, tokenizer: Any = None, *, name_or_path: str 
         _check_local(source)
         try:
             model = _auto_class(head).from_pretrained(source, **_pretrained_kwargs(config, head))
-        except OSError as err:  # not found locally nor on the Hub (or no network): the user's model name
+        except (OSError, ValueError) as err:  # not found locally nor on the Hub, no network, not a model folder
             raise ConfigError(f"cannot load the model {source!r}: {_first_line(err)}") from err
     if head == "regression" and model.config.pad_token_id is None:
         # Sequence classification pools the last non-pad token, so batches need a pad id.
@@ -264,6 +274,8 @@ def _load_gguf(config: ModelConfig, head: str):
         read = _auto_class(head).from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except ImportError as err:
         raise ConfigError(f"{config.name_or_path}: reading GGUF files needs the gguf package ({err})") from err
+    except Exception as err:  # struct.error, ValueError, ... from a file that is not GGUF
+        raise ConfigError(f"{config.name_or_path}: not a readable GGUF file ({_first_line(err)})") from err
     model_config = read.config
     for key in ("quantization_config",):
         if hasattr(model_config, key):

@@ -519,6 +519,8 @@ class InfluenceStore:
 
     def open_for_writing(self) -> None:
         """Complete an interrupted change and remove stray temporary files (called by every mutating method)."""
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise HistoryError(f"{self.output_dir} is a file, not a folder: give an output folder for the history.")
         self.root.mkdir(parents=True, exist_ok=True)
         self._settle()
         self._clean_temps()

@@ -6,6 +6,7 @@ The top-level CLI adds this with ``add_build_parser(subparsers)``; the parser's 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import UserError
 from .build import DEFAULT_SAMPLING, KINDS, run_build, summary_lines
@@ -89,6 +90,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     if not args.dry_run and not args.output:
         raise UserError("--output is required (or use --dry-run)")
+    if args.output and Path(args.output).is_dir():
+        raise UserError(f"--output {args.output!r} is a folder; give the output file (e.g. {args.output}/out.jsonl)")
     generator = None
     try:
         if not args.dry_run:

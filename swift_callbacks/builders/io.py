@@ -52,7 +52,9 @@ def read_source(
         if suffix not in FILE_SUFFIXES:
             raise ValueError(f"unknown input file type {suffix!r} for {str(path)!r}; use one of {FILE_SUFFIXES}")
         return _READERS[suffix](path, limit)
-    if suffix in FILE_SUFFIXES or path.is_dir():
+    if path.is_dir():
+        raise FileNotFoundError(f"input {str(path)!r} is a folder; give a .jsonl/.json/.csv/.tsv/.parquet file")
+    if suffix in FILE_SUFFIXES:
         raise FileNotFoundError(f"input file {str(path)!r} does not exist")
     return _read_hub(str(source), split, config, limit), []
 

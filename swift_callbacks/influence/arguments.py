@@ -72,6 +72,9 @@ class InfluenceArguments:
                 raise ConfigError(f"{where('param_filter')}: not a valid regex ({err})") from err
         elif self.param_filter is not None and not callable(self.param_filter):
             raise ConfigError(f"{where('param_filter')}: must be a regex or a predicate, got {self.param_filter!r}")
+        if not isinstance(self.score_options, Mapping):
+            raise ConfigError(f"{where('score_options')}: must be a mapping of keyword arguments, "
+                              f"got {self.score_options!r}")  # fmt: skip
         from .variants import SCORE_VARIANTS
 
         if self.score not in SCORE_VARIANTS:

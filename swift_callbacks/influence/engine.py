@@ -101,12 +101,29 @@ class InfluenceEngine:
         self._sharded = False
         self._zero3 = False
 
-    param_filter = property(lambda self: self.args.param_filter)
-    route = property(lambda self: self.args.route)
-    micro_batch_size = property(lambda self: self.args.micro_batch_size)
-    max_feature_bytes = property(lambda self: self.args.max_feature_bytes)
-    verify = property(lambda self: self.args.verify)
-    precision = property(lambda self: self.args.precision)
+    def _option(name: str) -> property:
+        """An engine option read from and written to ``self.args`` (a new value is checked like the others)."""
+
+        def get(self: InfluenceEngine) -> Any:
+            return getattr(self.args, name)
+
+        def set_(self: InfluenceEngine, value: Any) -> None:
+            args = dataclasses.replace(self.args, **{name: value})
+            args.check()
+            self.args = args
+            if name == "param_filter":
+                self.blocks = find_blocks(self.model, args.param_filter)
+            self._routes_chosen = self._routes_chosen and name != "route"
+
+        return property(get, set_)
+
+    param_filter = _option("param_filter")
+    route = _option("route")
+    micro_batch_size = _option("micro_batch_size")
+    max_feature_bytes = _option("max_feature_bytes")
+    verify = _option("verify")
+    precision = _option("precision")
+    del _option
 
     @property
     def num_tracked_params(self) -> int:
@@ -361,7 +378,7 @@ class InfluenceEngine:
 
     def _check_examples(self, examples: Sequence[Example], side: str) -> None:
         """Token ids and labels in range, one label per token: one clear line for the first bad example."""
-        vocab = _vocab_size(self.model)
+        vocab = vocab_size(self.model)
         for i, e in enumerate(examples):
             ids, labels = list(e["input_ids"]), list(e["labels"])
             problem = None
@@ -480,7 +497,8 @@ def full_precision(model: nn.Module, sharded: bool) -> Iterator[None]:
             t.data = t.data.to(dtype)
 
 
-def _vocab_size(model: nn.Module) -> int | None:
+def vocab_size(model: nn.Module) -> int | None:
+    """Rows of the model's input embedding (None when it has no standard one)."""
     try:
         return int(model.get_input_embeddings().num_embeddings)
     except (AttributeError, TypeError):

@@ -10,11 +10,11 @@ so reports can say so.
 Example::
 
     @register_variant
-    class Halved(ScoreVariant):
+    class Halved(ScoreVariant):  # materialize route only, for the example
         name = "halved"
 
         def transform(self, blocks, features, side):
-            return [scale(f, 0.5) for f in features]
+            return [Materialized(f.vec * 0.5) for f in features]
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "report",
         help="figures, verdicts and diagnostics of a run's influence history (Markdown or one HTML file)",
         description="Report a run's influence history: per study, figures like the swift-study paper's Figures "
-        "1-3 with 95%% bootstrap bands, a verdict table per strategy against its plain-QA baseline, and "
+        "1-3 with 95% bootstrap bands, a verdict table per strategy against its plain-QA baseline, and "
         "length / gradient-norm / cosine diagnostics.",
     )
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="training output_dir holding swift_influence/")
@@ -23,22 +23,31 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "--format",
         dest="fmt",
         choices=("md", "html"),
-        default="md",
-        help="md: report.md with PNG files beside it; html: one self-contained file (default: md)",
+        default=None,
+        help="md: report.md with PNG files beside it; html: one self-contained file (default: from --output's "
+        "suffix, else md)",
     )
     parser.add_argument(
         "--output", "--out", dest="out", default=None, metavar="PATH",
         help="report file (default: OUTPUT_DIR/report/report.md or .html)",
     )  # fmt: skip
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples per band point")
+    parser.add_argument("--resamples", type=_positive, default=1000, help="bootstrap resamples per band point")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")  # fmt: skip
     parser.set_defaults(func=run_report)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def run_report(args: argparse.Namespace) -> int:
     """Build the report and print its path (a missing or empty history is a ``ReportError``: exit 2)."""
     from .build import build_report
 
-    print(build_report(args.output_dir, fmt=args.fmt, out=args.out, resamples=args.resamples, seed=args.seed))
+    fmt = args.fmt or ("html" if args.out and str(args.out).lower().endswith((".html", ".htm")) else "md")
+    print(build_report(args.output_dir, fmt=fmt, out=args.out, resamples=args.resamples, seed=args.seed))
     return 0

@@ -45,7 +45,6 @@ from ..studies import STUDIES
 from ..trainers import check_arguments
 
 DEMO_PREFIX = "demo:"
-DEMO_PREFIX = "demo:"
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -248,6 +247,9 @@ class TrainConfig:
 
     def check(self, path: str) -> None:
         check_training(self.training, join(path, "training"))
+        out = Path(str(self.training["output_dir"])).expanduser()
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"{join(path, 'training.output_dir')}: {str(out)!r} is a file, not a folder")
 
     @property
     def output_dir(self) -> str:

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..configuration import ConfigError
 from .config import DATA_SUFFIXES, DEMO_PREFIX, DataConfig, MixtureSource, SourceConfig, is_demo
 
 
@@ -17,8 +18,19 @@ def load_source(source: SourceConfig):
     ``swift_callbacks.assets``.
 
     Raises:
-        ValueError: A ``columns`` entry the dataset does not have.
+        ConfigError: A ``columns`` entry the dataset does not have, or a source that cannot be read.
     """
+    from datasets.exceptions import DatasetsError
+
+    try:
+        return select_columns(_load(source), source)
+    except ConfigError:
+        raise
+    except (ValueError, StopIteration, OSError, DatasetsError) as err:  # a file that is not what its name says
+        raise ConfigError(f"data source {source.path!r} cannot be read: {type(err).__name__}: {err}") from err
+
+
+def _load(source: SourceConfig):
     from datasets import Dataset, load_dataset
 
     if is_demo(source.path):
@@ -32,7 +44,7 @@ def load_source(source: SourceConfig):
             dataset = load_dataset(builder, data_files=str(path), split="train")
         else:
             dataset = load_dataset(source.path, source.config, split=source.split)
-    return select_columns(dataset, source)
+    return dataset
 
 
 def select_columns(dataset, source: SourceConfig):
@@ -42,7 +54,7 @@ def select_columns(dataset, source: SourceConfig):
     wanted = list(source.columns)
     missing = [c for c in wanted if c not in dataset.column_names]
     if missing:
-        raise ValueError(f"Dataset {source.path!r}: columns {missing} not found; it has {dataset.column_names}.")
+        raise ConfigError(f"Dataset {source.path!r}: columns {missing} not found; it has {dataset.column_names}.")
     dataset = dataset.select_columns(wanted)
     if isinstance(source.columns, dict):
         dataset = dataset.rename_columns({k: v for k, v in source.columns.items() if k != v})
@@ -87,5 +99,5 @@ def _concatenate(parts: list, names: list[str]):
     columns = [sorted(p.column_names) for p in parts]
     if any(c != columns[0] for c in columns):
         listing = "; ".join(f"{n}: {c}" for n, c in zip(names, columns, strict=True))
-        raise ValueError(f"Mixed datasets have different columns ({listing}); select shared ones with 'columns:'.")
+        raise ConfigError(f"Mixed datasets have different columns ({listing}); select shared ones with 'columns:'.")
     return concatenate_datasets(parts)

@@ -126,8 +126,12 @@ def _run_stage(args: argparse.Namespace) -> None:
     cache = getattr(args, "cache_dir", None)
     run = StageRun(stage, config.settings, config.models, Path(source) if source else None, Path(args.output),
                    Path(cache) if cache else None, prompts)  # fmt: skip
-    if run.input is not None and not run.input.exists():
-        raise StageError(f"{stage.name}: input {str(run.input)!r} does not exist")
+    if run.input is not None and not run.input.is_file():
+        what = "is a folder, not a file" if run.input.is_dir() else "does not exist"
+        raise ConfigError(f"{stage.name}: input {str(run.input)!r} {what}")
+    if stage.output_name.endswith(".jsonl") and run.output.suffix.lower() != ".jsonl":
+        raise ConfigError(f"{stage.name}: --output must be a .jsonl file (rows are written as JSON lines), got "
+                          f"{str(run.output)!r}")  # fmt: skip
     run.fingerprint = stage_fingerprint(run)
     execute_stage(run)
 

@@ -30,6 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
+from ...configuration import ConfigError
 from ...generation.base import Message, SamplingParams, folder_digest
 from ..io import read_source, rejects_path, write_json, write_jsonl
 from ..pipeline import Job, ask, failed_request
@@ -164,7 +165,8 @@ def read_rows(
         StageError: If the input file does not exist.
     """
     if not Path(path).is_file():
-        raise StageError(f"input file {str(path)!r} does not exist")
+        what = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
+        raise ConfigError(f"input file {str(path)!r} {what}")
     source, rejects = read_source(path)
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()

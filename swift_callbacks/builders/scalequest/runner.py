@@ -102,6 +102,13 @@ def check_inputs(config: PipelineConfig, out: Path, selected: set[str]) -> None:
     produced: set[Path] = set()
     for name in (n for n in STAGE_ORDER if n in selected):
         source = config.stages[name].input
+        reads = STAGES[name].input_from
+        if source is None and reads is not None:
+            implicit = stage_output(reads, out)
+            if not implicit.exists() and implicit.resolve() not in produced:
+                raise ConfigError(f"stages.{name}: reads the output of stage {reads!r} ({implicit}), which does not "
+                                  f"exist and no earlier stage of this run writes it; run {reads!r} first or set "
+                                  f"stages.{name}.input")  # fmt: skip
         if source is not None and not source.exists() and source.resolve() not in produced:
             raise ConfigError(f"stages.{name}.input: file {str(source)!r} not found (and no earlier stage of this "
                               "run writes it)")  # fmt: skip

@@ -147,7 +147,7 @@ def build_index(eval_sets: Iterable[EvalSet], n: int) -> ContaminationIndex:
     eval_sets = list(eval_sets)
     for spec, label in zip(eval_sets, eval_set_labels(eval_sets), strict=True):
         if not Path(spec.path).is_file():
-            raise StageError(f"evaluation set {spec.path!r} does not exist")
+            raise ConfigError(f"evaluation set {spec.path!r} does not exist")
         # Items are known by their position in the file: ids may be missing, null or repeated across splits,
         # and every item must be indexed whatever its id.
         source, bad = read_source(spec.path)
