@@ -123,6 +123,19 @@ def apply_override(data: Any, override: str) -> Any:
     return root
 
 
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_override_argument(parser: Any, example: str, what: str = "a config value") -> None:
     """The one ``--set KEY.PATH=VALUE`` option of every command (read with :func:`apply_override`; ``dest``:
     ``overrides``)."""

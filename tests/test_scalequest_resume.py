@@ -211,7 +211,8 @@ def test_runner_names_the_missing_input_and_unknown_stages(tmp_path):
     # A configured input is checked before any stage runs, and the error names its key path.
     with pytest.raises(ConfigError, match=r"^stages\.filter-language\.input: file .* not found"):
         run_pipeline(config, tmp_path / "out", ["filter-language"])
-    with pytest.raises(StageError, match=r"run stage 'filter-language' first"):
+    # So is the output of an earlier stage this run does not include (a user error, before any stage runs).
+    with pytest.raises(ConfigError, match=r"^stages\.filter-solvable: reads the output of stage 'filter-language'"):
         run_pipeline(config, tmp_path / "out", ["filter-solvable"])
     with pytest.raises(StageError, match="uses the model of stage 'qft', which has not run yet"):
         run_pipeline(config, tmp_path / "out", ["qpo-pairs"])
@@ -306,7 +307,9 @@ def test_stage_command_exit_codes(tmp_path, capsys):
     assert scalequest_main(["respond", "--input", str(rows), "--output", str(tmp_path / "r.jsonl")]) == 2
     assert "no model for model" in capsys.readouterr().err
     missing = str(tmp_path / "missing.jsonl")
-    assert scalequest_main(["filter-language", "--input", missing, "--output", str(tmp_path / "x.jsonl")]) == 1
+    # A missing input is the user's mistake: one line, exit 2 (exit 1 is left for a stage that fails while running).
+    assert scalequest_main(["filter-language", "--input", missing, "--output", str(tmp_path / "x.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
     argv = ["respond", "--input", str(rows), "--output", str(tmp_path / "r.jsonl"), "--spec", "scripted:arithmetic",
             "--set", "n=2", "--cache-dir", str(tmp_path / "c")]  # fmt: skip
     assert scalequest_main(argv) == 0

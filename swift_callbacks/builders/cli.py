@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..configuration import positive_int
 from ..errors import UserError
 from .build import DEFAULT_SAMPLING, KINDS, run_build, summary_lines
 from .records import FORMATS
@@ -59,7 +60,7 @@ def _add_data_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--split", default=None, help="hub dataset split (default: train)")
     group.add_argument("--config", default=None, help="hub dataset configuration")
     group.add_argument("--format", dest="fmt", choices=FORMATS, default="prompt-completion", help="TRL output format")
-    group.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="read only the first N rows")
+    group.add_argument("--limit", type=positive_int, default=None, metavar="N", help="read only the first N rows")
     group.add_argument("--dry-run", action="store_true", help="print the requests it would send; send nothing")
 
 
@@ -69,15 +70,8 @@ def _add_template_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--rules", action="append", metavar="FILE", help="YAML rules extending the shipped ones")
     group.add_argument("--rule", dest="rule_names", action="append", metavar="NAME",
                        help="rules-apply: use only this rule (repeatable; default: all)")  # fmt: skip
-    group.add_argument("--seeds-per-request", type=_positive_int, default=20, metavar="N",
+    group.add_argument("--seeds-per-request", type=positive_int, default=20, metavar="N",
                        help="rules-extract: seed questions per request (default: 20)")  # fmt: skip
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def run_from_args(args: argparse.Namespace) -> int:

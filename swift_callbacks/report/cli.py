@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..configuration import positive_int
+
 
 def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``report`` command on ``swift-study``'s sub-command parsers; returns its parser."""
@@ -31,17 +33,10 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "--output", "--out", dest="out", default=None, metavar="PATH",
         help="report file (default: OUTPUT_DIR/report/report.md or .html)",
     )  # fmt: skip
-    parser.add_argument("--resamples", type=_positive, default=1000, help="bootstrap resamples per band point")
+    parser.add_argument("--resamples", type=positive_int, default=1000, help="bootstrap resamples per band point")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")  # fmt: skip
     parser.set_defaults(func=run_report)
     return parser
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def run_report(args: argparse.Namespace) -> int:
