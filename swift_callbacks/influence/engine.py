@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import operator
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -386,6 +387,8 @@ class InfluenceEngine:
                 problem = "has no tokens"
             elif len(labels) != len(ids):
                 problem = f"has {len(labels)} labels for {len(ids)} tokens"
+            elif not _all_integers((*ids, *labels)):
+                problem = "has token ids or labels that are not integers"
             elif min(ids) < 0 or (vocab is not None and max(ids) >= vocab):
                 problem = f"has token ids outside the vocabulary [0, {vocab})"
             elif any(x != IGNORE_INDEX and (x < 0 or (vocab is not None and x >= vocab)) for x in labels):
@@ -495,6 +498,15 @@ def full_precision(model: nn.Module, sharded: bool) -> Iterator[None]:
             model.forward = patched
         for t, dtype in zip(low, dtypes, strict=True):
             t.data = t.data.to(dtype)
+
+
+def _all_integers(values: Sequence) -> bool:
+    try:
+        for v in values:
+            operator.index(v)  # ints, NumPy integers, 0-d integer tensors
+    except TypeError:
+        return False
+    return True
 
 
 def vocab_size(model: nn.Module) -> int | None:
