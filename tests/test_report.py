@@ -139,7 +139,9 @@ def test_cot_verdicts_are_the_crafted_ones(cot_verdicts):
     assert "rising late" in text and "not by cosine" in text and "length-driven" in text
     within = verdicts["CoT → In-task non-CoT"]
     assert within["beats baseline"] == "0% (0/4)" and within["late trend"].startswith("flat")
-    assert within["verdict"].startswith("never beats baseline (0/4 checkpoints); positive throughout; flat late")
+    assert within["verdict"].startswith(
+        "never beats baseline (0/4 checkpoints; behind at 4); positive throughout; flat late"
+    )
 
 
 def test_cot_flags(cot_run, cot_md):
@@ -332,3 +334,27 @@ def test_custom_study_declares_its_baseline_in_metrics_json(tmp_path):
     (verdict,) = analyse(tmp_path).verdicts["custom"]
     assert (verdict.strategy, verdict.baseline) == ("Mine → Cross-task QA", "Plain → Cross-task QA")
     assert verdict.text.startswith("beats baseline at every checkpoint (4/4); positive throughout; flat late")
+
+
+def test_a_band_that_contains_the_baseline_never_beats_it(tmp_path):
+    """Mean ahead of the baseline at every checkpoint, but the paired interval includes zero: not distinguishable
+    (the old rule, strategy mean > baseline mean, said "beats baseline at every checkpoint")."""
+    spread = dict(zip(TASKS, [3.0, -3.0, 2.0, -2.0, 1.0, -0.9], strict=True))  # per-eval means differ a lot
+    strategy, plain, evals = (examples(n, [5] * 6, [1.0] * 6) for n in ("s", "p", "e"))
+    frames = {
+        step: [
+            block(step, "mine", strategy, "qa", evals, lambda p, paired: spread[p["task"]]),
+            block(step, "plain", plain, "qa", evals, lambda p, paired: 0.0),
+        ]
+        for step in STEPS
+    }
+    write_history(tmp_path, frames, metrics=None)
+    spec = {"study": "custom", "eval_set": "qa", "context": "cross", "baseline_probe_set": "plain"}
+    specs = {
+        "Mine → Cross-task QA": {**spec, "probe_set": "mine"},
+        "Plain → Cross-task QA": {**spec, "probe_set": "plain"},
+    }
+    InfluenceStore(tmp_path).write_metrics(specs)
+    (verdict,) = analyse(tmp_path).verdicts["custom"]
+    assert verdict.mean_diff > 0 and (verdict.beats, verdict.behind, verdict.positive) == (0, 0, 0)
+    assert verdict.text.startswith("not distinguishable from baseline at any checkpoint (0/4")

@@ -27,6 +27,7 @@ from .history import (
     ReportError,
     StudyView,
     load_history,
+    paired_difference,
     study_views,
     uncovered_blocks,
 )
@@ -217,7 +218,7 @@ def _verdicts(history: History, view: StudyView, flags: list[diag.Flag]) -> list
             strategy = history.curve(metric.probe_set, metric.eval_set, metric.context, metric.label)
             baseline = history.curve(base.probe_set, base.eval_set, base.context, base.label)
             caution = diag.cautions(flags, metric.probe_set, metric.eval_set, metric.context)
-            out.append(compare(view.name, strategy, baseline, caution))
+            out.append(compare(view.name, strategy, baseline, caution, paired_difference(history, strategy, baseline)))
     return out
 
 
@@ -325,9 +326,12 @@ def _method_rules(resamples: int, seed: int, majority: float) -> list[str]:
         "**Baselines.** A strategy metric is compared with the metric of its study's plain-QA probe set (`cot`: "
         "`noncot`; `clarify` and `evaluation`: `pos`; or the `baseline_probe_set` given in metrics.json) on the "
         "same evaluation set in the same context. Baseline curves are dashed, strategy curves solid.",
-        "**Verdicts**, over the checkpoints where both metrics are recorded. Beats baseline: fraction of "
-        "checkpoints with strategy > baseline. Ahead from step S: first step of the final run of checkpoints "
-        "where the strategy is ahead. Strategy > 0: fraction of checkpoints with a positive strategy metric. Late "
+        "**Verdicts**, over the checkpoints where both metrics are recorded. Beats baseline: checkpoints where "
+        "the 95% bootstrap interval of the difference strategy - baseline, paired by evaluation example "
+        "(resampling the evaluation examples), lies above zero with at least 3 paired examples; behind: below "
+        "zero; otherwise not distinguishable (a band that contains the baseline never beats it). Ahead from step "
+        "S: first step of the final run of checkpoints where the strategy beats the baseline. Strategy > 0: "
+        "checkpoints where the strategy's own band lies above zero (at least 3 pairs). Late "
         "slope: least-squares slope over the last ceil(n/2) checkpoints (at least 2); late change: that slope x "
         "the window's length in steps. Late trend: rising / falling when the late change is larger in size than "
         "the mean half-width of the strategy's band over the window, flat otherwise. Mean diff: mean of "

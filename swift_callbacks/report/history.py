@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -154,6 +155,38 @@ class History:
         label = f"{probe_set} → {CONTEXT_WORDS[context]} {eval_set}"
         arrays = [np.asarray(a, dtype=np.float64) for a in (steps, mean, lo, hi, n, cos)]
         return Curve(label, probe_set, eval_set, context, *arrays)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Strategy minus baseline by step, paired by evaluation example, with its bootstrap interval.
+
+    For each evaluation example z0, the mean RelInf of the strategy's probes on z0 minus that of the baseline's
+    (over the pairs of the context); the interval resamples the evaluation examples.
+    """
+
+    steps: np.ndarray
+    mean: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    n_eval: np.ndarray
+
+
+def paired_difference(history: History, strategy: Curve, baseline: Curve) -> PairedDifference:
+    """The :class:`PairedDifference` of two curves on the same evaluation set and context."""
+    pairs = history.pairs
+    sel = pairs[(pairs.eval_set == strategy.eval_set) & (pairs.paired == (strategy.context == "in"))]
+    rng = curve_rng(history.seed, f"diff\x00{strategy.probe_set}\x00{baseline.probe_set}\x00{strategy.eval_set}"
+                                  f"\x00{strategy.context}")  # fmt: skip
+    rows = []
+    for step, group in sel.groupby("step", sort=True):
+        s = group[group.probe_set == strategy.probe_set].groupby("eval_id")["relinf"].mean()
+        b = group[group.probe_set == baseline.probe_set].groupby("eval_id")["relinf"].mean()
+        diff = (s - b).dropna().to_numpy(dtype=np.float64)
+        lo, hi = bootstrap_mean_ci(diff, rng, history.resamples)
+        rows.append((int(step), float(diff.mean()) if diff.size else math.nan, lo, hi, diff.size))
+    arrays = [np.asarray([r[i] for r in rows], dtype=np.float64) for i in range(5)]
+    return PairedDifference(*arrays)
 
 
 def resolve_output_dir(output_dir: str | os.PathLike) -> Path:

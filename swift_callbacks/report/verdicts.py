@@ -4,10 +4,15 @@ For each strategy metric of a study (e.g. ``CoT → Cross-task non-CoT``) and it
 probe set on the same evaluation set in the same context: ``non-CoT → Cross-task non-CoT``), over the checkpoints
 where both are recorded (n of them):
 
-* **beats baseline**: fraction of checkpoints where strategy > baseline (strict, on the mean RelInf).
+* **beats baseline**: checkpoints where the strategy is ahead beyond doubt: the 95% bootstrap interval of the
+  paired difference (strategy minus baseline, paired by evaluation example, resampling the evaluation examples)
+  lies above zero, with at least ``MIN_EVAL_EXAMPLES`` paired examples. **behind**: the interval lies below zero.
+  Every other checkpoint is *not distinguishable*: a band that contains the baseline never "beats" it. (Without
+  the pairs, e.g. for curves given directly, the strategy's own band must clear the baseline's mean.)
 * **ahead from step S**: the earliest checkpoint from which the strategy beats the baseline at every later
-  checkpoint (the paper's "after about 150 steps, ... consistently exceeds"); absent when it is behind at the end.
-* **strategy > 0** (sign consistency): fraction of checkpoints where the strategy metric is positive.
+  checkpoint (the paper's "after about 150 steps, ... consistently exceeds"); absent when it is not ahead at the end.
+* **strategy > 0**: checkpoints where the strategy's own 95% band lies above zero (at least
+  ``MIN_EVAL_EXAMPLES`` pairs).
 * **late trend**: least-squares slope of the strategy metric over the last ceil(n/2) checkpoints (at least 2),
   and the change of the fitted line over that window (slope x window length in steps). The trend is *rising* /
   *falling* when that change is larger in size than the strategy curve's own noise (the mean half-width of its
@@ -29,11 +34,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .history import Curve
+from .history import Curve, PairedDifference
 from .stats import late_trend
 
 # A majority: the cosine caveat fires when RelInf is ahead at more than half of the checkpoints and cosine is not.
 MAJORITY = 0.5
+# Fewer paired evaluation examples (or pairs) than this at a checkpoint: not distinguishable, whatever the values.
+MIN_EVAL_EXAMPLES = 3
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class Verdict:
     baseline: str
     n: int
     beats: int
+    behind: int
     positive: int
     ahead_from: int | None
     late_slope: float
@@ -70,20 +78,34 @@ class Verdict:
         return self.beats_cosine / self.n if self.n else math.nan
 
 
-def compare(study: str, strategy: Curve, baseline: Curve, cautions: tuple[str, ...] = ()) -> Verdict:
+def compare(
+    study: str, strategy: Curve, baseline: Curve, cautions: tuple[str, ...] = (), paired: PairedDifference | None = None
+) -> Verdict:
     """Apply the rules of the module docstring to a strategy curve and its baseline curve."""
     steps, s_idx, b_idx = np.intersect1d(strategy.steps, baseline.steps, return_indices=True)
     s, b = strategy.mean[s_idx], baseline.mean[b_idx]
     ok = np.isfinite(s) & np.isfinite(b)
     steps, s, b = steps[ok], s[ok], b[ok]
-    ahead = s > b
+    enough = strategy.n_pairs[s_idx][ok] >= MIN_EVAL_EXAMPLES
+    if paired is not None:
+        where = np.searchsorted(paired.steps, steps)
+        found = (where < paired.steps.size) & (paired.steps[np.minimum(where, paired.steps.size - 1)] == steps)
+        at = np.minimum(where, max(paired.steps.size - 1, 0))
+        lo = np.where(found, paired.lo[at] if paired.steps.size else np.nan, np.nan)
+        hi = np.where(found, paired.hi[at] if paired.steps.size else np.nan, np.nan)
+        enough_d = found & ((paired.n_eval[at] if paired.steps.size else 0) >= MIN_EVAL_EXAMPLES)
+        ahead, behind = enough_d & (lo > 0), enough_d & (hi < 0)
+    else:
+        ahead = enough & (strategy.lo[s_idx][ok] > b)
+        behind = enough & (strategy.hi[s_idx][ok] < b)
     trend = late_trend(steps, s)
     half = (strategy.hi[s_idx][ok] - strategy.lo[s_idx][ok]) / 2.0
     noise = float(np.nanmean(half[-trend.n :])) if trend.n >= 2 else math.nan
     cos_ahead = strategy.cosine[s_idx][ok] > baseline.cosine[b_idx][ok]
     fields = {
         "study": study, "strategy": strategy.label, "baseline": baseline.label, "n": int(steps.size),
-        "beats": int(ahead.sum()), "positive": int((s > 0).sum()), "ahead_from": _ahead_from(steps, ahead),
+        "beats": int(ahead.sum()), "behind": int(behind.sum()),
+        "positive": int((enough & (strategy.lo[s_idx][ok] > 0)).sum()), "ahead_from": _ahead_from(steps, ahead),
         "late_slope": trend.slope, "late_change": trend.change, "late_noise": noise, "late_from": trend.first_step,
         "trend": _trend_word(trend.change, noise, trend.n), "mean_diff": float(np.mean(s - b)) if s.size else math.nan,
         "beats_cosine": int(cos_ahead.sum()), "cautions": tuple(cautions),
@@ -110,18 +132,23 @@ def _trend_word(change: float, noise: float, n: int) -> str:
 
 
 def _sentence(f: dict) -> str:
-    n, k, pos = f["n"], f["beats"], f["positive"]
+    n, k, pos, behind = f["n"], f["beats"], f["positive"], f["behind"]
     if n == 0:
         return "no checkpoint where both metrics are recorded"
+    unclear = n - k - behind
     if k == n:
         parts = [f"beats baseline at every checkpoint ({k}/{n})"]
+    elif k == 0 and behind == 0:
+        parts = [f"not distinguishable from baseline at any checkpoint (0/{n}: the 95% intervals include it)"]
     elif k == 0:
-        parts = [f"never beats baseline (0/{n} checkpoints)"]
+        parts = [f"never beats baseline (0/{n} checkpoints; behind at {behind})"]
     else:
         since = f", ahead from step {f['ahead_from']} on" if f["ahead_from"] is not None else ""
         parts = [f"beats baseline at {k / n:.0%} of checkpoints ({k}/{n}){since}"]
+    if 0 < k < n and unclear:
+        parts[-1] += f", not distinguishable at {unclear}" + (f", behind at {behind}" if behind else "")
     if pos in (0, n):
-        parts.append("positive throughout" if pos == n else "never positive")
+        parts.append("positive throughout" if pos == n else "never clearly positive")
     else:
         parts.append(f"positive at {pos / n:.0%} of checkpoints")
     parts.append("too few checkpoints for a trend" if f["trend"] == "n/a" else f"{f['trend']} late")
