@@ -358,3 +358,19 @@ def test_a_band_that_contains_the_baseline_never_beats_it(tmp_path):
     (verdict,) = analyse(tmp_path).verdicts["custom"]
     assert verdict.mean_diff > 0 and (verdict.beats, verdict.behind, verdict.positive) == (0, 0, 0)
     assert verdict.text.startswith("not distinguishable from baseline at any checkpoint (0/4")
+
+
+@pytest.mark.parametrize(
+    ("values", "noise", "word"),
+    [([0.8, 0.6, 0.4, 0.2], 0.05, "falling"),  # clearly down, beyond the band
+     ([0.8, 0.6, 0.4, 0.2], 0.9, "no clear trend"),  # the same fall inside a wide band: not "flat"
+     ([0.3, 0.3, 0.3, 0.3], 0.0, "flat"),  # constant
+     ([0.5, 0.0, 1.0, 0.45], 0.0, "no clear trend")],  # the fit rises, the curve ends lower than it started
+)  # fmt: skip
+def test_trend_words_need_the_band_and_the_curve_to_agree(values, noise, word):
+    from swift_callbacks.report.verdicts import _trend_word
+
+    steps, window = np.arange(len(values)) * 10.0, np.asarray(values)
+    trend = late_trend(np.concatenate([steps - 100, steps]), np.concatenate([window, window]))  # window = last half
+    assert trend.n == len(values)
+    assert _trend_word(trend.change, noise, window) == word

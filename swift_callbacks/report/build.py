@@ -334,7 +334,8 @@ def _method_rules(resamples: int, seed: int, majority: float) -> list[str]:
         "checkpoints where the strategy's own band lies above zero (at least 3 pairs). Late "
         "slope: least-squares slope over the last ceil(n/2) checkpoints (at least 2); late change: that slope x "
         "the window's length in steps. Late trend: rising / falling when the late change is larger in size than "
-        "the mean half-width of the strategy's band over the window, flat otherwise. Mean diff: mean of "
+        "the mean half-width of the strategy's band over the window and the curve moved that way over the window; "
+        "flat for a constant window; no clear trend otherwise. Mean diff: mean of "
         "(strategy - baseline). Beats by cosine: the beats fraction computed on the mean cosine of the same pairs; "
         f"when RelInf is ahead at more than {majority:.0%} of checkpoints but cosine is not, the verdict calls it "
         "a gradient-size effect.",

@@ -16,8 +16,9 @@ where both are recorded (n of them):
 * **late trend**: least-squares slope of the strategy metric over the last ceil(n/2) checkpoints (at least 2),
   and the change of the fitted line over that window (slope x window length in steps). The trend is *rising* /
   *falling* when that change is larger in size than the strategy curve's own noise (the mean half-width of its
-  95% bootstrap band over the window), *flat* otherwise: a change smaller than the band is not told apart from
-  resampling the pairs. No other threshold is involved.
+  95% bootstrap band over the window) and the curve's last value moved the same way from the window's first;
+  *flat* only for a constant window; *no clear trend* otherwise (a change within the band is not told apart from
+  resampling the pairs, so it is not called flat either). No other threshold is involved.
 * **mean difference**: mean of (strategy - baseline) over the checkpoints.
 * **beats by cosine**: the same fraction as *beats baseline*, on the mean cosine of the same pairs. RelInf is
   cosine x |∇z| / |∇z0|, so a strategy that is ahead at a majority (> 50%) of checkpoints by RelInf but not by
@@ -107,7 +108,8 @@ def compare(
         "beats": int(ahead.sum()), "behind": int(behind.sum()),
         "positive": int((enough & (strategy.lo[s_idx][ok] > 0)).sum()), "ahead_from": _ahead_from(steps, ahead),
         "late_slope": trend.slope, "late_change": trend.change, "late_noise": noise, "late_from": trend.first_step,
-        "trend": _trend_word(trend.change, noise, trend.n), "mean_diff": float(np.mean(s - b)) if s.size else math.nan,
+        "trend": _trend_word(trend.change, noise, s[-trend.n :] if trend.n >= 2 else s),
+        "mean_diff": float(np.mean(s - b)) if s.size else math.nan,
         "beats_cosine": int(cos_ahead.sum()), "cautions": tuple(cautions),
     }  # fmt: skip
     return Verdict(**fields, text=_sentence(fields))
@@ -121,13 +123,17 @@ def _ahead_from(steps: np.ndarray, ahead: np.ndarray) -> int | None:
     return int(steps[behind[-1] + 1]) if behind.size else int(steps[0])
 
 
-def _trend_word(change: float, noise: float, n: int) -> str:
-    if n < 2 or math.isnan(change):
+def _trend_word(change: float, noise: float, window: np.ndarray) -> str:
+    """``rising`` / ``falling`` only when the fitted change exceeds the band and the curve itself moves that way
+    over the window; ``flat`` only for a constant window; ``no clear trend`` otherwise."""
+    if window.size < 2 or math.isnan(change):
         return "n/a"
-    # A single pair per step has no band (noise 0 or NaN): then only an exactly zero change is flat.
-    noise = 0.0 if math.isnan(noise) else noise
-    if abs(change) <= noise:
+    if change == 0.0:
         return "flat"
+    noise = 0.0 if math.isnan(noise) else noise  # a single pair per step has no band
+    moved = float(window[-1] - window[0])
+    if abs(change) <= noise or moved * change <= 0:
+        return "no clear trend"
     return "rising" if change > 0 else "falling"
 
 
@@ -151,7 +157,8 @@ def _sentence(f: dict) -> str:
         parts.append("positive throughout" if pos == n else "never clearly positive")
     else:
         parts.append(f"positive at {pos / n:.0%} of checkpoints")
-    parts.append("too few checkpoints for a trend" if f["trend"] == "n/a" else f"{f['trend']} late")
+    words = {"n/a": "too few checkpoints for a trend", "no clear trend": "no clear late trend"}
+    parts.append(words.get(f["trend"], f"{f['trend']} late"))
     if k / n > MAJORITY and f["beats_cosine"] / n <= MAJORITY:
         parts.append("ahead by RelInf but not by cosine (a gradient-size effect)")
     parts += [f"caution: {c}" for c in f["cautions"]]
