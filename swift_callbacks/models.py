@@ -311,9 +311,8 @@ def _load_gguf(config: ModelConfig, head: str):
     except Exception as err:  # struct.error, ValueError, ... from a file that is not GGUF
         raise ConfigError(f"{config.name_or_path}: not a readable GGUF file ({_first_line(err)})") from err
     model_config = read.config
-    for key in ("quantization_config",):
-        if hasattr(model_config, key):
-            delattr(model_config, key)
+    if hasattr(model_config, "quantization_config"):  # the weights are plain tensors now
+        del model_config.quantization_config
     model_config._name_or_path = str(Path(folder) / name)
     plain = type(read)(model_config)  # same class, plain parameters
     state = read.state_dict()

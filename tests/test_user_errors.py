@@ -44,6 +44,7 @@ def _cases(tmp: Path) -> list[tuple[list[str], str]]:
         ([*train, "--set", f"model.name_or_path={tmp / 'empty'}"], "cannot load"),
         ([*train, "--set", f"training.output_dir={tmp / 'afile'}"], "is a file, not a folder"),
         ([*train, "--set", f"data.train[0].path={tmp / 'notjson.jsonl'}"], "cannot be read"),
+        ([*train, "--set", "lora.target_modules=[nope_proj]"], "lora.target_modules: ['nope_proj'] names no module"),
         (["train", "--config", str(tmp / "bad.yaml")], "is not valid YAML: line"),
         (["build", "cot", "--input", str(tmp / "empty"), "--dry-run"], "is a folder"),
         (["scalequest", "filter-language", "--input", str(tmp / "none.jsonl"), "--output", str(tmp / "o.jsonl")],

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from ..configuration import add_override_argument
+from ..configuration import ConfigError, add_override_argument
 from ..errors import run_command
 from ..models import load_model, load_tokenizer
 from ..trainers import lora_config, make_trainer, trainer_arguments
@@ -66,7 +66,16 @@ def build_trainer(config: TrainConfig, *, influence: bool = True):
         train_dataset, eval_dataset = build_datasets(config.data)
     lora = config.lora
     peft = lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules) if lora is not None else None
-    trainer = make_trainer("sft", model, tokenizer, args, train_dataset, eval_dataset=eval_dataset, peft_config=peft)
+    try:
+        trainer = make_trainer(
+            "sft", model, tokenizer, args, train_dataset, eval_dataset=eval_dataset, peft_config=peft
+        )
+    except ValueError as err:
+        if peft is None or "target_modules" not in str(err).replace(" ", "_").lower():
+            raise
+        # PEFT found none of the named modules in this model: the recipe's mistake, named by its key.
+        raise ConfigError(f"lora.target_modules: {lora.target_modules!r} names no module of this model "
+                          f"({str(err).splitlines()[0]})") from err  # fmt: skip
     callback = None
     if influence and config.influence is not None:
         callback = build_callback(trainer, config.influence)
