@@ -48,10 +48,16 @@ def run_trainer(out: Path) -> None:
         **helpers.DDP_CONFIG,
     )
     assert trainer.args.world_size == 2, trainer.args.world_size
-    trainer.train()
-    if rank == 0:
-        probes, evals = helpers.examples_of(cb)
-        (out / "examples.json").write_text(json.dumps({"probes": probes, "evals": evals}), encoding="utf-8")
+    try:
+        trainer.train()
+        if rank == 0:
+            probes, evals = helpers.examples_of(cb)
+            (out / "examples.json").write_text(json.dumps({"probes": probes, "evals": evals}), encoding="utf-8")
+        dist.barrier()
+    finally:
+        # Trainer leaves the gloo group up; tearing it down at interpreter exit can abort a rank
+        # ("terminate called without an active exception"), as the recipe's run_training also avoids.
+        dist.destroy_process_group()
 
 
 def run_engine(out: Path) -> None:
