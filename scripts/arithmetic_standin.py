@@ -22,7 +22,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
-from swift_callbacks.builders.scalequest.answers import boxed_answer, normalize_answer
+from swift_callbacks.answers import boxed_answer, normalize_answer
 from swift_callbacks.builders.scalequest.prompts import DEFAULT_PROMPTS, QUESTION_SLOT
 
 VERSION = "1"  # bump when the answers change; model names carry it, so cached answers are not reused

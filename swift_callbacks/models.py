@@ -237,6 +237,60 @@ def load_model_and_tokenizer(config: ModelConfig, *, head: str = "causal-lm") ->
     return tokenizer, load_model(config, tokenizer, head=head)
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def load_checkpoint(folder: str | os.PathLike, base: ModelConfig) -> tuple[Any, Any]:
+    """``(tokenizer, model)`` of a training checkpoint folder, for inference (evaluation), in eval mode.
+
+    A folder with a LoRA/PEFT adapter (``adapter_config.json``) is ``base`` plus that adapter; any other is full
+    weights of ``base``'s kind (``base`` gives dtype and remote-code settings). The tokenizer is the folder's own
+    when the trainer saved one there, else ``base``'s. The adapter actually loaded is checked against the file,
+    tensor by tensor: PEFT only warns about adapter weights that do not fit, which would evaluate the base model
+    under the checkpoint's name.
+
+    Raises:
+        ConfigError: The folder does not exist, or its adapter weights do not load into ``base`` exactly.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint {str(path)!r} is not a folder")
+    own_tokenizer = (path / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(
+        ModelConfig(str(path), trust_remote_code=base.trust_remote_code) if own_tokenizer else base
+    )
+    if not (path / ADAPTER_CONFIG).is_file():
+        model = load_model(base, tokenizer, name_or_path=str(path))
+        return tokenizer, model.eval()
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(base, tokenizer), str(path), is_trainable=False)
+    _check_adapter_loaded(model, path)
+    return tokenizer, model.eval()
+
+
+def _check_adapter_loaded(model: Any, path: Path) -> None:
+    import torch
+    from peft import get_peft_model_state_dict
+
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise ConfigError(f"checkpoint {str(path)!r} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(weights))
+    loaded = get_peft_model_state_dict(model)
+    if set(saved) != set(loaded):
+        missing = sorted(set(saved) ^ set(loaded))[:3]
+        raise ConfigError(
+            f"checkpoint {str(path)!r}: adapter tensors {missing} do not match the base model {base_name(model)}"
+        )
+    for name, tensor in saved.items():
+        if not torch.equal(loaded[name].detach().cpu().to(tensor.dtype), tensor):
+            raise ConfigError(f"checkpoint {str(path)!r}: adapter tensor {name} did not load as saved")
+
+
 def _check_local(source: str) -> None:
     """A name written as a path (``/``, ``./``, ``../``, ``~``) must exist: it is never a Hub id."""
     if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().exists():

@@ -69,10 +69,10 @@ def load_set(name: str, source: SetSource) -> ExampleSet:
         SetError: Empty set, unreadable file, unknown or mixed format, wrong field types, missing or duplicate
             ids, or a task on some rows only.
     """
-    rows = _read_rows(name, source)
+    rows = read_rows(name, source)
     if not rows:
         raise SetError(f"Set {name!r} is empty.")
-    ids = _ids(name, rows)
+    ids = example_ids(name, rows)
     formats = {_detect_format(name, ids[i], row) for i, row in enumerate(rows)}
     if len(formats) > 1:
         raise SetError(f"Set {name!r} mixes dataset formats {sorted(formats)}; use one format per set.")
@@ -91,7 +91,8 @@ def load_set(name: str, source: SetSource) -> ExampleSet:
     return ExampleSet(name, rows, ids, tasks, fmt)
 
 
-def _read_rows(name: str, source: SetSource) -> list[dict]:
+def read_rows(name: str, source: SetSource) -> list[dict]:
+    """The rows of a set given as a file (JSONL, JSON list, Parquet), a ``datasets.Dataset`` or a list of dicts."""
     if isinstance(source, str | os.PathLike):
         return _read_file(name, Path(source))
     if hasattr(source, "to_list") and hasattr(source, "column_names"):  # datasets.Dataset
@@ -121,7 +122,14 @@ def _read_file(name: str, path: Path) -> list[dict]:
     except UnicodeDecodeError as err:
         raise SetError(f"Set {name!r}: {str(path)!r} is not valid UTF-8 ({err.reason} at byte {err.start}).") from err
     if suffix == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SetError(f"Set {name!r}: {path.name} is not valid JSON ({err.msg}, line {err.lineno}).") from err
+        bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+        if bad is not None:
+            raise SetError(f"Set {name!r}: {path.name} item {bad} is not a JSON object.")
+        return rows
     rows = []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -136,7 +144,8 @@ def _read_file(name: str, path: Path) -> list[dict]:
     return rows
 
 
-def _ids(name: str, rows: list[dict]) -> list[str]:
+def example_ids(name: str, rows: list[dict]) -> list[str]:
+    """One unique id per row: its ``id`` field, else its position (all rows or none must have one)."""
     given = ["id" in row and row["id"] is not None for row in rows]
     if not any(given):
         return [str(i) for i in range(len(rows))]

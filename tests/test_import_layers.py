@@ -13,7 +13,7 @@ LAYERS: dict[str, int] = {
     # 0: the error policy and lazy exports
     "errors": 0, "lazy": 0,
     # 1: the configuration kernel, bundled assets
-    "configuration": 1, "assets": 1,
+    "configuration": 1, "assets": 1, "answers": 1,
     # 2: shared concepts: model loading, trainer construction; the influence engine, sets, studies
     "models": 2, "trainers": 2, "influence": 2, "sets": 2, "studies": 2,
     # 3: generation backends (load models), the influence history (stores engine scores)

@@ -15,12 +15,13 @@ from typing import Any
 
 import yaml
 
+from ..answers import clean_reply
+
 SHORT_ANSWER_MAX_CHARS = 32
 # Closing punctuation, ASCII and CJK, ignored at the end of an answer or a verdict sentence.
 _TRAILING = ".,;:!?。，、；：！？…"
 _QUOTES = "\"'`“”‘’「」『』*_"
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:[.,]\d+)*|\.\d+)%?")
-_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 # A number as a final answer: sign, thousands groups, decimals; optionally a fraction "a/b".
 _NUM = r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
 _ANSWER_NUMBER = re.compile(rf"(?<![\d.,/])({_NUM})(?:\s*/\s*({_NUM}))?%?(?![\d/]|[.,]\d)")
@@ -56,18 +57,6 @@ class Rejection(Exception):
         self.reason = reason
         self.detail = detail
         self.stage = stage
-
-
-def clean_reply(text: str) -> str:
-    """The visible answer of a reply: the text after the last ``</think>`` (reasoning models behind
-    OpenAI-compatible servers), stripped. A reply that opens a ``<think>`` block and never closes it (generation
-    stopped inside the reasoning) has no answer: the empty string."""
-    close = text.rfind(_THINK_CLOSE)
-    if close >= 0:
-        return text[close + len(_THINK_CLOSE) :].strip()
-    if text.lstrip().startswith(_THINK_OPEN):
-        return ""
-    return text.strip()
 
 
 def normalize(text: str) -> str:

@@ -25,7 +25,7 @@ resumes without resending what it already has. :func:`run_pipeline` runs them al
 Nothing here imports torch at import time: trainers and local models load when a stage needs them.
 """
 
-from .answers import boxed_answer, majority_answer, normalize_answer, parse_final_verdict, text_after_final_marker
+from ...answers import boxed_answer, majority_answer, normalize_answer, parse_final_verdict, text_after_final_marker
 from .backends import SequenceScoreBackend, generation_backend, score_backend
 from .config import PipelineConfig, load_pipeline_config
 from .contract import StageError, StageResult, StageStats, is_complete, load_stats, stats_path

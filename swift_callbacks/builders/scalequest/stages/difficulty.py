@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ....generation.base import GenerationResult, Message
+from ....answers import boxed_answer, majority_answer, normalize_answer
 from ...pipeline import Job, ask
 from ...records import Reject
-from ..answers import boxed_answer, majority_answer, normalize_answer
 from ..backends import score_backend
 from ..contract import StageError, StageResult, StageStats, finish, generation_counts, read_rows, score_rows
 from ..contract import fingerprint as make_fingerprint

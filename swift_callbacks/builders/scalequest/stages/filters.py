@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ....generation.base import GenerationResult
+from ....answers import parse_final_verdict
 from ...pipeline import Job, ask
 from ...records import Reject, reject_counts
-from ..answers import parse_final_verdict
 from ..contract import StageResult, StageStats, finish, generation_counts, read_rows
 from ..contract import fingerprint as make_fingerprint
 from ..metrics import ratio
@@ -117,7 +117,7 @@ def filter_solvable(
     """The ``filter-solvable`` stage: an LLM judge reasons about each question and ends with a Yes/No verdict.
 
     The verdict is parsed strictly from the reply's final line (see
-    :func:`~swift_callbacks.builders.scalequest.answers.parse_final_verdict`). Yes keeps the row; No drops it as
+    :func:`~swift_callbacks.answers.parse_final_verdict`). Yes keeps the row; No drops it as
     ``judged unsolvable``; a reply without a final verdict drops it as ``no final verdict`` (never a silent yes);
     a failed request drops it as ``generation failed``.
 

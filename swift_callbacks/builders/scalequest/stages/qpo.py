@@ -25,9 +25,9 @@ from functools import partial
 from typing import Any, ClassVar
 
 from ....generation.base import GenerationResult
+from ....answers import text_after_final_marker
 from ...pipeline import Job, ask
 from ...records import Reject
-from ..answers import text_after_final_marker
 from ..contract import StageResult, StageStats, finish, generation_counts
 from ..contract import fingerprint as make_fingerprint
 from ..metrics import ratio

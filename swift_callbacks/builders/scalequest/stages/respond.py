@@ -20,9 +20,9 @@ from functools import partial
 from typing import Any, ClassVar
 
 from ....generation.base import GenerationResult, Message
+from ....answers import boxed_answer
 from ...pipeline import Job, ask
 from ...records import Reject
-from ..answers import boxed_answer
 from ..backends import score_backend
 from ..contract import StageResult, StageStats, finish, generation_counts, read_rows, score_rows
 from ..contract import fingerprint as make_fingerprint

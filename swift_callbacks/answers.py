@@ -1,4 +1,5 @@
-"""Strict readers of model replies: the final ``\\boxed{}`` answer, a final Yes/No verdict, a final-marker rewrite.
+"""Strict readers of model replies: the visible reply, the final answer (``\\boxed{}``, ``####``, "the answer is"),
+answer equality, a final Yes/No verdict, a final-marker rewrite.
 
 Each reader returns what it found or ``None``; it never guesses. A reply that does not follow the requested format
 is treated as carrying no answer, because a silent fallback (the first "yes" anywhere, an unbalanced box cut
@@ -13,8 +14,7 @@ from collections import Counter
 from collections.abc import Iterable
 from fractions import Fraction
 
-from ..parsing import clean_reply
-
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 BOX_COMMANDS = ("\\boxed", "\\fbox")
 # Characters peeled from both ends of a verdict line: whitespace, Markdown emphasis, quotes, brackets.
 _VERDICT_WRAP = " \t*_`\"'“”‘’()[]"
@@ -25,6 +25,18 @@ _VERDICT_LINE = re.compile(
 )
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
 _GROUPED_NUMBER = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?%?")
+
+
+def clean_reply(text: str) -> str:
+    """The visible answer of a reply: the text after the last ``</think>`` (reasoning models behind
+    OpenAI-compatible servers), stripped. A reply that opens a ``<think>`` block and never closes it (generation
+    stopped inside the reasoning) has no answer: the empty string."""
+    close = text.rfind(_THINK_CLOSE)
+    if close >= 0:
+        return text[close + len(_THINK_CLOSE) :].strip()
+    if text.lstrip().startswith(_THINK_OPEN):
+        return ""
+    return text.strip()
 
 
 def boxed_answer(text: str) -> str | None:
@@ -201,3 +213,63 @@ def _unwrap(text: str) -> str:
     if len(text) >= 2 and text[0] in "\"“'" and text[-1] in "\"”'":
         text = text[1:-1].strip()
     return text
+
+
+# "The answer is 42", "Final answer: 42", "answer: **42**" — the last such statement in the reply counts.
+_ANSWER_IS = re.compile(
+    r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*[:：]|^\s*answer\s*[:：])\s*[:：]?\s*(.+?)\s*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+_HASHES = re.compile(r"####\s*(.*?)\s*$", re.MULTILINE)
+_WRAPPERS = " \t*_`\"'“”$"
+_SENTENCE_END = re.compile(r"(?<=[.。!！?？])\s+")  # "87. Easy." ends at "87."; "3.5" is one token
+
+
+def final_answer(reply: str, *, last_number: bool = False) -> str | None:
+    """The final answer a reply states, read strictly.
+
+    In order: the last ``\\boxed{...}``; the text after the last ``####`` (GSM8K); the text after the last "the
+    answer is" / "final answer:" / a line starting "answer:"; otherwise the whole visible reply when it is one line
+    (a short answer on its own, "87"). A multi-line reply without a marker has no final answer, unless
+    ``last_number`` is set, which takes its last number (the lenient reading of GSM8K-style evaluations).
+
+    Args:
+        reply: A model reply (or a reference answer written the same way).
+        last_number: Fall back to the last number in a reply that has no marker.
+
+    Returns:
+        The answer text, stripped of emphasis, quotes, ``$`` and a closing period; ``None`` when there is none.
+    """
+    text = clean_reply(reply)
+    if not text:
+        return None
+    if _last_box_start(text) is not None:
+        return boxed_answer(text)
+    for pattern in (_HASHES, _ANSWER_IS):
+        matches = list(pattern.finditer(text))
+        if matches:
+            return _tidy(_SENTENCE_END.split(matches[-1].group(1), maxsplit=1)[0])
+    if "\n" not in text:
+        return _tidy(text)
+    if last_number:
+        numbers = re.findall(r"[-+]?\d[\d,]*(?:\.\d+)?", text)
+        return _tidy(numbers[-1]) if numbers else None
+    return None
+
+
+def _tidy(answer: str) -> str | None:
+    previous = None
+    while previous != answer:  # peel "**87.**" or "$87$." layer by layer
+        previous = answer
+        answer = answer.strip(_WRAPPERS).rstrip(".。!！")
+    return answer or None
+
+
+def same_answer(predicted: str | None, gold: str) -> bool:
+    """Whether a predicted final answer equals the gold one: numbers by value (``"87.0"``, ``"1,000"``,
+    ``"\\frac{1}{2}"`` = ``"0.5"``), other text after :func:`normalize_answer` (case, spaces, ``$`` ignored).
+    No prediction is never equal."""
+    if predicted is None:
+        return False
+    want = normalize_answer(gold)
+    return bool(want) and normalize_answer(predicted) == want
