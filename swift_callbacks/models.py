@@ -284,7 +284,8 @@ def _check_adapter_loaded(model: Any, path: Path) -> None:
     if set(saved) != set(loaded):
         missing = sorted(set(saved) ^ set(loaded))[:3]
         raise ConfigError(
-            f"checkpoint {str(path)!r}: adapter tensors {missing} do not match the base model {base_name(model)}"
+            f"checkpoint {str(path)!r}: adapter tensors {missing} do not fit the base model; give the model it was "
+            "trained from"
         )
     for name, tensor in saved.items():
         if not torch.equal(loaded[name].detach().cpu().to(tensor.dtype), tensor):
