@@ -22,8 +22,8 @@ LAYERS: dict[str, int] = {
     "callback": 4, "report": 4, "builders": 4,
     # 5: training recipes (build trainers with the callback); ScaleQuest (builders, trainers)
     "training": 5, "builders.scalequest": 5,
-    # 6: post-hoc scoring (replays the training recipe)
-    "scoring": 6,
+    # 6: post-hoc scoring (replays the training recipe); evaluation (reads a run's recipe and checkpoints)
+    "scoring": 6, "evaluation": 6,
     # 7: applications
     "demo": 7,
     # 8: entry points and the public API

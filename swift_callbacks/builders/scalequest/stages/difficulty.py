@@ -28,8 +28,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ....generation.base import GenerationResult, Message
 from ....answers import boxed_answer, majority_answer, normalize_answer
+from ....generation.base import GenerationResult, Message
 from ...pipeline import Job, ask
 from ...records import Reject
 from ..backends import score_backend

@@ -15,8 +15,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ....generation.base import GenerationResult
 from ....answers import parse_final_verdict
+from ....generation.base import GenerationResult
 from ...pipeline import Job, ask
 from ...records import Reject, reject_counts
 from ..contract import StageResult, StageStats, finish, generation_counts, read_rows

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, ClassVar
 
-from ....generation.base import GenerationResult
 from ....answers import text_after_final_marker
+from ....generation.base import GenerationResult
 from ...pipeline import Job, ask
 from ...records import Reject
 from ..contract import StageResult, StageStats, finish, generation_counts

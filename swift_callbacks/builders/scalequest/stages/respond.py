@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, ClassVar
 
-from ....generation.base import GenerationResult, Message
 from ....answers import boxed_answer
+from ....generation.base import GenerationResult, Message
 from ...pipeline import Job, ask
 from ...records import Reject
 from ..backends import score_backend

@@ -1,0 +1,46 @@
+"""Evaluation: accuracy of models, checkpoints or every checkpoint of a run on evaluation sets, per task, with
+confidence intervals (Wilson for an accuracy, a paired bootstrap for a difference); final-answer exact match,
+multiple choice by option log-likelihood, and LLM-judged generation. Records are cached per example (a rerun
+resumes); results are ``results.csv`` and a DataFrame.
+
+Example::
+
+    from swift_callbacks.evaluation import EvalSetConfig, EvaluateConfig, evaluate
+
+    results = evaluate(EvaluateConfig(models=["out/run"], sets=[EvalSetConfig("gsm8k", "gsm8k_test.jsonl")],
+                                      output_dir="out/eval"))
+    print(results.table)
+"""
+
+from .config import EvalSetConfig, EvaluateConfig, JudgeConfig, evaluate_config, load_evaluate_config
+from .examples import EvalExample, read_examples
+from .metrics import JUDGE_PROMPT, JUDGE_PROMPT_VERSION, METRIC_CLASSES, Metric, register_metric
+from .records import ExampleRecord, RecordError
+from .run import EvalResults, Target, evaluate, format_table, resolve_targets
+from .stats import Interval, bootstrap_mean, paired_difference, wilson_interval
+
+__all__ = [
+    "JUDGE_PROMPT",
+    "JUDGE_PROMPT_VERSION",
+    "METRIC_CLASSES",
+    "EvalExample",
+    "EvalResults",
+    "EvalSetConfig",
+    "EvaluateConfig",
+    "ExampleRecord",
+    "Interval",
+    "JudgeConfig",
+    "Metric",
+    "RecordError",
+    "Target",
+    "bootstrap_mean",
+    "evaluate",
+    "evaluate_config",
+    "format_table",
+    "load_evaluate_config",
+    "paired_difference",
+    "read_examples",
+    "register_metric",
+    "resolve_targets",
+    "wilson_interval",
+]  # fmt: skip
