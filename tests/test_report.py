@@ -23,7 +23,8 @@ from swift_callbacks.studies import clarify_study, cot_study, evaluation_study, 
 STEPS = [0, 10, 20, 30]
 TASKS = [f"t{i}" for i in range(6)]
 COT_TOKENS = [20, 22, 25, 28, 30, 35]  # CoT completions: long and of varying length
-# Cross-task means by step: CoT ahead of non-CoT at exactly 3 of the 4 checkpoints (from step 10 on), rising late.
+# Cross-task means by step: CoT's RelInf ahead of non-CoT at 3 of the 4 checkpoints (from step 10 on), rising late;
+# its cosine is ahead only at steps 20 and 30, so step 10 is not robust and it beats the baseline at 2.
 COT_CROSS = [0.01, 0.05, 0.06, 0.08]
 NONCOT_CROSS = [0.02, 0.01, 0.01, 0.01]
 COT_IN = [0.3, 0.3, 0.3, 0.3]
@@ -126,8 +127,9 @@ def test_cot_verdicts_are_the_crafted_ones(cot_verdicts):
     cross = verdicts["CoT → Cross-task non-CoT"]
     assert cross["baseline metric"] == "non-CoT → Cross-task non-CoT"
     assert cross["checkpoints"] == 4
-    assert cross["beats baseline"] == "75% (3/4)"
+    assert cross["beats baseline"] == "50% (2/4)"
     assert cross["strategy > 0"] == "100% (4/4)"
+    assert cross["not robust (vs baseline / > 0)"] == "1 / 0"
     assert cross["late trend"] == "rising (from step 20)"
     assert cross["late slope /step"] == pytest.approx(0.002)  # (0.08 - 0.06) / 10 over the last half
     assert cross["late change"] == pytest.approx(0.02)
@@ -135,7 +137,11 @@ def test_cot_verdicts_are_the_crafted_ones(cot_verdicts):
     # CoT's cosine is RelInf / |∇z| = 0.1875 x RelInf here: ahead by cosine only at steps 20 and 30.
     assert cross["beats by cosine"] == "50% (2/4)"
     text = cross["verdict"]
-    assert text.startswith("beats baseline at 75% of checkpoints (3/4), ahead from step 10 on; positive throughout; ")
+    assert text.startswith(
+        "beats baseline at 50% of checkpoints (2/4), ahead from step 20 on, behind at 1; not robust at 1 "
+        "checkpoint(s): the RelInf interval says ahead but the median or the cosine does not agree, driven by "
+        "gradient size, not direction (the cosine disagrees); positive throughout; "
+    )
     assert "rising late" in text and "not by cosine" in text and "length-driven" in text
     within = verdicts["CoT → In-task non-CoT"]
     assert within["beats baseline"] == "0% (0/4)" and within["late trend"].startswith("flat")
@@ -148,15 +154,16 @@ def test_cot_flags(cot_run, cot_md):
     result = analyse(cot_run)
     flags, correlations = result.flags, result.correlations
     assert [(f.rule, f.probe_set, f.eval_set, f.context) for f in flags] == [
-        ("length correlation", "cot", "noncot_similar", None),
-        ("length ratio", "cot", None, None),
+        ("length-driven", "cot", "noncot_similar", None),
         ("norm effect", "cot", "noncot_similar", "in"),
         ("norm effect", "cot", "noncot_similar", "cross"),
     ]  # the non-CoT baseline (constant length, unit norms) is clean
     texts = [f.text for f in flags]
     assert texts[0].endswith("ρ(tokens, RelInf) = +1.00 over the 6 probes of cot on noncot_similar (|ρ| ≥ 0.7)")
-    assert texts[1].startswith("length-driven: cot probes are 8.9x as long as the noncot baseline's (26.7 vs 3.0")
-    assert "median |∇z|/|∇z0| = 5.3 for cot → In-task noncot_similar" in texts[2]
+    assert "median |∇z|/|∇z0| = 5.3 for cot → In-task noncot_similar" in texts[1]
+    # The length ratio is a number beside the one length-driven rule, not a second flag.
+    assert result.ratios.set_index("probe_set").loc["cot"].ratio == pytest.approx(80 / 9)
+    assert "length_driven" not in result.ratios.columns and result.length_driven == [("cot", "noncot_similar")]
     row = correlations.set_index("probe_set").loc["cot"]
     assert row.rho_tokens_relinf == pytest.approx(1.0) and row.rho_tokens_norm == pytest.approx(1.0)
     assert np.isnan(correlations.set_index("probe_set").loc["noncot"].rho_tokens_relinf)
@@ -169,7 +176,7 @@ def test_markdown_report_and_pngs(cot_run, cot_md):
     assert path == cot_run / "report" / "report.md"
     text = path.read_text(encoding="utf-8")
     assert "| study | strategy metric | baseline metric |" in text
-    assert "CoT → Cross-task non-CoT" in text and "75% (3/4)" in text
+    assert "CoT → Cross-task non-CoT" in text and "50% (2/4)" in text
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert {"study-cot.png", "diagnostics-noncot_similar.png"} <= set(images)
     for name in images:
@@ -188,8 +195,8 @@ def test_html_report_is_self_contained(cot_html):
     srcs = re.findall(r'src="([^"]*)"', html)
     assert len(srcs) == 2 and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "<link" not in html and "<script" not in html
-    assert "<th>beats baseline</th>" in html and "<td>75% (3/4)</td>" in html
-    assert "ahead from step 10 on" in html and "<strong>CoT → Cross-task non-CoT</strong>" in html
+    assert "<th>beats baseline</th>" in html and "<td>50% (2/4)</td>" in html
+    assert "ahead from step 20 on" in html and "<strong>CoT → Cross-task non-CoT</strong>" in html
 
 
 def test_shared_baselines_of_clarify_and_evaluation_studies(tmp_path):

@@ -26,10 +26,13 @@ def test_report_of_a_tiny_cot_run(tmp_path):
     verdicts = {v.strategy: v for v in result.verdicts["cot"]}
     assert set(verdicts) == {"CoT → In-task non-CoT", "CoT → Cross-task non-CoT"}
     assert all(v.n == 3 and v.baseline.startswith("non-CoT → ") for v in verdicts.values())
-    # The CoT probes are several times longer than the plain answers: the length-ratio rule must say so.
-    ratio = result.ratios.set_index("probe_set").loc["cot"]
-    assert ratio.ratio >= 3 and ratio.length_driven
-    assert all("length-driven" in v.text for v in verdicts.values())
+    # The CoT probes are several times longer than the plain answers: the length ratio says so (a number).
+    assert result.ratios.set_index("probe_set").loc["cot"].ratio >= 3
+    # Length-driven is one rule: a verdict carries the caution exactly when its block is marked.
+    marked = set(result.length_driven)
+    for v in verdicts.values():
+        spec = result.history.specs[v.strategy]
+        assert ("length-driven" in v.text) == ((spec["probe_set"], spec["eval_set"]) in marked)
 
     path = build_report(tmp_path, fmt="html")
     html = path.read_text(encoding="utf-8")

@@ -1,20 +1,25 @@
-"""Diagnostics: is a RelInf driven by what the probes say, or by how long they are?
+"""Diagnostics: is a RelInf driven by what the probes say, by how long they are, or by a few pairs?
 
 ℓ(z) is a *sum* of token losses, so a longer completion tends to have a larger gradient, and RelInf grows with the
-probe's gradient norm: RelInf(z, z0) = cos(∇z, ∇z0) x |∇z| / |∇z0|. Three rules flag scores to read with care
+probe's gradient norm: RelInf(z, z0) = cos(∇z, ∇z0) x |∇z| / |∇z0|. The rules below flag scores to read with care
 (each threshold is a module constant, stated in the report):
 
-* **length correlation** (per probe set x evaluation set block): per probe example, take its completion token
-  count and its mean RelInf over all its pairs of the block at all recorded steps; flag the block when the
-  Spearman rank correlation of the two is ``|ρ| >= LENGTH_CORR_FLAG`` (0.7, a strong monotone relation) over at
-  least ``MIN_PROBES_FOR_CORR`` (5) probes with distinct lengths. With fewer probes a rank correlation of 0.7 is
-  too easily reached by chance, so it is reported but not flagged.
-* **length ratio** (studies only): flag a strategy probe set whose mean completion token count is at least
-  ``LENGTH_RATIO_FLAG`` (3x) that of its study's baseline probe set: its summed loss has ~3x as many terms, so
-  comparing its RelInf with the baseline's compares lengths as much as content.
+* **length-driven** (per probe set x evaluation set block, all recorded steps pooled; the one definition, decided
+  by :func:`length_driven` and read by every table, caption, verdict and the document): per probe example, take
+  its completion token count and its mean RelInf over all its pairs of the block at all recorded steps; the block
+  is length-driven when the Spearman rank correlation of the two is ``|ρ| >= LENGTH_CORR_FLAG`` (0.7, a strong
+  monotone relation) over at least ``MIN_PROBES_FOR_CORR`` (5) probes with distinct lengths. With fewer probes a
+  rank correlation of 0.7 is too easily reached by chance, so it is reported but not flagged. Pooling the steps
+  gives each probe one value from all its pairs; a per-step call would flicker with the pairs of each step.
+* **length ratio** (studies only; a number, not a flag): a strategy probe set's mean completion token count over
+  its study baseline's. A long strategy probe set is not length-driven by itself being long; whether its lead over
+  the baseline is gradient size rather than direction is what the verdict's cosine check decides on the data
+  (``verdicts``: a call the cosine does not share is not robust).
 * **norm effect** (per block and context): flag when the median over pairs of |∇z| / |∇z0| is at least
   ``NORM_RATIO_FLAG`` (3): RelInf is then at least 3x the cosine, so a high RelInf with a low cosine is the size
   of the probe gradient, not agreement of directions. The mean cosine is the length-free comparison.
+* **collapsed evaluation gradients** (per evaluation example and step, ``robust``): listed in a table; the
+  verdicts say when pairs on them make a call not robust.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ from .stats import spearman
 
 LENGTH_CORR_FLAG = 0.7
 MIN_PROBES_FOR_CORR = 5
-LENGTH_RATIO_FLAG = 3.0
 NORM_RATIO_FLAG = 3.0
 
 
@@ -67,23 +71,36 @@ def probe_table(pairs: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def length_driven(tokens: np.ndarray, relinf: np.ndarray) -> bool:
+    """The one length-driven rule, for one block: per-probe tokens and mean RelInf (module docstring)."""
+    tokens = np.asarray(tokens, dtype=np.float64)
+    if len(tokens) < MIN_PROBES_FOR_CORR or np.unique(tokens).size < 2:
+        return False
+    return bool(abs(spearman(tokens, relinf)) >= LENGTH_CORR_FLAG)
+
+
 def correlation_table(probes: pd.DataFrame) -> pd.DataFrame:
-    """Per block: probe count, mean tokens and grad norm, Spearman ρ of tokens / grad norm / RelInf, flag."""
+    """Per block: probe count, mean tokens and grad norm, Spearman ρ of tokens / grad norm / RelInf, and
+    ``length_driven`` (:func:`length_driven`, the only place the report decides it)."""
     rows = []
     for (probe_set, eval_set), block in probes.groupby(["probe_set", "eval_set"], sort=False):
         tokens, norm, rel = (block[c].to_numpy(dtype=float) for c in ("tokens", "grad_norm", "relinf"))
-        rho = spearman(tokens, rel)
-        enough = len(block) >= MIN_PROBES_FOR_CORR and np.unique(tokens).size > 1
         rows.append({
             "probe_set": probe_set, "eval_set": eval_set, "probes": len(block), "mean_tokens": float(tokens.mean()),
-            "mean_grad_norm": float(norm.mean()), "rho_tokens_relinf": rho, "rho_norm_relinf": spearman(norm, rel),
-            "rho_tokens_norm": spearman(tokens, norm), "length_driven": bool(enough and abs(rho) >= LENGTH_CORR_FLAG),
+            "mean_grad_norm": float(norm.mean()), "rho_tokens_relinf": spearman(tokens, rel),
+            "rho_norm_relinf": spearman(norm, rel), "rho_tokens_norm": spearman(tokens, norm),
+            "length_driven": length_driven(tokens, rel),
         })  # fmt: skip
     return pd.DataFrame(rows)
 
 
+def length_driven_blocks(correlations: pd.DataFrame) -> list[tuple[str, str]]:
+    """The (probe set, evaluation set) blocks the correlation table marks length-driven, in table order."""
+    return [(str(r.probe_set), str(r.eval_set)) for r in correlations.itertuples() if r.length_driven]
+
+
 def length_ratio_table(pairs: pd.DataFrame, views: list[StudyView]) -> pd.DataFrame:
-    """Per study strategy probe set: its mean completion tokens against its baseline probe set's, and a flag."""
+    """Per study strategy probe set: its mean completion tokens against its baseline probe set's (no flag)."""
     tokens = pairs.drop_duplicates(["probe_set", "probe_id"]).groupby("probe_set")["probe_tokens"].mean()
     rows = []
     for view in views:
@@ -96,10 +113,8 @@ def length_ratio_table(pairs: pd.DataFrame, views: list[StudyView]) -> pd.DataFr
                 rows.append({
                     "study": view.name, "probe_set": probe_set, "baseline": base,
                     "mean_tokens": float(tokens[probe_set]), "baseline_tokens": float(tokens[base]), "ratio": ratio,
-                    "length_driven": ratio >= LENGTH_RATIO_FLAG,
                 })  # fmt: skip
-    return pd.DataFrame(rows, columns=["study", "probe_set", "baseline", "mean_tokens", "baseline_tokens", "ratio",
-                                       "length_driven"])  # fmt: skip
+    return pd.DataFrame(rows, columns=["study", "probe_set", "baseline", "mean_tokens", "baseline_tokens", "ratio"])
 
 
 def cosine_table(pairs: pd.DataFrame) -> pd.DataFrame:
@@ -117,19 +132,13 @@ def cosine_table(pairs: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def flags(correlations: pd.DataFrame, ratios: pd.DataFrame, cosines: pd.DataFrame) -> list[Flag]:
-    """Every diagnostic flag raised by the three rules."""
+def flags(correlations: pd.DataFrame, cosines: pd.DataFrame) -> list[Flag]:
+    """Every diagnostic flag: length-driven blocks (from the correlation table's one column) and norm effects."""
     out = [
-        Flag("length correlation", r.probe_set, r.eval_set, None,
+        Flag("length-driven", r.probe_set, r.eval_set, None,
              f"length-driven: Spearman ρ(tokens, RelInf) = {r.rho_tokens_relinf:+.2f} over the {r.probes} probes "
              f"of {r.probe_set} on {r.eval_set} (|ρ| ≥ {LENGTH_CORR_FLAG})")
         for r in correlations.itertuples() if r.length_driven
-    ]  # fmt: skip
-    out += [
-        Flag("length ratio", r.probe_set, None, None,
-             f"length-driven: {r.probe_set} probes are {r.ratio:.1f}x as long as the {r.baseline} baseline's "
-             f"({r.mean_tokens:.1f} vs {r.baseline_tokens:.1f} tokens; flag at ≥ {LENGTH_RATIO_FLAG:g}x)")
-        for r in ratios.itertuples() if r.length_driven
     ]  # fmt: skip
     out += [
         Flag("norm effect", r.probe_set, r.eval_set, r.context,
@@ -143,8 +152,7 @@ def flags(correlations: pd.DataFrame, ratios: pd.DataFrame, cosines: pd.DataFram
 
 # How a flag reads inside a verdict sentence ("...; caution: length-driven scores (see Diagnostics)").
 _CAUTION_WORDS = {
-    "length correlation": "length-driven scores (see Diagnostics)",
-    "length ratio": "length-driven scores (see Diagnostics)",
+    "length-driven": "length-driven scores (see Diagnostics)",
     "norm effect": "RelInf inflated by gradient size, low cosine (see Diagnostics)",
 }
 

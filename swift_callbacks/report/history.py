@@ -9,7 +9,10 @@ bootstrap band come from the same RelInf values:
 * its 95% band is a percentile bootstrap over those pairs (resample the pairs with replacement, take the mean,
   ``resamples`` times; seeded per curve). Pairs share probe and evaluation examples, so they are not independent
   draws and the band is a lower bound on the uncertainty of the mean: read it as "how much the curve depends on
-  which pairs happened to be chosen", not as a test.
+  which pairs happened to be chosen", not as a test;
+* beside the mean, each step carries the robust numbers of ``robust``: the median and 10%-trimmed mean of the same
+  RelInf values, their mean cosine, the share of summed |RelInf| held by the top 2 pairs and the number of the
+  block's evaluation examples whose gradient norm has collapsed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import pandas as pd
 
 from ..errors import UserError
 from ..studies import STUDIES
+from .robust import eval_norms, top_share, trimmed_mean
 from .stats import bootstrap_mean_ci, curve_rng
 
 logger = logging.getLogger(__name__)
@@ -93,7 +97,12 @@ class StudyView:
 
 @dataclass(frozen=True)
 class Curve:
-    """A metric over steps with its bootstrap band, the pair count and the mean cosine of the same pairs."""
+    """A metric over steps with its bootstrap band, the pair count and the robust numbers of the same pairs.
+
+    Every array has one value per step: ``mean`` (the metric), ``lo``/``hi`` (its band), ``n_pairs``, ``cosine``
+    (mean cosine), ``median`` and ``trimmed`` (median and trimmed mean of RelInf), ``top_share`` (share of summed
+    |RelInf| in the top 2 pairs) and ``collapsed`` (evaluation examples of these pairs with a collapsed norm).
+    """
 
     label: str
     probe_set: str
@@ -105,6 +114,10 @@ class Curve:
     hi: np.ndarray
     n_pairs: np.ndarray
     cosine: np.ndarray
+    median: np.ndarray
+    trimmed: np.ndarray
+    top_share: np.ndarray
+    collapsed: np.ndarray
 
 
 @dataclass
@@ -117,6 +130,14 @@ class History:
     resamples: int = 1000
     seed: int = 0
     _curves: dict[tuple[str, str, str], Curve] = field(default_factory=dict, repr=False)
+    _eval_norms: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def eval_norms(self) -> pd.DataFrame:
+        """``robust.eval_norms`` of the pairs: |∇z0| per step and evaluation example, with the collapse flag."""
+        if self._eval_norms is None:
+            self._eval_norms = eval_norms(self.pairs)
+        return self._eval_norms
 
     @property
     def steps(self) -> list[int]:
@@ -142,18 +163,20 @@ class History:
         sel = self.pairs[(self.pairs.probe_set == probe_set) & (self.pairs.eval_set == eval_set)]
         sel = sel[sel.paired == (context == "in")]
         rng = curve_rng(self.seed, f"{probe_set}\x00{eval_set}\x00{context}")
-        steps, mean, lo, hi, n, cos = [], [], [], [], [], []
+        norms = self.eval_norms
+        collapsed = norms[norms.collapsed & (norms.eval_set == eval_set)].groupby("step")["eval_id"].agg(set)
+        rows = []
         for step, group in sel.groupby("step", sort=True):
             values = group["relinf"].to_numpy(dtype=np.float64)
-            band = bootstrap_mean_ci(values, rng, self.resamples)
-            steps.append(int(step))
-            mean.append(float(values.mean()))
-            lo.append(band[0])
-            hi.append(band[1])
-            n.append(values.size)
-            cos.append(float(np.nanmean(group["cosine"].to_numpy(dtype=np.float64))))
+            lo, hi = bootstrap_mean_ci(values, rng, self.resamples)
+            flagged = collapsed.get(step, set()) & set(group["eval_id"])
+            rows.append((
+                int(step), float(values.mean()), lo, hi, values.size,
+                float(np.nanmean(group["cosine"].to_numpy(dtype=np.float64))), float(np.median(values)),
+                trimmed_mean(values), top_share(values), len(flagged),
+            ))  # fmt: skip
         label = f"{probe_set} → {CONTEXT_WORDS[context]} {eval_set}"
-        arrays = [np.asarray(a, dtype=np.float64) for a in (steps, mean, lo, hi, n, cos)]
+        arrays = [np.asarray([r[i] for r in rows], dtype=np.float64) for i in range(10)]
         return Curve(label, probe_set, eval_set, context, *arrays)
 
 
@@ -162,7 +185,9 @@ class PairedDifference:
     """Strategy minus baseline by step, paired by evaluation example, with its bootstrap interval.
 
     For each evaluation example z0, the mean RelInf of the strategy's probes on z0 minus that of the baseline's
-    (over the pairs of the context); the interval resamples the evaluation examples.
+    (over the pairs of the context); the interval resamples the evaluation examples. ``median`` is the median of
+    those per-example differences and ``cosine`` the mean of the same per-example differences of mean cosine:
+    the calls the verdicts check the RelInf interval against.
     """
 
     steps: np.ndarray
@@ -170,6 +195,8 @@ class PairedDifference:
     lo: np.ndarray
     hi: np.ndarray
     n_eval: np.ndarray
+    median: np.ndarray
+    cosine: np.ndarray
 
 
 def paired_difference(history: History, strategy: Curve, baseline: Curve) -> PairedDifference:
@@ -180,13 +207,23 @@ def paired_difference(history: History, strategy: Curve, baseline: Curve) -> Pai
                                   f"\x00{strategy.context}")  # fmt: skip
     rows = []
     for step, group in sel.groupby("step", sort=True):
-        s = group[group.probe_set == strategy.probe_set].groupby("eval_id")["relinf"].mean()
-        b = group[group.probe_set == baseline.probe_set].groupby("eval_id")["relinf"].mean()
-        diff = (s - b).dropna().to_numpy(dtype=np.float64)
-        lo, hi = bootstrap_mean_ci(diff, rng, history.resamples)
-        rows.append((int(step), float(diff.mean()) if diff.size else math.nan, lo, hi, diff.size))
-    arrays = [np.asarray([r[i] for r in rows], dtype=np.float64) for i in range(5)]
+        rel, cos = (_per_eval_difference(group, strategy, baseline, col) for col in ("relinf", "cosine"))
+        lo, hi = bootstrap_mean_ci(rel, rng, history.resamples)
+        rows.append((int(step), _mean(rel), lo, hi, rel.size, float(np.median(rel)) if rel.size else math.nan,
+                     _mean(cos)))  # fmt: skip
+    arrays = [np.asarray([r[i] for r in rows], dtype=np.float64) for i in range(7)]
     return PairedDifference(*arrays)
+
+
+def _per_eval_difference(group: pd.DataFrame, strategy: Curve, baseline: Curve, column: str) -> np.ndarray:
+    """Per evaluation example recorded for both: mean ``column`` of the strategy's pairs minus the baseline's."""
+    s = group[group.probe_set == strategy.probe_set].groupby("eval_id")[column].mean()
+    b = group[group.probe_set == baseline.probe_set].groupby("eval_id")[column].mean()
+    return (s - b).dropna().to_numpy(dtype=np.float64)
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if values.size else math.nan
 
 
 def resolve_output_dir(output_dir: str | os.PathLike) -> Path:
