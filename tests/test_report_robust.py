@@ -197,3 +197,14 @@ def _table(md: str, caption: str) -> list[dict]:
             ((header, rows),) = _tables(chunks[i + 1])
             return [dict(zip(header, r, strict=True)) for r in rows]
     raise AssertionError(f"no table captioned {caption!r}")
+
+
+def test_a_scored_pair_without_an_evaluation_norm_is_one_clear_error(tmp_path):
+    from swift_callbacks.report import ReportError
+
+    rows = in_task_rows("mine", CLEAN)
+    rows[3]["eval_sq_norm"] = 0.0
+    with pytest.raises(
+        ReportError, match=r"1 scored pair\(s\) have a zero or non-finite eval_sq_norm \(first: step 10"
+    ):
+        analyse(history(rows, ["mine"], tmp_path))

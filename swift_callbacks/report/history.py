@@ -134,8 +134,22 @@ class History:
 
     @property
     def eval_norms(self) -> pd.DataFrame:
-        """``robust.eval_norms`` of the pairs: |∇z0| per step and evaluation example, with the collapse flag."""
+        """``robust.eval_norms`` of the pairs: |∇z0| per step and evaluation example, with the collapse flag.
+
+        Raises:
+            ReportError: If a scored pair has a zero, negative or non-finite evaluation squared norm (its RelInf
+                cannot have come from it: the history is inconsistent).
+        """
         if self._eval_norms is None:
+            sq = self.pairs["eval_sq_norm"].to_numpy(dtype=np.float64)
+            bad = self.pairs[~(np.isfinite(sq) & (sq > 0))]
+            if not bad.empty:
+                first = bad.iloc[0]
+                raise ReportError(
+                    f"{len(bad)} scored pair(s) have a zero or non-finite eval_sq_norm (first: step {first.step}, "
+                    f"evaluation example {first.eval_id!r} of {first.eval_set!r}), so their RelInf cannot come from "
+                    "it; the history is inconsistent: rescore the run (swift-study score)."
+                )
             self._eval_norms = eval_norms(self.pairs)
         return self._eval_norms
 
