@@ -17,8 +17,9 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "report",
         help="figures, verdicts and diagnostics of a run's influence history (Markdown or one HTML file)",
         description="Report a run's influence history: per study, figures like the swift-study paper's Figures "
-        "1-3 with 95% bootstrap bands, a verdict table per strategy against its plain-QA baseline, and "
-        "length / gradient-norm / cosine diagnostics.",
+        "1-3 with 95% bootstrap bands, a verdict table per strategy against its plain-QA baseline, robust "
+        "statistics by step (median, trimmed mean, cosine, collapsed evaluation gradients) and length / "
+        "gradient-norm / cosine diagnostics.",
     )
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="training output_dir holding swift_influence/")
     parser.add_argument(
