@@ -55,7 +55,15 @@ MIN_EVAL_EXAMPLES = 3
 
 @dataclass(frozen=True)
 class Verdict:
-    """The comparison of one strategy metric with its baseline (fields as in the module docstring)."""
+    """The comparison of one strategy metric with its baseline (fields as in the module docstring).
+
+    ``beats``, ``behind`` and ``positive`` count robust calls only. ``not_robust`` counts checkpoints where the
+    RelInf interval said ahead or behind but the median or the cosine did not agree (``beats_relinf``: where it said
+    ahead, robust or not); ``not_robust_positive`` where the band was above zero but the median or mean cosine was
+    not; ``*_why`` say what drove them. ``dominated``: checkpoints where the top pairs hold more than half of the
+    summed |RelInf|; ``collapsed``: collapsed evaluation gradients (example x step) among the not-robust
+    checkpoints' pairs.
+    """
 
     study: str
     strategy: str
@@ -168,7 +176,7 @@ def _difference_calls(
     steps: np.ndarray,
     paired: PairedDifference | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per checkpoint: the RelInf calls (ahead, behind) and the robust differences (median, cosine)."""  # fmt: skip
+    """Per checkpoint: the RelInf calls (ahead, behind) and the robust differences (median, cosine)."""
     if paired is None:
         enough = strategy.n_pairs[s_idx] >= MIN_EVAL_EXAMPLES
         b = baseline.mean[b_idx]
