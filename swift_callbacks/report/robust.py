@@ -28,8 +28,11 @@ import math
 import numpy as np
 import pandas as pd
 
+# |∇z0| below this fraction of its set's median at the step: its pairs weigh >= 1 / 0.1² = 100x a typical pair's.
 COLLAPSED_NORM_FRACTION = 0.1
+# Share dropped at each end by the trimmed mean (the 10%).
 TRIM_FRACTION = 0.1
+# A block is dominated when its TOP_PAIRS largest |RelInf| hold more than DOMINANCE_FLAG of the summed |RelInf|.
 TOP_PAIRS = 2
 DOMINANCE_FLAG = 0.5
 
