@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "score": "swift_callbacks.scoring:add_score_parser",
     "report": "swift_callbacks.report.cli:add_report_parser",
     "evaluate": "swift_callbacks.evaluation.cli:add_evaluate_parser",
+    "validate": "swift_callbacks.validation.cli:add_validate_parser",
     "build": "swift_callbacks.builders.cli:add_build_parser",
     "scalequest": "swift_callbacks.builders.scalequest.cli:add_scalequest_parser",
 }

@@ -24,8 +24,8 @@ LAYERS: dict[str, int] = {
     "training": 5, "builders.scalequest": 5,
     # 6: post-hoc scoring (replays the training recipe); evaluation (reads a run's recipe and checkpoints)
     "scoring": 6, "evaluation": 6,
-    # 7: applications
-    "demo": 7,
+    # 7: applications (the demo; the validation study trains recipes, evaluates, reads the report's verdicts)
+    "demo": 7, "validation": 7,
     # 8: entry points and the public API
     "cli": 8, "__init__": 8, "__main__": 9,
 }  # fmt: skip

@@ -1,7 +1,7 @@
 """Evaluation: accuracy of models, checkpoints or every checkpoint of a run on evaluation sets, per task, with
-confidence intervals (Wilson for an accuracy, a paired bootstrap for a difference); final-answer exact match,
-multiple choice by option log-likelihood, and LLM-judged generation. Records are cached per example (a rerun
-resumes); results are ``results.csv`` and a DataFrame.
+confidence intervals (Wilson for an accuracy, Newcombe's paired score interval for a difference); final-answer
+exact match, multiple choice by option log-likelihood, and LLM-judged generation. Records are cached per example
+(a rerun resumes); results are ``results.csv`` and a DataFrame.
 
 Example::
 
@@ -17,7 +17,7 @@ from .examples import EvalExample, read_examples
 from .metrics import JUDGE_PROMPT, JUDGE_PROMPT_VERSION, METRIC_CLASSES, Metric, register_metric
 from .records import ExampleRecord, RecordError
 from .run import EvalResults, Target, evaluate, format_table, resolve_targets
-from .stats import Interval, bootstrap_mean, paired_difference, wilson_interval
+from .stats import Interval, bootstrap_mean, paired_difference, paired_proportions, wilson_interval
 
 __all__ = [
     "JUDGE_PROMPT",
@@ -39,6 +39,7 @@ __all__ = [
     "format_table",
     "load_evaluate_config",
     "paired_difference",
+    "paired_proportions",
     "read_examples",
     "register_metric",
     "resolve_targets",

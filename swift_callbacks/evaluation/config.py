@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,7 @@ class EvaluateConfig:
         sets: The evaluation sets.
         output_dir: Where per-example records (the cache: a rerun only evaluates what is missing) and
             ``results.csv`` go.
+        final_only: Of a run folder, evaluate only the final model (not every ``checkpoint-*``).
         base_model: The model LoRA checkpoints were trained from (default: the run's recipe, else the adapter's
             own ``base_model_name_or_path``).
         batch_size: Prompts per forward / generate call.
@@ -97,10 +98,11 @@ class EvaluateConfig:
         progress: Show progress bars.
     """
 
-    models: list[str]
-    sets: list[EvalSetConfig]
-    output_dir: str
+    models: list[str] = field(default_factory=list)
+    sets: list[EvalSetConfig] = field(default_factory=list)
+    output_dir: str = ""
     base_model: ModelConfig | None = None
+    final_only: bool = False
     batch_size: int = 8
     bootstrap: int = 2000
     confidence: float = 0.95
@@ -108,9 +110,15 @@ class EvaluateConfig:
     judge: JudgeConfig | None = None
     progress: bool = True
 
-    def check(self, path: str = "") -> None:
+    def check_complete(self, path: str = "") -> None:
+        """:meth:`check`, and that models and the output folder are given (a validation study fills them in)."""
         if not self.models:
             raise ConfigError(f"{join(path, 'models')}: give at least one model, checkpoint or run folder")
+        if not self.output_dir:
+            raise ConfigError(f"{join(path, 'output_dir')}: give the folder for records and results")
+        self.check(path)
+
+    def check(self, path: str = "") -> None:
         if not self.sets:
             raise ConfigError(f"{join(path, 'sets')}: give at least one evaluation set")
         names = [s.name for s in self.sets]
@@ -139,8 +147,9 @@ def evaluate_config(data: Any, path: str = "", base_dir: str | os.PathLike | Non
     config = build(EvaluateConfig, data, path)
     if base_dir is not None:
         for i, s in enumerate(config.sets):
-            s.path = str(resolve_local(s.path, base_dir, join(join(join(path, "sets"), i), "path")))
-    config.check(path)
+            if not s.path.startswith("demo:"):
+                s.path = str(resolve_local(s.path, base_dir, join(join(join(path, "sets"), i), "path")))
+    config.check_complete(path)
     return config
 
 

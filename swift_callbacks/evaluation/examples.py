@@ -26,6 +26,7 @@ from ..sets import SetError, example_ids, read_rows
 from .config import EvalSetConfig
 
 LETTERS = string.ascii_uppercase
+DEMO_PREFIX = "demo:"
 ALL_TASKS = "all"
 
 
@@ -69,13 +70,25 @@ def read_examples(config: EvalSetConfig) -> list[EvalExample]:
     Raises:
         SetError: An unreadable file, an empty set, or a row without a usable prompt or gold answer.
     """
-    rows = read_rows(config.name, config.path)
+    rows = set_rows(config)
     if config.limit is not None:
         rows = rows[: config.limit]
     if not rows:
         raise SetError(f"Set {config.name!r}: {config.path} has no rows")
     ids = example_ids(config.name, rows)
     return [_example(config, example_id, row) for example_id, row in zip(ids, rows, strict=True)]
+
+
+def set_rows(config: EvalSetConfig) -> list[dict]:
+    """The raw rows of a set: a file, or ``demo:<name>`` for a file bundled with ``swift_callbacks.assets``."""
+    if config.path.startswith(DEMO_PREFIX):
+        from ..assets.tiny import load_rows
+
+        try:
+            return load_rows(config.path.removeprefix(DEMO_PREFIX))
+        except (FileNotFoundError, OSError, ValueError):
+            raise SetError(f"Set {config.name!r}: no bundled file {config.path!r}") from None
+    return read_rows(config.name, config.path)
 
 
 def _example(config: EvalSetConfig, example_id: str, row: Mapping[str, Any]) -> EvalExample:

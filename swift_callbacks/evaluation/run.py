@@ -4,6 +4,8 @@ metric, records cached per example, and the accuracy table with bootstrap interv
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import logging
 import os
 import re
@@ -21,10 +23,10 @@ from ..generation.base import folder_digest
 from ..models import ADAPTER_CONFIG, ModelConfig, load_checkpoint, load_model_and_tokenizer
 from ..training.train import CONFIG_FILE
 from .config import EvalSetConfig, EvaluateConfig, JudgeConfig
-from .examples import ALL_TASKS, EvalExample, read_examples
+from .examples import ALL_TASKS, DEMO_PREFIX, EvalExample, read_examples, set_rows
 from .metrics import Judge, make_metric
 from .records import ExampleRecord, RecordFile, file_digest, fingerprint
-from .stats import Interval, paired_difference, wilson_interval
+from .stats import Interval, paired_proportions, wilson_interval
 
 logger = logging.getLogger(__name__)
 RESULTS_FILE = "results.csv"
@@ -73,8 +75,9 @@ def _file_identity(path: Path) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def resolve_targets(models: list[str], base_model: ModelConfig | None = None) -> list[Target]:
-    """The models named by ``models``: specs as given, checkpoint folders, and every checkpoint of a run folder.
+def resolve_targets(models: list[str], base_model: ModelConfig | None = None, final_only: bool = False) -> list[Target]:
+    """The models named by ``models``: specs as given, checkpoint folders, and every checkpoint of a run folder
+    (only its final model with ``final_only``).
 
     Raises:
         ConfigError: A folder that holds no model, checkpoint or ``checkpoint-*`` folder; two targets with one label.
@@ -88,7 +91,13 @@ def resolve_targets(models: list[str], base_model: ModelConfig | None = None) ->
             targets.append(Target(spec, spec))
             continue
         checkpoints = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := _CHECKPOINT.match(p.name)))
-        if checkpoints:
+        if checkpoints and final_only and not _holds_weights(path):
+            raise ConfigError(f"models: run {spec!r} has no final model (training did not finish?)")
+        if final_only and _holds_weights(path):
+            base = base_model or _run_base(path)
+            targets.append(Target(f"{path.resolve().name}/final", str(path), path.resolve().name, None,
+                                  base or _adapter_base(path)))  # fmt: skip
+        elif checkpoints:
             base = base_model or _run_base(path)
             run = path.resolve().name
             targets += [
@@ -158,9 +167,9 @@ class EvalResults:
         return {i: bool(r.correct) for i, r in records.items() if r.correct is not None}
 
     def difference(self, model: str, reference: str, set_name: str) -> Interval:
-        """Accuracy of ``model`` minus ``reference`` on ``set_name``, paired by example, with its interval."""
-        return paired_difference(self.correctness(model, set_name), self.correctness(reference, set_name),
-                                 self.bootstrap, self.confidence, self.seed)  # fmt: skip
+        """Accuracy of ``model`` minus ``reference`` on ``set_name``, paired by example, with Newcombe's interval."""
+        return paired_proportions(self.correctness(model, set_name), self.correctness(reference, set_name),
+                                  self.confidence)  # fmt: skip
 
 
 def evaluate(config: EvaluateConfig) -> EvalResults:
@@ -169,9 +178,9 @@ def evaluate(config: EvaluateConfig) -> EvalResults:
     Raises:
         UserError: A config, set, model or judge problem (one line naming it).
     """
-    config.check()
+    config.check_complete()
     out = Path(config.output_dir)
-    targets = resolve_targets(config.models, config.base_model)
+    targets = resolve_targets(config.models, config.base_model, config.final_only)
     examples = {s.name: read_examples(s) for s in config.sets}
     judge = build_judge(config.judge, out / "judge-cache") if config.judge is not None else None
     metrics = {s.name: make_metric(s, judge) for s in config.sets}
@@ -191,9 +200,16 @@ def evaluate(config: EvaluateConfig) -> EvalResults:
 
 def _record_file(out: Path, target: Target, s: EvalSetConfig, settings: Mapping[str, Any]) -> RecordFile:
     header = {"model": target.label, "identity": target.identity(), "set": s.name,
-              "set_file": file_digest(s.path), "limit": s.limit, **settings}  # fmt: skip
+              "set_file": _set_digest(s), "limit": s.limit, **settings}  # fmt: skip
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", target.label).strip("_") or "model"
     return RecordFile(out / RECORDS_DIR / s.name / f"{safe}.{fingerprint(header)}.jsonl", header)
+
+
+def _set_digest(s: EvalSetConfig) -> str:
+    if s.path.startswith(DEMO_PREFIX):
+        rows = json.dumps(set_rows(s), sort_keys=True, ensure_ascii=False).encode("utf-8")
+        return hashlib.sha256(rows).hexdigest()
+    return file_digest(s.path)
 
 
 def _evaluate_target(target, config, examples, metrics, files, todo) -> None:

@@ -1,0 +1,180 @@
+"""The validation study as steps: train every variant and seed, evaluate the final models, write Table 2 and
+the agreement of the swift verdicts with the measured accuracy changes.
+
+Each step can be rerun: a finished run (its ``validation_run.json`` marker) is not trained again, an interrupted
+one resumes from its last checkpoint, and the evaluation reuses its per-example records.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..configuration import ConfigError
+from ..evaluation import EvalResults, evaluate
+from ..training.config import config_from_dict
+from ..training.data import build_mixture
+from ..training.train import run_training
+from .config import BASE, ValidationConfig, Variant
+from .tables import agreement_table, table2
+
+logger = logging.getLogger(__name__)
+DONE_MARKER = "validation_run.json"
+SEQUENCE_FILE = "variant_train.jsonl"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the study: a variant with a seed, in ``folder``; ``influence`` for the swift study."""
+
+    variant: Variant
+    seed: int
+    folder: Path
+    influence: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.folder.name}/final"
+
+
+def plan(config: ValidationConfig) -> list[RunSpec]:
+    """Every run, Base first; the first seed's Base run carries the recipe's influence section."""
+    runs = Path(config.output_dir) / "runs"
+    return [
+        RunSpec(v, seed, runs / f"{v.slug}-seed{seed}", v.name == BASE and seed == config.seeds[0])
+        for v in config.parsed_variants()
+        for seed in config.seeds
+    ]
+
+
+def run_recipe(config: ValidationConfig, run: RunSpec) -> dict[str, Any]:
+    """The training recipe of one run (as plain data, the way ``swift-study train --config`` reads it)."""
+    recipe = config.recipe_data()
+    training = dict(recipe.get("training") or {})
+    training.update(output_dir=str(run.folder), seed=run.seed)
+    data = dict(recipe.get("data") or {})
+    data["seed"] = run.seed
+    base_sources = list(data.get("train") or [])
+    if run.variant.mixed:
+        data["train"] = base_sources + [_plain(s) for name in run.variant.mixed for s in config.strategies[name].data]
+        data["shuffle"] = True
+    elif run.variant.after:
+        data["train"] = [str(_write_sequence(config, run, base_sources, training))]
+        data["shuffle"] = False
+        training.update(num_train_epochs=1, train_sampling_strategy="sequential")
+    if not run.influence:
+        recipe.pop("influence", None)
+    if training.get("save_strategy") == "no" and run.influence:
+        raise ConfigError("recipe.training.save_strategy: the Base run computes influence at saves; do not set 'no'")
+    recipe.update(training=training, data=data)
+    return recipe
+
+
+def _plain(source: Any) -> Any:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(source) if is_dataclass(source) else source
+
+
+def _write_sequence(config: ValidationConfig, run: RunSpec, base_sources: list, training: dict) -> Path:
+    """``base->X``: per epoch, the Base data shuffled, then the strategies' data (mixed) shuffled; written once."""
+    from datasets import concatenate_datasets
+
+    if int(training.get("max_steps", -1) or -1) > 0:
+        raise ConfigError("recipe.training.max_steps: base->X orders the data within epochs and max_steps would cut "
+                          "it short; give num_train_epochs instead")  # fmt: skip
+    epochs = training.get("num_train_epochs", 3)
+    if float(epochs) != int(epochs) or int(epochs) < 1:
+        raise ConfigError(f"recipe.training.num_train_epochs: base->X orders data within whole epochs, got {epochs}")
+    # The Base sources are read as the recipe reads them (paths relative to its folder, demo: files, columns).
+    shell = {"model": {"name_or_path": "tiny"}, "data": {"train": base_sources}, "training": {"output_dir": "x"}}
+    base_cfg = config_from_dict(shell, base_dir=_recipe_dir(config))
+    base = build_mixture(base_cfg.data.train, run.seed, shuffle=False)
+    after = build_mixture([s for n in run.variant.after for s in config.strategies[n].data], run.seed, shuffle=False)
+    if sorted(base.column_names) != sorted(after.column_names):
+        raise ConfigError(f"strategies {list(run.variant.after)}: columns {after.column_names} differ from the Base "
+                          f"data's {base.column_names}; select shared ones with 'columns:'")  # fmt: skip
+    parts = []
+    for epoch in range(int(epochs)):
+        parts += [base.shuffle(seed=run.seed * 1000 + epoch), after.shuffle(seed=run.seed * 1000 + 500 + epoch)]
+    path = run.folder.parent / f"{run.folder.name}.{SEQUENCE_FILE}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    concatenate_datasets(parts).to_json(str(temp), lines=True, force_ascii=False)
+    os.replace(temp, path)
+    return path
+
+
+def _recipe_dir(config: ValidationConfig) -> Path:
+    return config.base_dir if isinstance(config.recipe, dict) else Path(config.recipe).resolve().parent
+
+
+def train_all(config: ValidationConfig, runs: list[RunSpec]) -> None:
+    """Trains every run not finished yet (an interrupted one resumes from its last checkpoint)."""
+    for i, run in enumerate(runs, start=1):
+        if (run.folder / DONE_MARKER).is_file():
+            logger.info("[%d/%d] %s: trained already", i, len(runs), run.folder.name)
+            continue
+        recipe = run_recipe(config, run)
+        if any(run.folder.glob("checkpoint-*")):
+            recipe["training"]["resume_from_checkpoint"] = "last"
+        print(f"[swift-study validate] [{i}/{len(runs)}] training {run.variant.name} (seed {run.seed})"
+              + (" with the swift study" if run.influence else ""), flush=True)  # fmt: skip
+        trainer = run_training(config_from_dict(recipe, base_dir=_recipe_dir(config)), influence=run.influence)
+        del trainer
+        gc.collect()
+        info = {"variant": run.variant.name, "seed": run.seed, "influence": run.influence}
+        (run.folder / DONE_MARKER).write_text(json.dumps(info), encoding="utf-8")
+
+
+def evaluate_all(config: ValidationConfig, runs: list[RunSpec]) -> EvalResults:
+    """The final model of every run on the evaluation sets (records cached under ``output_dir/evaluation``)."""
+    from dataclasses import replace
+
+    evaluation = replace(config.evaluation, models=[str(r.folder) for r in runs], final_only=True,
+                         output_dir=str(Path(config.output_dir) / "evaluation"))  # fmt: skip
+    return evaluate(evaluation)
+
+
+@dataclass
+class ValidationResults:
+    """Table 2 (accuracy per variant and set, change against Base with its interval) and the agreement table."""
+
+    table2: pd.DataFrame
+    agreement: pd.DataFrame
+    evaluation: EvalResults
+    output_dir: Path
+
+
+def run_validation(config: ValidationConfig) -> ValidationResults:
+    """All steps; writes ``table2.csv``/``.md`` and ``agreement.csv``/``.md`` into ``output_dir``."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    runs = plan(config)
+    train_all(config, runs)
+    results = evaluate_all(config, runs)
+    out = Path(config.output_dir)
+    t2 = table2(config, runs, results)
+    base_run = next(r for r in runs if r.influence)
+    agree = agreement_table(config, base_run.folder, t2)
+    for name, frame in (("table2", t2), ("agreement", agree)):
+        frame.to_csv(out / f"{name}.csv", index=False)
+        (out / f"{name}.md").write_text(_markdown(frame), encoding="utf-8")
+    return ValidationResults(t2, agree, results, out)
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "" if math.isnan(v) else f"{v:.3f}"
+        return str(v)
+
+    head = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns) + "\n"
+    return head + "".join("| " + " | ".join(cell(v) for v in row) + " |\n" for row in frame.itertuples(index=False))
