@@ -12,12 +12,37 @@ Example::
     print(results.table)
 """
 
-from .config import EvalSetConfig, EvaluateConfig, JudgeConfig, evaluate_config, load_evaluate_config
-from .examples import EvalExample, read_examples
-from .metrics import JUDGE_PROMPT, JUDGE_PROMPT_VERSION, METRIC_CLASSES, Metric, register_metric
-from .records import ExampleRecord, RecordError
-from .run import EvalResults, Target, evaluate, format_table, resolve_targets
-from .stats import Interval, bootstrap_mean, paired_difference, paired_proportions, wilson_interval
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
+
+# Resolved on first use, so that the command line (and ``import swift_callbacks``) does not import torch.
+_LAZY = {
+    "EvalSetConfig": "config",
+    "EvaluateConfig": "config",
+    "JudgeConfig": "config",
+    "evaluate_config": "config",
+    "load_evaluate_config": "config",
+    "EvalExample": "examples",
+    "read_examples": "examples",
+    "JUDGE_PROMPT": "metrics",
+    "JUDGE_PROMPT_VERSION": "metrics",
+    "METRIC_CLASSES": "metrics",
+    "Metric": "metrics",
+    "register_metric": "metrics",
+    "ExampleRecord": "records",
+    "RecordError": "records",
+    "EvalResults": "run",
+    "Target": "run",
+    "evaluate": "run",
+    "format_table": "run",
+    "resolve_targets": "run",
+    "Interval": "stats",
+    "bootstrap_mean": "stats",
+    "paired_difference": "stats",
+    "paired_proportions": "stats",
+    "wilson_interval": "stats",
+}
 
 __all__ = [
     "JUDGE_PROMPT",
@@ -44,4 +69,14 @@ __all__ = [
     "register_metric",
     "resolve_targets",
     "wilson_interval",
-]  # fmt: skip
+]
+
+if TYPE_CHECKING:
+    from .config import EvalSetConfig, EvaluateConfig, JudgeConfig, evaluate_config, load_evaluate_config
+    from .examples import EvalExample, read_examples
+    from .metrics import JUDGE_PROMPT, JUDGE_PROMPT_VERSION, METRIC_CLASSES, Metric, register_metric
+    from .records import ExampleRecord, RecordError
+    from .run import EvalResults, Target, evaluate, format_table, resolve_targets
+    from .stats import Interval, bootstrap_mean, paired_difference, paired_proportions, wilson_interval
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
