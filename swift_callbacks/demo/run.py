@@ -18,30 +18,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..assets.tiny import load_rows
-from ..report import build_report, plot_metrics, summary_table
+from ..report import analyse, build_report, summary_table
+from ..report.figures import plot_panels, study_panels
+from .options import BASE_EXAMPLES, DemoConfig
+from .reading import RunFacts, reading_lines
 
 logger = logging.getLogger(__name__)
 TINY_MODEL = "tiny:hidden_size=128,num_layers=4,num_heads=4,intermediate_size=344"
 COT_SETS = {"z": "demo:cot_study_z", "z_similar": "demo:cot_study_z_similar", "z_cot": "demo:cot_study_z_cot"}
-
-
-@dataclass
-class DemoConfig:
-    output_dir: str
-    model: str | None = None
-    warmup_epochs: float = 8.0
-    epochs: float = 6.0  # as in the paper
-    save_every: int = 30
-    batch_size: int = 16
-    learning_rate: float = 1e-3
-    lora_r: int = 16
-    lora_alpha: int = 32
-    seed: int = 0
 
 
 def _say(msg: str) -> None:
@@ -54,9 +42,9 @@ def _training(cfg: DemoConfig, out: Path, epochs: float, **extra: Any) -> dict[s
 
     return {
         "output_dir": str(out), "num_train_epochs": epochs, "per_device_train_batch_size": cfg.batch_size,
-        "learning_rate": cfg.learning_rate, "lr_scheduler_type": "linear", "warmup_steps": 10, "seed": cfg.seed,
-        "use_cpu": not torch.cuda.is_available(), "bf16": False, "gradient_checkpointing": False,
-        "max_length": 256, "logging_steps": 10, "disable_tqdm": False, **extra,
+        "learning_rate": cfg.learning_rate, "lr_scheduler_type": "linear", "warmup_steps": cfg.warmup_steps,
+        "seed": cfg.seed, "use_cpu": not torch.cuda.is_available(), "bf16": False, "gradient_checkpointing": False,
+        "max_length": cfg.max_length, "logging_steps": 10, "disable_tqdm": False, **extra,
     }  # fmt: skip
 
 
@@ -71,22 +59,33 @@ def warmup_recipe(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def study_recipe(cfg: DemoConfig, model: str) -> dict[str, Any]:
-    """The CoT study: LoRA on the up/down projections, influence at step 0 and every save."""
+    """The CoT study: LoRA (up/down projections by default), influence at step 0 and every save."""
     report_to = ["tensorboard"] if _has_tensorboard() else []
+    source: dict[str, Any] = {"path": "demo:base", "columns": ["prompt", "completion"]}
+    if cfg.examples is not None and cfg.examples < BASE_EXAMPLES:
+        source["weight"] = cfg.examples / BASE_EXAMPLES  # a fractional weight takes a seeded random subset
+    steps = {"max_steps": cfg.max_steps} if cfg.max_steps is not None else {}
+    training = _training(cfg, Path(cfg.output_dir) / "run", cfg.epochs, save_steps=cfg.save_every,
+                         report_to=report_to, **steps)  # fmt: skip
+    engine = {"engine": {"param_filter": cfg.track}} if cfg.track else {}
+    lora = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": 0.05, "target_modules": list(cfg.lora_modules)}
     return {
         "model": {"name_or_path": model},
-        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": 0.05, "target_modules": ["up_proj", "down_proj"]},
-        "data": {"train": [{"path": "demo:base", "columns": ["prompt", "completion"]}]},
-        "training": _training(cfg, Path(cfg.output_dir) / "run", cfg.epochs, save_steps=cfg.save_every,
-                              report_to=report_to),
-        "influence": {"studies": [{"type": "cot", "sets": dict(COT_SETS)}], "schedule": {"at_step_zero": True}},
-    }  # fmt: skip
+        "lora": lora,
+        "data": {"train": [source], "seed": cfg.seed},
+        "training": training,
+        "influence": {
+            "studies": [{"type": "cot", "sets": dict(COT_SETS)}],
+            "schedule": {"at_step_zero": cfg.at_step_zero},
+            **engine,
+        },
+    }
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo study; returns paths of the outputs."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ..store import load_metrics, load_pairs
+    from ..store import load_metrics
     from ..training.config import config_from_dict
     from ..training.train import run_training
 
@@ -102,15 +101,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     else:
         _say(f"loading {model}")
     study = config_from_dict(study_recipe(cfg, model))
-    _say(f"study: LoRA SFT on the base set, influence of the CoT study at step 0 and every {cfg.save_every} steps")
+    _say(f"study: {_schedule(cfg)}")
     trainer = run_training(study)
     run_dir = study.output_dir
-    metrics = load_metrics(run_dir)
-    figure = out / "cot_study.png"
-    plot_metrics(load_pairs(run_dir), metrics, figure, title="Swift study on CoT data (demo)")
-    table = summary_table(metrics)
+    table = summary_table(load_metrics(run_dir))
     report = build_report(run_dir)
+    analysis = analyse(run_dir)  # the report's verdicts, read for the plain-language summary
+    figure = out / "cot_study.png"
+    views = [v for v in analysis.views if v.name == "cot"]
+    plot_panels(study_panels(analysis.history, views[0]), figure, "Swift study on CoT data (demo)")
     accuracy = _accuracy(trainer.model, trainer.processing_class)
+    reading = reading_lines(analysis.verdicts.get("cot", []), analysis.history, _facts(cfg, trainer, accuracy))
     _say(f"done in {time.perf_counter() - start:.0f}s")
     print("\nCoT swift study, average RelInf by metric over the recorded steps:")
     print(table.to_string(float_format=lambda v: f"{v:+.4f}"))
@@ -118,7 +119,26 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"history: {run_dir}/swift_influence   figure: {figure}   report: {report}")
     print(f"recipe: {run_dir}/swift_train_config.yaml (run it again with swift-study train --config)")
     print(f"load it with: swift_callbacks.load_scores({run_dir!r})")
-    return {"run_dir": run_dir, "figure": str(figure), "report": str(report), "summary": table, "accuracy": accuracy}
+    print("\n" + "\n".join(reading))
+    return {"run_dir": run_dir, "figure": str(figure), "report": str(report), "summary": table, "accuracy": accuracy,
+            "reading": reading}  # fmt: skip
+
+
+def _schedule(cfg: DemoConfig) -> str:
+    """The study's schedule in words, for the progress line."""
+    data = f"{cfg.examples} of the {BASE_EXAMPLES}" if cfg.examples else f"all {BASE_EXAMPLES}"
+    length = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs:g} epochs"
+    when = ("at step 0 and " if cfg.at_step_zero else "") + f"every {cfg.save_every} steps"
+    return (f"LoRA SFT ({','.join(cfg.lora_modules)}) for {length} on {data} base examples, influence of the CoT "
+            f"study {when}")  # fmt: skip
+
+
+def _facts(cfg: DemoConfig, trainer, accuracy: float) -> RunFacts:
+    """What the plain-language reading says about the run besides its verdicts."""
+    return RunFacts(
+        tiny=cfg.model is None, model=cfg.model or "tiny", steps=int(trainer.state.global_step),
+        examples=len(trainer.train_dataset), lora_modules=tuple(cfg.lora_modules), accuracy=accuracy,
+    )  # fmt: skip
 
 
 def _accuracy(model, tok) -> float:
