@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,7 @@ import yaml
 from helpers import torch_threads
 
 from swift_callbacks.cli import build_parser, main
-from swift_callbacks.demo.options import BASE_EXAMPLES, PRESETS, QUICK, DemoConfig, DemoError, make_config
+from swift_callbacks.demo.options import BASE_EXAMPLES, PRESETS, QUICK, SMOLLM2, DemoConfig, DemoError, make_config
 from swift_callbacks.demo.reading import verdict_reading
 from swift_callbacks.demo.run import study_recipe
 
@@ -28,12 +29,23 @@ def test_the_default_demo_keeps_the_paper_schedule():
 
 
 def test_a_real_model_gets_the_quick_preset_and_options_override_it():
-    cfg = make_config("out", "smollm2")
-    assert {k: getattr(cfg, k) for k in PRESETS[QUICK]} == PRESETS[QUICK]
-    recipe = study_recipe(cfg, "smollm2")
+    cfg = make_config("out", "some/model")
+    assert {k: getattr(cfg, k) for k in PRESETS[QUICK]} == PRESETS[QUICK] and cfg.lora_layers is None
+    recipe = study_recipe(cfg, "some/model")
     assert recipe["training"]["max_steps"] == 24 and recipe["training"]["max_length"] == 128
     assert recipe["data"]["train"][0]["weight"] * BASE_EXAMPLES == pytest.approx(96)
     assert recipe["influence"]["engine"] == {"param_filter": "lora_B"}
+    assert recipe["lora"]["target_modules"] == ["up_proj", "down_proj"]
+    # smollm2 (30 layers): the quick schedule with LoRA on the last 6 layers, as one regex PEFT matches whole names
+    smol = make_config("out", "smollm2")
+    assert {k: getattr(smol, k) for k in PRESETS[SMOLLM2]} == PRESETS[SMOLLM2] and smol.lora_layers == "24-29"
+    pattern = study_recipe(smol, "smollm2")["lora"]["target_modules"]
+    assert re.fullmatch(pattern, "model.layers.24.mlp.up_proj") and re.fullmatch(
+        pattern, "model.layers.29.mlp.down_proj"
+    )
+    assert not re.fullmatch(pattern, "model.layers.2.mlp.up_proj") and not re.fullmatch(
+        pattern, "model.layers.24.self_attn.q_proj"
+    )
     args = build_parser().parse_args(["demo", "--output-dir", "o", "--model", "m", "--max-steps", "8",
                                       "--lora-modules", "down_proj", "--no-at-step-zero"])  # fmt: skip
     cfg = make_config(args.output_dir, args.model, args.preset, **_options(args))
@@ -53,6 +65,7 @@ def _options(args) -> dict:
         (["--examples", "1000"], f"--examples 1000: the bundled base set has {BASE_EXAMPLES} examples"),
         (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
         (["--lora-modules", ","], "--lora-modules must name modules"),
+        (["--lora-layers", "9-3"], "--lora-layers must be a range FIRST-LAST of layer numbers, got '9-3'"),
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path, capsys, argv, message):

@@ -9,8 +9,12 @@ Presets:
 * ``paper``: the paper's schedule on the bundled base set (all 480 examples, 6 epochs, a save every 30 steps,
   LoRA on every layer's up/down projections). The default for the offline tiny model.
 * ``quick``: a short schedule sized for a real pretrained model on a CPU (the default with ``--model``): a seeded
-  subset of 96 examples, 24 steps, a save every 6 steps (5 checkpoints with step 0), LoRA on the up/down
-  projections. Enough to see the instrument at work on a real model in minutes; far too short to be evidence.
+  subset of 96 examples, 24 steps of 8, a save every 6 steps (5 checkpoints with step 0), LoRA on the up/down
+  projections, influence through the LoRA B matrices only (``--track lora_B``: at step 0, where B is zero, that is
+  the whole LoRA gradient, and the engine's self-check then covers every tracked block at its first computation).
+  Enough to see the instrument at work on a real model in minutes; far too short to be evidence.
+* ``smollm2``: ``quick`` with LoRA on the last 6 of SmolLM2-135M's 30 decoder layers (``--lora-layers 24-29``),
+  so the backward passes of training and influence stop there. The default with ``--model smollm2``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 
 from ..errors import UserError
 
-PAPER, QUICK = "paper", "quick"
+PAPER, QUICK, SMOLLM2 = "paper", "quick", "smollm2"
 BASE_EXAMPLES = 480  # rows of the bundled base set (assets/data/base.jsonl)
 
 
@@ -59,6 +63,9 @@ class DemoConfig:
         default_factory=lambda: ["up_proj", "down_proj"],
         metadata={"help": "comma-separated module name suffixes LoRA adapts (and influence tracks)", "csv": True},
     )
+    lora_layers: str | None = _opt(
+        None, "adapt only the decoder layers in this range, e.g. 24-29 (modules named ...layers.N...<module>)"
+    )
     track: str | None = _opt(
         None, "regex on parameter names: track influence through these trainable parameters only (default: all)"
     )
@@ -80,6 +87,22 @@ class DemoConfig:
             raise DemoError(f"--epochs must be > 0, got {self.epochs:g}")
         if not self.lora_modules or not all(m.strip() for m in self.lora_modules):
             raise DemoError(f"--lora-modules must name modules, got {','.join(self.lora_modules)!r}")
+        if self.lora_layers is not None:
+            self.layer_range  # noqa: B018  (raises on a malformed range)
+
+    @property
+    def layer_range(self) -> tuple[int, int] | None:
+        """``(first, last)`` decoder layer of ``lora_layers`` (inclusive), or None for every layer."""
+        if self.lora_layers is None:
+            return None
+        first, _, last = self.lora_layers.partition("-")
+        try:
+            bounds = int(first), int(last or first)
+        except ValueError:
+            bounds = (-1, -1)
+        if not 0 <= bounds[0] <= bounds[1]:
+            raise DemoError(f"--lora-layers must be a range FIRST-LAST of layer numbers, got {self.lora_layers!r}")
+        return bounds
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -94,12 +117,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "track": "lora_B",
     },
 }
+# SmolLM2-135M has 30 decoder layers: LoRA on the last 6 keeps the backward pass (training and influence) short.
+PRESETS[SMOLLM2] = {**PRESETS[QUICK], "lora_layers": "24-29"}
 """Field values of each preset over :class:`DemoConfig`'s defaults."""
 
 
 def default_preset(model: str | None) -> str:
-    """``paper`` for the offline tiny model, ``quick`` for a real model (``--model``)."""
-    return PAPER if model is None else QUICK
+    """``paper`` for the offline tiny model, ``smollm2`` for that model, ``quick`` for another real model."""
+    if model is None:
+        return PAPER
+    return SMOLLM2 if model == SMOLLM2 else QUICK
 
 
 def make_config(output_dir: str, model: str | None = None, preset: str | None = None, **options: Any) -> DemoConfig:
@@ -130,7 +157,8 @@ def add_demo_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset", choices=list(PRESETS), default=None,
         help=f"a set of the values below: {PAPER} (default for the tiny model: all {BASE_EXAMPLES} examples, "
-        f"6 epochs) or {QUICK} (default with --model: {_describe(QUICK)})",
+        f"6 epochs), {QUICK} (default with --model: {_describe(QUICK)}) or {SMOLLM2} (default with --model "
+        f"{SMOLLM2}: {QUICK} and {_describe(SMOLLM2, QUICK)})",
     )  # fmt: skip
     for f in _tunable():
         default = PRESETS[PAPER].get(f.name, _default(f))
@@ -171,5 +199,7 @@ def _show(value: Any) -> str:
     )
 
 
-def _describe(preset: str) -> str:
-    return ", ".join(f"{_flag(k)} {_show(v)}" for k, v in PRESETS[preset].items())
+def _describe(preset: str, over: str | None = None) -> str:
+    """The options of ``preset`` (those that differ from preset ``over``) as command-line words."""
+    base = PRESETS[over] if over else {}
+    return ", ".join(f"{_flag(k)} {_show(v)}" for k, v in PRESETS[preset].items() if base.get(k, None) != v)

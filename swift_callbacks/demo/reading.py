@@ -26,6 +26,7 @@ class RunFacts:
         examples: Training examples the study trained on.
         lora_modules: Module suffixes LoRA adapted (and influence tracked).
         accuracy: Held-out exact match of the final model on Z'.
+        lora_layers: The decoder layers LoRA adapted (None: every layer).
     """
 
     tiny: bool
@@ -34,6 +35,7 @@ class RunFacts:
     examples: int
     lora_modules: tuple[str, ...]
     accuracy: float
+    lora_layers: str | None = None
 
 
 def reading_lines(verdicts: list, history, facts: RunFacts) -> list[str]:
@@ -69,7 +71,9 @@ def verdict_reading(v) -> str:
         f"(mean difference {v.mean_diff:+.3g}); above it beyond doubt at {ahead} of {n} checkpoints, below at {behind}"
     )
     if fragile:
-        head += f", not robust at {fragile} (the mean's interval clears zero but the median or the cosine disagrees)"
+        why = getattr(v, "not_robust_why", "")
+        head += (f", not robust at {fragile} (the mean's interval clears zero but the median or the cosine disagrees"
+                 f"{'; driven by ' + why if why else ''})")  # fmt: skip
     head += f", and at {unclear} the 95% interval of the difference contains zero."
     return f"{head} {_conclusion(v, data)}{_extras(v)}"
 
@@ -128,7 +132,7 @@ def _model_caution(facts: RunFacts) -> str:
             f"{facts.accuracy:.0%}): its numbers show the instrument working and say nothing about real models or "
             "real CoT data."
         )
-    modules = ",".join(facts.lora_modules)
+    modules = ",".join(facts.lora_modules) + (f" of layers {facts.lora_layers}" if facts.lora_layers else "")
     return (
         f"A short run on {facts.model}: {facts.steps} LoRA steps ({modules}) on {facts.examples} examples, one seed "
         f"(held-out exact match {facts.accuracy:.0%}). It shows the instrument on a real model, not evidence about "
@@ -144,6 +148,6 @@ def _few_pairs_caution(v) -> str:
     if heavy:
         text += f" at {heavy} of {v.n} checkpoints its largest pairs hold more than half of its summed |RelInf|"
     if collapsed:
-        text += (f"{';' if heavy else ''} {collapsed} pair-checkpoint(s) behind its non-robust calls sit on "
-                 "evaluation examples whose gradient has collapsed (RelInf divides by |∇z0|²)")  # fmt: skip
+        text += (f"{';' if heavy else ''} {collapsed} collapsed evaluation gradient(s) (example x checkpoint) lie "
+                 "under its not-robust calls (RelInf divides by |∇z0|²: a learned example weighs more)")  # fmt: skip
     return text + ", so its mean follows those few examples (the report's verdict table has the details)."

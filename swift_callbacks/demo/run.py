@@ -8,15 +8,18 @@ on a checked :class:`~swift_callbacks.training.config.TrainConfig`), plus a figu
    ``--model``, needs none). Saved to ``OUTPUT/warmup``.
 2. The study: LoRA SFT (up/down projections, as in the paper) on the base set with ``InfluenceCallback`` tracking
    the CoT study (Z, Z', Z'') at step 0 and every save. ``OUTPUT/run/swift_train_config.yaml`` is its recipe,
-   runnable again with ``swift-study train --config``.
-3. A PNG figure of the four CoT-study curves (like the paper's Figure 1), a summary table, and the full
-   ``swift-study report`` (per-context panels, verdicts, length/gradient-norm diagnostics).
+   runnable again with ``swift-study train --config``. Its schedule comes from a preset (``options``): the paper's
+   for the tiny model, a short one for a real model.
+3. The figure (``OUTPUT/cot_study.png``: the report's in-task and cross-task panels of the CoT study), a summary
+   table, the full ``swift-study report`` (verdicts, robust statistics, length/gradient-norm diagnostics), and a
+   plain-language reading of the report's verdicts with its cautions (``reading``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -68,7 +71,7 @@ def study_recipe(cfg: DemoConfig, model: str) -> dict[str, Any]:
     training = _training(cfg, Path(cfg.output_dir) / "run", cfg.epochs, save_steps=cfg.save_every,
                          report_to=report_to, **steps)  # fmt: skip
     engine = {"engine": {"param_filter": cfg.track}} if cfg.track else {}
-    lora = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": 0.05, "target_modules": list(cfg.lora_modules)}
+    lora = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": 0.05, "target_modules": lora_targets(cfg)}
     return {
         "model": {"name_or_path": model},
         "lora": lora,
@@ -80,6 +83,16 @@ def study_recipe(cfg: DemoConfig, model: str) -> dict[str, Any]:
             **engine,
         },
     }
+
+
+def lora_targets(cfg: DemoConfig) -> list[str] | str:
+    """``lora.target_modules``: the module suffixes, or with ``lora_layers`` a regex PEFT matches whole names with."""
+    if cfg.layer_range is None:
+        return list(cfg.lora_modules)
+    first, last = cfg.layer_range
+    layers = "|".join(str(i) for i in range(first, last + 1))
+    modules = "|".join(re.escape(m) for m in cfg.lora_modules)
+    return rf".*\.layers\.({layers})\.(.*\.)?({modules})"
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -129,8 +142,8 @@ def _schedule(cfg: DemoConfig) -> str:
     data = f"{cfg.examples} of the {BASE_EXAMPLES}" if cfg.examples else f"all {BASE_EXAMPLES}"
     length = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.epochs:g} epochs"
     when = ("at step 0 and " if cfg.at_step_zero else "") + f"every {cfg.save_every} steps"
-    return (f"LoRA SFT ({','.join(cfg.lora_modules)}) for {length} on {data} base examples, influence of the CoT "
-            f"study {when}")  # fmt: skip
+    modules = ",".join(cfg.lora_modules) + (f" of layers {cfg.lora_layers}" if cfg.lora_layers else "")
+    return f"LoRA SFT ({modules}) for {length} on {data} base examples, influence of the CoT study {when}"
 
 
 def _facts(cfg: DemoConfig, trainer, accuracy: float) -> RunFacts:
@@ -138,6 +151,7 @@ def _facts(cfg: DemoConfig, trainer, accuracy: float) -> RunFacts:
     return RunFacts(
         tiny=cfg.model is None, model=cfg.model or "tiny", steps=int(trainer.state.global_step),
         examples=len(trainer.train_dataset), lora_modules=tuple(cfg.lora_modules), accuracy=accuracy,
+        lora_layers=cfg.lora_layers,
     )  # fmt: skip
 
 
