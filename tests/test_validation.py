@@ -167,3 +167,17 @@ def test_a_tiny_study_end_to_end_and_a_rerun_trains_nothing(tmp_path, monkeypatc
 def test_the_shipped_recipe_loads():
     config = load_validation_config(RECIPE)
     assert [v.name for v in config.parsed_variants()] == ["base", "base+cot", "base->cot"]
+
+
+@pytest.mark.parametrize("name", ["table2_paper.yaml", "silly_rules.yaml", "scalequest_check.yaml"])
+def test_the_paper_templates_have_no_unknown_keys_or_variants(name):
+    from swift_callbacks.configuration import build, load_yaml
+    from swift_callbacks.training.config import config_from_dict
+    from swift_callbacks.validation import ValidationConfig
+
+    folder = RECIPE.parents[1] / "validation"
+    config = build(ValidationConfig, load_yaml(folder / name), "")  # placeholders: no file is opened
+    recipe = config_from_dict(load_yaml(folder / config.recipe), resolve_files=False)
+    studies = {s.type for s in recipe.influence.studies}
+    assert all(s.study in studies for s in config.strategies.values() if s.study)
+    assert [v.name for v in config.parsed_variants()][0] == "base"
