@@ -65,7 +65,7 @@ def plot_metrics(pairs: pd.DataFrame, metrics: pd.DataFrame, path: str | os.Path
     ax.legend([*handles, Patch(color="grey", alpha=0.25, linewidth=0)], [*labels, "shaded: mean ± 1.96 SE over pairs"],
               fontsize=8)  # fmt: skip
     ax.grid(alpha=0.3)
-    fig.text(0.5, 0.0, f"Shaded: mean ± 1.96 standard errors over pairs (a normal 95% interval). {CLIP_TEXT}",
+    fig.text(0.5, 0.0, f"Shaded: mean ± 1.96 standard errors over pairs (a normal 95% interval); {FENCE_TEXT}.",
              ha="center", va="top", fontsize=7, wrap=True)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
@@ -109,10 +109,11 @@ BAND_TEXT = "shaded: 95% interval of the mean over pairs (percentile bootstrap, 
 # plotted means is left outside the axis (drawn at the edge as a marker with its value), so one spike (e.g. a
 # collapsed evaluation gradient) cannot squash the other curves of the panel.
 FENCE_IQR = 3.0
-CLIP_TEXT = (
-    f"Each panel has its own y scale; a point beyond {FENCE_IQR:g} interquartile ranges of the panel's plotted "
-    "means is drawn at the axis edge as ▲/▼ with its value."
+FENCE_TEXT = (
+    f"a point beyond {FENCE_IQR:g} interquartile ranges of the plotted means is drawn at the axis edge as ▲/▼ with "
+    "its value"
 )
+CLIP_TEXT = f"Each panel has its own y scale; in a panel, {FENCE_TEXT}."
 
 
 PANEL_TEXT = {
