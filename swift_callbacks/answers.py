@@ -107,7 +107,7 @@ def normalize_answer(answer: str) -> str:
     Returns:
         The canonical string (empty when nothing is left).
     """
-    text = unicodedata.normalize("NFKC", answer).strip()
+    text = unicodedata.normalize("NFKC", answer).strip().replace("\u2212", "-")  # NFKC keeps the minus sign
     text = re.sub(r"\\text\{([^{}]*)\}", r"\1", text)
     for junk in ("$", "\\left", "\\right", "\\!", "\\,", "\\;", "\\ "):
         text = text.replace(junk, "")
@@ -215,11 +215,14 @@ def _unwrap(text: str) -> str:
     return text
 
 
-# "The answer is 42", "Final answer: 42", "answer: **42**" — the last such statement in the reply counts.
+# "The answer is 42", "Final answer: 42", "answer: **42**", "**Answer:** 42" — the last such statement counts.
 _ANSWER_IS = re.compile(
-    r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*[:：]|^\s*answer\s*[:：])\s*[:：]?\s*(.+?)\s*$",
+    r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer[ \t*_]*[:：]|^[ \t>#*_-]*answer[ \t*_]*[:：])"
+    r"[ \t*_]*[:：]?\s*(.+?)\s*$",
     re.IGNORECASE | re.MULTILINE,
 )
+# The last number of a reply: "23," is 23 and "10-12" ends with 12, not -12 (a sign only where no word precedes).
+_LAST_NUMBER = re.compile(r"(?:(?<![\w.)])[-+])?\d(?:[\d,]*\d)?(?:\.\d+)?")
 _HASHES = re.compile(r"####\s*(.*?)\s*$", re.MULTILINE)
 _WRAPPERS = " \t*_`\"'“”$"
 _SENTENCE_END = re.compile(r"(?<=[.。!！?？])\s+")  # "87. Easy." ends at "87."; "3.5" is one token
@@ -248,11 +251,14 @@ def final_answer(reply: str, *, last_number: bool = False) -> str | None:
     for pattern in (_HASHES, _ANSWER_IS):
         matches = list(pattern.finditer(text))
         if matches:
-            return _tidy(_SENTENCE_END.split(matches[-1].group(1), maxsplit=1)[0])
+            answer = matches[-1].group(1)
+            while (later := pattern.search(answer)) is not None:  # "The answer is 3. No, the answer is 4."
+                answer = later.group(1)
+            return _tidy(_SENTENCE_END.split(answer, maxsplit=1)[0])
     if "\n" not in text:
         return _tidy(text)
     if last_number:
-        numbers = re.findall(r"[-+]?\d[\d,]*(?:\.\d+)?", text)
+        numbers = _LAST_NUMBER.findall(text)
         return _tidy(numbers[-1]) if numbers else None
     return None
 

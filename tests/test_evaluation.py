@@ -54,6 +54,9 @@ def _write(path, rows):
         ("<think>maybe 3</think>Answer: B", "B"),
         ("step one\nstep two gives 5", None),  # several lines, no marker: no answer, never a guess
         ("<think>never closed 5", None),
+        ("Adding up.\n**Answer:** 72", "72"),  # Markdown around the marker
+        ("Adding up.\n- **Final Answer**: 72", "72"),
+        ("The answer is 72. Wait, no: the answer is 73.", "73"),  # the last statement, even on one line
     ],
 )
 def test_final_answer_reads_markers_strictly(reply, answer):
@@ -62,6 +65,10 @@ def test_final_answer_reads_markers_strictly(reply, answer):
 
 def test_last_number_fallback_and_answer_equality():
     assert final_answer("step one\nstep two gives 5", last_number=True) == "5"
+    assert final_answer("step one\nso 12, then 23, done", last_number=True) == "23"  # not "23,"
+    assert final_answer("step one\npages 10-12", last_number=True) == "12"  # not -12
+    assert final_answer("step one\nx = -5", last_number=True) == "-5"
+    assert same_answer("\u22123", "-3")  # the Unicode minus sign
     assert same_answer("1,000", "1000") and same_answer("87.0", "87") and same_answer("0.5", "\\frac{1}{2}")
     assert same_answer("b", "B") and same_answer("4 5 6", "4 5 6")
     assert not same_answer(None, "87") and not same_answer("187", "87") and not same_answer("", "")
