@@ -180,4 +180,4 @@ def test_the_paper_templates_have_no_unknown_keys_or_variants(name):
     recipe = config_from_dict(load_yaml(folder / config.recipe), resolve_files=False)
     studies = {s.type for s in recipe.influence.studies}
     assert all(s.study in studies for s in config.strategies.values() if s.study)
-    assert [v.name for v in config.parsed_variants()][0] == "base"
+    assert config.parsed_variants()[0].name == "base"
