@@ -104,6 +104,53 @@ def test_max_steps_cannot_order_epochs(tmp_path):
         run_recipe(config, run)
 
 
+def test_the_dry_run_checks_every_run_before_any_training(tmp_path, capsys):
+    for recipe_change, strategy_data, message in [
+        ({"max_steps": 5}, None, r"variant base->cot \(seed 0\): recipe.training.max_steps"),
+        ({"num_train_epochs": 1.5}, None, r"variant base->cot .*whole epochs, got 1.5"),
+        ({}, ["nope.jsonl"], r"variant base\+cot \(seed 0\): .*file 'nope.jsonl' not found"),
+    ]:
+        data = _data(tmp_path)
+        data["recipe"]["training"].update(recipe_change)
+        if strategy_data:
+            data["strategies"]["cot"]["data"] = strategy_data
+        path = tmp_path / "v.yaml"
+        path.write_text(yaml.safe_dump(data), encoding="utf-8")
+        assert cli_main(["validate", "--config", str(path), "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and __import__("re").search(message, err), err
+
+
+def test_a_run_of_another_recipe_is_never_reused_or_resumed(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_training(recipe, influence):
+        trained.append(Path(recipe.training["output_dir"]).name)
+        (Path(recipe.training["output_dir"]) / "checkpoint-1").mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(study_module, "run_training", fake_training)
+    data = _data(tmp_path, variants=["base", "base->cot"])
+    study_module.train_all(config := validation_config(copy.deepcopy(data)), plan(config))
+    assert trained == ["base-seed0", "base_then_cot-seed0"]
+    study_module.train_all(config, plan(config))  # the same recipe: nothing to train
+    assert len(trained) == 2
+    changed = copy.deepcopy(data)
+    changed["recipe"]["training"]["learning_rate"] = 0.5
+    config = validation_config(changed)
+    with pytest.raises(ConfigError, match=r"runs/base-seed0: trained with another recipe or data"):
+        study_module.train_all(config, plan(config))
+    # A run stopped part way with another recipe is not resumed either; nothing is trained before the check.
+    done = tmp_path / "study" / "runs" / "base_then_cot-seed0" / "validation_run.json"
+    done.unlink()
+    again = copy.deepcopy(data)
+    again["strategies"]["cot"]["data"] = [{"path": "demo:cot_study_z_cot", "columns": ["prompt", "completion"],
+                                           "weight": 2}]  # fmt: skip
+    config = validation_config(again)
+    with pytest.raises(ConfigError, match=r"base_then_cot-seed0: trained with another recipe"):
+        study_module.train_all(config, plan(config))
+    assert len(trained) == 2
+
+
 class _V:
     def __init__(self, n, beats, behind):
         self.n, self.beats, self.behind = n, beats, behind

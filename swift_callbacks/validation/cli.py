@@ -23,11 +23,12 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
 
 def validate_command(args: argparse.Namespace) -> int:
     from .config import load_validation_config
-    from .study import _markdown, plan, run_validation
+    from .study import _markdown, check_runs, plan, run_validation
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     config = load_validation_config(args.config, args.overrides)
     if args.dry_run:
+        check_runs(config, plan(config))
         for run in plan(config):
             print(f"{run.variant.name:<24} seed {run.seed:<4} -> {run.folder}" + ("  (swift study)" * run.influence))
         return 0

@@ -2,11 +2,15 @@
 the agreement of the swift verdicts with the measured accuracy changes.
 
 Each step can be rerun: a finished run (its ``validation_run.json`` marker) is not trained again, an interrupted
-one resumes from its last checkpoint, and the evaluation reuses its per-example records.
+one resumes from its last checkpoint, and the evaluation reuses its per-example records. Every run folder records
+the fingerprint of the recipe it was trained with (``validation_recipe.json``, written before training starts): a
+rerun whose config gives that run another recipe or data stops, naming the folder, before anything is trained,
+instead of reusing or resuming a run of other settings.
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import logging
@@ -20,6 +24,7 @@ import pandas as pd
 
 from ..configuration import ConfigError
 from ..evaluation import EvalResults, evaluate
+from ..evaluation.records import file_digest, fingerprint
 from ..training.config import config_from_dict
 from ..training.data import build_mixture
 from ..training.train import run_training
@@ -28,6 +33,7 @@ from .tables import agreement_table, table2
 
 logger = logging.getLogger(__name__)
 DONE_MARKER = "validation_run.json"
+RECIPE_MARKER = "validation_recipe.json"
 SEQUENCE_FILE = "variant_train.jsonl"
 
 
@@ -72,10 +78,74 @@ def run_recipe(config: ValidationConfig, run: RunSpec) -> dict[str, Any]:
         training.update(num_train_epochs=1, train_sampling_strategy="sequential")
     if not run.influence:
         recipe.pop("influence", None)
-    if training.get("save_strategy") == "no" and run.influence:
-        raise ConfigError("recipe.training.save_strategy: the Base run computes influence at saves; do not set 'no'")
+    _check_training(run, training)
     recipe.update(training=training, data=data)
     return recipe
+
+
+def _check_training(run: RunSpec, training: dict) -> None:
+    if training.get("save_strategy") == "no" and run.influence:
+        raise ConfigError("recipe.training.save_strategy: the Base run computes influence at saves; do not set 'no'")
+    if not run.variant.after:
+        return
+    if int(training.get("max_steps", -1) or -1) > 0:
+        raise ConfigError("recipe.training.max_steps: base->X orders the data within epochs and max_steps would cut "
+                          "it short; give num_train_epochs instead")  # fmt: skip
+    epochs = training.get("num_train_epochs", 3)
+    if float(epochs) != int(epochs) or int(epochs) < 1:
+        raise ConfigError(f"recipe.training.num_train_epochs: base->X orders data within whole epochs, got {epochs}")
+
+
+def check_runs(config: ValidationConfig, runs: list[RunSpec]) -> None:
+    """Checks the recipe of every run before anything is trained (what would otherwise stop the study after hours
+    of training: a strategy file that is missing, ``max_steps`` with base->X, ...).
+
+    Raises:
+        ConfigError: The first problem, naming the variant.
+    """
+    for run in runs:
+        recipe = config.recipe_data()
+        training = {**(recipe.get("training") or {}), "output_dir": str(run.folder), "seed": run.seed}
+        data = dict(recipe.get("data") or {})
+        strategies = [_plain(s) for name in run.variant.strategies for s in config.strategies[name].data]
+        data["train"] = list(data.get("train") or []) + strategies
+        if not run.influence:
+            recipe.pop("influence", None)
+        recipe.update(training=training, data=data)
+        try:
+            _check_training(run, training)
+            config_from_dict(recipe, base_dir=_recipe_dir(config))
+        except ConfigError as err:
+            raise ConfigError(f"variant {run.variant.name} (seed {run.seed}): {err}") from None
+
+
+def recipe_fingerprint(run: RunSpec, recipe: dict[str, Any]) -> str:
+    """What decides a run's training: its recipe (wherever its folder lies) and, for base->X, its ordered data."""
+    data = copy.deepcopy(recipe)
+    data["training"].pop("output_dir", None)
+    data["training"].pop("resume_from_checkpoint", None)
+    if run.variant.after:
+        data["data"]["train"] = [file_digest(path) for path in data["data"]["train"]]
+    return fingerprint(data)
+
+
+def _check_same_recipe(run: RunSpec, recipe_id: str) -> None:
+    """A run folder trained (or started) with another recipe is refused, never reused or resumed."""
+    for name in (DONE_MARKER, RECIPE_MARKER):
+        marker = run.folder / name
+        if not marker.is_file():
+            continue
+        try:
+            recorded = json.loads(marker.read_text(encoding="utf-8")).get("recipe")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            recorded = None
+        if recorded != recipe_id:
+            raise ConfigError(f"{run.folder}: trained with another recipe or data than the config now gives "
+                              f"({run.variant.name}, seed {run.seed}); delete the folder to train it again, or give "
+                              "another output_dir")  # fmt: skip
+        return
+    if any(run.folder.glob("checkpoint-*")):
+        raise ConfigError(f"{run.folder}: holds checkpoints of an unknown recipe; delete it or give another output_dir")
 
 
 def _plain(source: Any) -> Any:
@@ -88,12 +158,8 @@ def _write_sequence(config: ValidationConfig, run: RunSpec, base_sources: list, 
     """``base->X``: per epoch, the Base data shuffled, then the strategies' data (mixed) shuffled; written once."""
     from datasets import concatenate_datasets
 
-    if int(training.get("max_steps", -1) or -1) > 0:
-        raise ConfigError("recipe.training.max_steps: base->X orders the data within epochs and max_steps would cut "
-                          "it short; give num_train_epochs instead")  # fmt: skip
+    _check_training(run, training)
     epochs = training.get("num_train_epochs", 3)
-    if float(epochs) != int(epochs) or int(epochs) < 1:
-        raise ConfigError(f"recipe.training.num_train_epochs: base->X orders data within whole epochs, got {epochs}")
     # The Base sources are read as the recipe reads them (paths relative to its folder, demo: files, columns).
     shell = {"model": {"name_or_path": "tiny"}, "data": {"train": base_sources}, "training": {"output_dir": "x"}}
     base_cfg = config_from_dict(shell, base_dir=_recipe_dir(config))
@@ -118,12 +184,22 @@ def _recipe_dir(config: ValidationConfig) -> Path:
 
 
 def train_all(config: ValidationConfig, runs: list[RunSpec]) -> None:
-    """Trains every run not finished yet (an interrupted one resumes from its last checkpoint)."""
-    for i, run in enumerate(runs, start=1):
+    """Trains every run not finished yet (an interrupted one resumes from its last checkpoint).
+
+    Raises:
+        ConfigError: A run folder trained or started with another recipe (checked for every run first).
+    """
+    check_runs(config, runs)
+    recipes = [run_recipe(config, run) for run in runs]
+    ids = [recipe_fingerprint(run, recipe) for run, recipe in zip(runs, recipes, strict=True)]
+    for run, recipe_id in zip(runs, ids, strict=True):
+        _check_same_recipe(run, recipe_id)
+    for i, (run, recipe, recipe_id) in enumerate(zip(runs, recipes, ids, strict=True), start=1):
         if (run.folder / DONE_MARKER).is_file():
             logger.info("[%d/%d] %s: trained already", i, len(runs), run.folder.name)
             continue
-        recipe = run_recipe(config, run)
+        run.folder.mkdir(parents=True, exist_ok=True)
+        (run.folder / RECIPE_MARKER).write_text(json.dumps({"recipe": recipe_id}), encoding="utf-8")
         if any(run.folder.glob("checkpoint-*")):
             recipe["training"]["resume_from_checkpoint"] = "last"
         print(f"[swift-study validate] [{i}/{len(runs)}] training {run.variant.name} (seed {run.seed})"
@@ -131,7 +207,7 @@ def train_all(config: ValidationConfig, runs: list[RunSpec]) -> None:
         trainer = run_training(config_from_dict(recipe, base_dir=_recipe_dir(config)), influence=run.influence)
         del trainer
         gc.collect()
-        info = {"variant": run.variant.name, "seed": run.seed, "influence": run.influence}
+        info = {"variant": run.variant.name, "seed": run.seed, "influence": run.influence, "recipe": recipe_id}
         (run.folder / DONE_MARKER).write_text(json.dumps(info), encoding="utf-8")
 
 
