@@ -106,6 +106,8 @@ def test_rows_of_every_shape_become_examples(tmp_path):
         ({"prompt": "Q", "completion": "a\nb"}, "exact_match", r"no 'answer' field, and no final"),
         ({"prompt": "Q"}, "exact_match", r"no gold answer: give an 'answer' field"),
         ({"prompt": ""}, "exact_match", r"'prompt' is empty"),
+        ({"prompt": "Q", "answer": [1, 2]}, "exact_match", r"'answer' must be text or a number, got list"),
+        ({"prompt": "Q", "answer": True}, "exact_match", r"'answer' must be text or a number, got bool"),
         ({"question": "Q", "choices": "nonsense", "answer": 0}, "choice", r"'choices' is text that is not a list"),
         ({"question": "Q", "choices": ["a", "b"], "answer": 2}, "choice", r"'answer' index 2 is outside the 2"),
         ({"question": "Q", "choices": ["a", "b"], "answer": "c"}, "choice", r"'answer' 'c' is not an index"),
@@ -116,6 +118,13 @@ def test_rows_of_every_shape_become_examples(tmp_path):
 def test_bad_rows_are_named(tmp_path, row, metric, message):
     with pytest.raises(SetError, match=rf"Set 'bad', example '0': {message}"):
         read_examples(EvalSetConfig("bad", _write(tmp_path / "b.jsonl", [row]), metric=metric))
+
+
+def test_a_damaged_parquet_file_is_named(tmp_path):
+    path = tmp_path / "set.parquet"
+    path.write_bytes(b"not parquet")
+    with pytest.raises(SetError, match=r"Set 'p': cannot read .*set.parquet"):
+        read_examples(EvalSetConfig("p", str(path)))
 
 
 # --------------------------------------------------------------------------- prompts as TRL tokenizes them
@@ -277,6 +286,22 @@ def test_an_adapter_that_does_not_fit_is_refused(lora_run, sets_dir, tmp_path):
     save_file(moved, str(bad / "adapter_model.safetensors"))
     with pytest.raises(ConfigError, match=r"checkpoint-9.*adapter tensors .* do not fit the base model"):
         evaluate(_config([str(bad)], sets_dir, tmp_path / "ev"))
+
+
+def test_an_adapter_on_a_base_of_other_shapes_is_refused_in_one_line(lora_run, sets_dir, tmp_path):
+    config = _config([str(lora_run / "checkpoint-2")], sets_dir, tmp_path / "ev")
+    config.base_model = ModelConfig("tiny:hidden_size=32,num_layers=2,seed=0")
+    with pytest.raises(ConfigError, match=r"checkpoint-2'?: its weights do not fit the base model .*size mismatch"):
+        evaluate(config)
+
+
+def test_a_records_file_whose_first_line_is_no_header_is_refused(tmp_path):
+    from swift_callbacks.evaluation.records import RecordFile
+
+    path = tmp_path / "r.jsonl"
+    path.write_text("[1]\n", encoding="utf-8")
+    with pytest.raises(RecordError, match=r"r.jsonl: its header does not match"):
+        RecordFile(path, {"model": "m"})
 
 
 def test_records_resume_after_a_kill_and_a_rerun_loads_no_model(sets_dir, tmp_path, monkeypatch):

@@ -88,7 +88,13 @@ def set_rows(config: EvalSetConfig) -> list[dict]:
             return load_rows(config.path.removeprefix(DEMO_PREFIX))
         except (FileNotFoundError, OSError, ValueError):
             raise SetError(f"Set {config.name!r}: no bundled file {config.path!r}") from None
-    return read_rows(config.name, config.path)
+    try:
+        return read_rows(config.name, config.path)
+    except SetError:
+        raise
+    except (OSError, ValueError) as err:  # a damaged Parquet file (pyarrow's errors are ValueError / OSError)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise SetError(f"Set {config.name!r}: cannot read {config.path!r} ({reason})") from None
 
 
 def _example(config: EvalSetConfig, example_id: str, row: Mapping[str, Any]) -> EvalExample:
@@ -100,6 +106,8 @@ def _example(config: EvalSetConfig, example_id: str, row: Mapping[str, Any]) -> 
         return _choice_example(row, example_id, task, fail)
     prompt, completion = _prompt_and_completion(row, fail)
     reference = _reference(row, completion)
+    if isinstance(row.get("answer"), bool) or not isinstance(row.get("answer"), str | int | float | None):
+        raise fail(f"'answer' must be text or a number, got {type(row['answer']).__name__}")
     if "answer" in row and row["answer"] is not None and str(row["answer"]).strip():
         gold = final_answer(str(row["answer"])) or str(row["answer"]).strip()
     elif reference:

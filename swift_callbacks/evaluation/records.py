@@ -93,7 +93,7 @@ class RecordFile:
                     f"{self.path}: line {number} is damaged; delete the file to evaluate its examples again"
                 ) from None
             if number == 1:
-                if item.get("header") != json.loads(json.dumps(self.header, default=str)):
+                if not isinstance(item, dict) or item.get("header") != json.loads(json.dumps(self.header, default=str)):
                     raise RecordError(f"{self.path}: its header does not match its settings; delete the file")
             else:
                 try:

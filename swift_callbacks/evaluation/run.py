@@ -67,7 +67,14 @@ class Target:
         if self.base is None:
             tokenizer, model = load_model_and_tokenizer(ModelConfig(self.source))
             return tokenizer, model.eval()
-        return load_checkpoint(self.source, self.base)
+        try:
+            return load_checkpoint(self.source, self.base)
+        except RuntimeError as err:  # PEFT / torch: an adapter or weights of another model's shapes
+            if "size mismatch" not in str(err):
+                raise
+            raise ConfigError(f"checkpoint {self.source!r}: its weights do not fit the base model "
+                              f"{self.base.name_or_path!r} (size mismatch); give the model it was trained from "
+                              "with --base-model / base_model") from None  # fmt: skip
 
 
 def _file_identity(path: Path) -> str:
