@@ -362,6 +362,20 @@ def test_judged_generation_over_http(sets_dir, tmp_path):
     assert row.undecided == len(undecided) and row.decided == 6 - len(undecided)
 
 
+def test_a_failed_judge_request_is_asked_again_on_a_rerun(sets_dir, tmp_path):
+    from chat_server import ChatServer
+
+    with ChatServer(responder=lambda body: "Compared.\nVerdict: No") as server:
+        server.inject_nth(1, "500")
+        judge = JudgeConfig(model="judge-model", base_url=server.base_url, max_retries=0)
+        sets = [EvalSetConfig("qa", sets_dir["qa"], metric="judge", max_new_tokens=4, limit=3)]
+        config = EvaluateConfig(models=[TINY], sets=sets, output_dir=str(tmp_path / "ev"), judge=judge, progress=False)
+        first = evaluate(config).records[(TINY, "qa")]
+        assert sum(r.correct is None for r in first.values()) == 1
+        again = evaluate(config).records[(TINY, "qa")]
+        assert server.total == 4 and all(r.correct is False for r in again.values())
+
+
 def test_a_judge_that_fails_every_request_stops_the_evaluation(sets_dir, tmp_path):
     sets = [EvalSetConfig("qa", sets_dir["qa"], metric="judge", max_new_tokens=4)]
     judge = JudgeConfig(model="m", base_url="http://127.0.0.1:9/v1", max_retries=0, timeout=2)

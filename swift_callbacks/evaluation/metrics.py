@@ -37,6 +37,9 @@ style, length and the working; judge only the final answer. Reply with one line 
 that is exactly "Verdict: Yes" or "Verdict: No"."""
 
 
+JUDGE_FAILED = "judge request failed"  # the detail of an example whose judge request failed (redone on a rerun)
+
+
 class JudgeError(UserError):
     """The judge could not be reached or refused every request; the message says which and why."""
 
@@ -152,7 +155,7 @@ class Judged(Metric):
 
 def _judged(example: EvalExample, out: Any, result: Any) -> ExampleRecord:
     if not result.ok:
-        verdict, detail = None, f"judge request failed: {result.error}"
+        verdict, detail = None, f"{JUDGE_FAILED}: {result.error}"
     else:
         verdict = parse_final_verdict(result.texts[0]) if result.texts else None
         detail = result.texts[0] if result.texts else "empty judge reply"

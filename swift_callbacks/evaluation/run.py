@@ -24,7 +24,7 @@ from ..models import ADAPTER_CONFIG, ModelConfig, load_checkpoint, load_model_an
 from ..training.train import CONFIG_FILE
 from .config import EvalSetConfig, EvaluateConfig, JudgeConfig
 from .examples import ALL_TASKS, DEMO_PREFIX, EvalExample, read_examples, set_rows
-from .metrics import Judge, make_metric
+from .metrics import JUDGE_FAILED, Judge, make_metric
 from .records import ExampleRecord, RecordFile, file_digest, fingerprint
 from .stats import Interval, paired_proportions, wilson_interval
 
@@ -194,7 +194,7 @@ def evaluate(config: EvaluateConfig) -> EvalResults:
     records: dict[tuple[str, str], dict[str, ExampleRecord]] = {}
     for target in targets:
         files = {s.name: _record_file(out, target, s, metrics[s.name].settings()) for s in config.sets}
-        todo = {name: f.missing(e.id for e in examples[name]) for name, f in files.items()}
+        todo = {name: _todo(f, examples[name]) for name, f in files.items()}
         if any(todo.values()):
             _evaluate_target(target, config, examples, metrics, files, todo)
         for name, f in files.items():
@@ -203,6 +203,12 @@ def evaluate(config: EvaluateConfig) -> EvalResults:
     _write_table(out / RESULTS_FILE, table)
     _warn_undecided(table)
     return EvalResults(table, records, out, config.bootstrap, config.confidence, config.seed)
+
+
+def _todo(records: RecordFile, examples: list[EvalExample]) -> list[str]:
+    """Ids without a record, and those whose judge request failed (a passing outage, not the judge's answer)."""
+    failed = {i for i, r in records.records.items() if r.correct is None and str(r.detail).startswith(JUDGE_FAILED)}
+    return [e.id for e in examples if e.id not in records.records or e.id in failed]
 
 
 def _record_file(out: Path, target: Target, s: EvalSetConfig, settings: Mapping[str, Any]) -> RecordFile:
