@@ -272,10 +272,33 @@ def _tidy(answer: str) -> str | None:
 
 
 def same_answer(predicted: str | None, gold: str) -> bool:
-    """Whether a predicted final answer equals the gold one: numbers by value (``"87.0"``, ``"1,000"``,
-    ``"\\frac{1}{2}"`` = ``"0.5"``), other text after :func:`normalize_answer` (case, spaces, ``$`` ignored).
-    No prediction is never equal."""
+    """Whether a predicted final answer equals the gold one.
+
+    Numbers compare by value (``"87.0"``, ``"1,000"``, ``"\\frac{1}{2}"`` = ``"0.5"``, ``"−3"`` = ``"-3"``); a
+    numeric gold also matches a prediction that *starts* with that number followed by words without another digit
+    ("18 dollars", "72, because ..."), never one that merely contains it. Other text compares after
+    :func:`normalize_answer` (case, ``$``, spaces ignored), except that spaces between digits count ("7 2" is not
+    "72"). A one-letter option in parentheses ("(B)") is the letter. No prediction is never equal.
+    """
     if predicted is None:
         return False
+    predicted, gold = _option_letter(predicted.replace("\u2212", "-")), _option_letter(gold.replace("\u2212", "-"))
     want = normalize_answer(gold)
-    return bool(want) and normalize_answer(predicted) == want
+    if not want:
+        return False
+    if _DIGITS_APART.search(predicted) or _DIGITS_APART.search(gold):
+        return " ".join(predicted.lower().split()) == " ".join(gold.lower().split())
+    if normalize_answer(predicted) == want:
+        return True
+    lead = _LEADING_NUMBER.match(predicted.strip())
+    return bool(lead) and _as_number(want) is not None and normalize_answer(lead.group(1)) == want
+
+
+_DIGITS_APART = re.compile(r"\d\s+\d")
+# A number, then words without any other digit ("18 dollars", "72, because ..."; not "72.5", "1,000", "87 or 88").
+_LEADING_NUMBER = re.compile(r"^([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?:\s+|,\s*|;\s*)(\D*)$")
+
+
+def _option_letter(text: str) -> str:
+    match = re.fullmatch(r"\s*\(([A-Za-z])\)\s*", text)
+    return match.group(1) if match else text

@@ -260,12 +260,19 @@ def load_checkpoint(folder: str | os.PathLike, base: ModelConfig) -> tuple[Any, 
     tokenizer = load_tokenizer(
         ModelConfig(str(path), trust_remote_code=base.trust_remote_code) if own_tokenizer else base
     )
-    if not (path / ADAPTER_CONFIG).is_file():
-        model = load_model(base, tokenizer, name_or_path=str(path))
-        return tokenizer, model.eval()
-    from peft import PeftModel
+    try:
+        if not (path / ADAPTER_CONFIG).is_file():
+            return tokenizer, load_model(base, tokenizer, name_or_path=str(path)).eval()
+        from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_model(base, tokenizer), str(path), is_trainable=False)
+        model = PeftModel.from_pretrained(load_model(base, tokenizer), str(path), is_trainable=False)
+    except RuntimeError as err:  # PEFT / torch: weights of another model's shapes
+        if "size mismatch" not in str(err):
+            raise
+        raise ConfigError(
+            f"checkpoint {str(path)!r}: its weights do not fit the base model {base.name_or_path!r} "
+            "(size mismatch); give the model it was trained from (--base-model / base_model)"
+        ) from None
     _check_adapter_loaded(model, path)
     return tokenizer, model.eval()
 
@@ -285,7 +292,7 @@ def _check_adapter_loaded(model: Any, path: Path) -> None:
         missing = sorted(set(saved) ^ set(loaded))[:3]
         raise ConfigError(
             f"checkpoint {str(path)!r}: adapter tensors {missing} do not fit the base model; give the model it was "
-            "trained from"
+            "trained from (--base-model / base_model)"
         )
     for name, tensor in saved.items():
         if not torch.equal(loaded[name].detach().cpu().to(tensor.dtype), tensor):

@@ -114,13 +114,26 @@ def _read_file(name: str, path: Path) -> list[dict]:
     if not path.exists():
         raise SetError(f"Set {name!r}: file {str(path)!r} does not exist.")
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as err:
+            raise SetError(
+                f"Set {name!r}: cannot read {str(path)!r} as Parquet ({str(err).splitlines()[0]})."
+            ) from None
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM some editors write is not part of the data
     except UnicodeDecodeError as err:
         raise SetError(f"Set {name!r}: {str(path)!r} is not valid UTF-8 ({err.reason} at byte {err.start}).") from err
+    if suffix == ".json" and text.lstrip().startswith("{") and "\n" in text.strip():
+        try:  # one pretty-printed object: a set of one row
+            single = json.loads(text)
+        except json.JSONDecodeError:
+            single = None  # JSON Lines in a .json file: read line by line below
+        if isinstance(single, dict):
+            return [single]
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)

@@ -337,6 +337,8 @@ def test_records_resume_after_a_kill_and_a_rerun_loads_no_model(sets_dir, tmp_pa
 
 def _judge_responder(body):
     prompt = body["messages"][-1]["content"]
+    if "Reference answer:" not in prompt:  # the reachability check before any model loads
+        return "Verdict: Yes"
     reference = re.search(r"Reference answer:\n(.*?)\n\nAnswer to grade", prompt, re.S).group(1)
     graded = re.search(r"Answer to grade:\n(.*?)\n\nIs the final", prompt, re.S).group(1)
     if reference.endswith("7"):
@@ -356,7 +358,8 @@ def test_judged_generation_over_http(sets_dir, tmp_path):
         asked = server.total
     records = results.records[(TINY, "qa")]
     undecided = [r for r in records.values() if r.correct is None]
-    assert asked == 6 and undecided and all("judge gave no verdict" in r.detail for r in undecided)
+    # the reachability check, then one request per example
+    assert asked == 1 + 6 and undecided and all("judge gave no verdict" in r.detail for r in undecided)
     assert all(r.correct is False for r in records.values() if r.correct is not None)  # a random model is wrong
     row = results.table[results.table.task == "all"].iloc[0]
     assert row.undecided == len(undecided) and row.decided == 6 - len(undecided)
@@ -366,22 +369,33 @@ def test_a_failed_judge_request_is_asked_again_on_a_rerun(sets_dir, tmp_path):
     from chat_server import ChatServer
 
     with ChatServer(responder=lambda body: "Compared.\nVerdict: No") as server:
-        server.inject_nth(1, "500")
+        server.inject_nth(2, "500")  # request 1 is the reachability check
         judge = JudgeConfig(model="judge-model", base_url=server.base_url, max_retries=0)
         sets = [EvalSetConfig("qa", sets_dir["qa"], metric="judge", max_new_tokens=4, limit=3)]
         config = EvaluateConfig(models=[TINY], sets=sets, output_dir=str(tmp_path / "ev"), judge=judge, progress=False)
         first = evaluate(config).records[(TINY, "qa")]
         assert sum(r.correct is None for r in first.values()) == 1
         again = evaluate(config).records[(TINY, "qa")]
-        assert server.total == 4 and all(r.correct is False for r in again.values())
+        assert server.total == (1 + 3) + (1 + 1) and all(r.correct is False for r in again.values())
+
+
+def _only_the_check(body):
+    if "Reference answer:" in body["messages"][-1]["content"]:
+        raise RuntimeError("the judge breaks on real requests")
+    return "Verdict: Yes"
 
 
 def test_a_judge_that_fails_every_request_stops_the_evaluation(sets_dir, tmp_path):
+    from chat_server import ChatServer
+
+    from swift_callbacks.evaluation.metrics import JudgeError
+
     sets = [EvalSetConfig("qa", sets_dir["qa"], metric="judge", max_new_tokens=4)]
-    judge = JudgeConfig(model="m", base_url="http://127.0.0.1:9/v1", max_retries=0, timeout=2)
-    config = EvaluateConfig(models=[TINY], sets=sets, output_dir=str(tmp_path / "ev"), judge=judge, progress=False)
-    with pytest.raises(Exception, match=r"judge failed on every request of a batch of set 'qa'"):
-        evaluate(config)
+    with ChatServer(responder=_only_the_check) as server:
+        judge = JudgeConfig(model="m", base_url=server.base_url, max_retries=0, timeout=5)
+        config = EvaluateConfig(models=[TINY], sets=sets, output_dir=str(tmp_path / "ev"), judge=judge, progress=False)
+        with pytest.raises(JudgeError, match=r"judge failed on every request of a batch of set 'qa'"):
+            evaluate(config)
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -433,3 +447,37 @@ def test_the_offline_real_model_evaluates_a_handful_of_rows(tmp_path):
     tok = load_tokenizer(ModelConfig("smollm2"))
     example = read_examples(sets[0])[0]
     assert tok.decode(prompt_ids(tok, example)).endswith("<|im_start|>assistant\n")  # the chat template's turn
+
+
+@pytest.mark.parametrize(
+    "predicted, gold, equal",
+    [("18 dollars", "18", True), ("72, because 30 and 42", "72", False), ("72, because", "72", True),
+     ("72.5", "72", False), ("1,000 apples", "1000", True), ("7 2", "72", False), ("456", "4 5 6", False),
+     ("4  5 6", "4 5 6", True), ("(B)", "B", True), ("\u22123", "-3", True), ("87 or 88", "87", False)],
+)  # fmt: skip
+def test_answer_equality_edges(predicted, gold, equal):
+    assert same_answer(predicted, gold) is equal
+
+
+def test_set_files_with_a_bom_one_object_or_a_damaged_parquet(tmp_path):
+    bom = tmp_path / "b.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "Q", "answer": "1"}).encode() + b"\n")
+    assert read_examples(EvalSetConfig("b", str(bom)))[0].gold == "1"
+    single = tmp_path / "one.json"
+    single.write_text(json.dumps({"prompt": "Q", "answer": "2"}, indent=2), encoding="utf-8")
+    assert read_examples(EvalSetConfig("one", str(single)))[0].gold == "2"
+    broken = tmp_path / "x.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(SetError, match=r"Set 'x': cannot read .*x.parquet"):
+        read_examples(EvalSetConfig("x", str(broken)))
+
+
+def test_a_judge_that_is_down_fails_before_any_model_loads(sets_dir, tmp_path, monkeypatch):
+    from swift_callbacks.evaluation.metrics import JudgeError
+
+    monkeypatch.setattr(eval_run.Target, "load", lambda self: pytest.fail("loaded a model for a judge that is down"))
+    sets = [EvalSetConfig("qa", sets_dir["qa"], metric="judge", max_new_tokens=4)]
+    judge = JudgeConfig(model="m", base_url="http://127.0.0.1:9/v1", timeout=2)  # 5 retries: the check uses none
+    config = EvaluateConfig(models=[TINY], sets=sets, output_dir=str(tmp_path / "ev"), judge=judge, progress=False)
+    with pytest.raises(JudgeError, match=r"the judge openai:http://127.0.0.1:9/v1:m does not answer"):
+        evaluate(config)

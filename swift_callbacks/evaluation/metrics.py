@@ -85,7 +85,7 @@ class ExactMatch(Metric):
 
     def settings(self) -> dict[str, Any]:
         return {"metric": self.name, "max_new_tokens": self.config.max_new_tokens,
-                "last_number": self.config.last_number, "reader": "final_answer-v2"}  # fmt: skip
+                "last_number": self.config.last_number, "reader": "final_answer-v3"}  # fmt: skip
 
     def score(self, model: Any, tokenizer: Any, examples: list[EvalExample]) -> list[ExampleRecord]:
         outputs = generate(model, tokenizer, [prompt_ids(tokenizer, e) for e in examples], self.config.max_new_tokens)

@@ -18,13 +18,13 @@ import pandas as pd
 import yaml
 
 from ..configuration import ConfigError, build
-from ..generation import Generator, make_backend
+from ..generation import GenerationRequest, Generator, SamplingParams, make_backend
 from ..generation.base import folder_digest
 from ..models import ADAPTER_CONFIG, ModelConfig, load_checkpoint, load_model_and_tokenizer
 from ..training.train import CONFIG_FILE
 from .config import EvalSetConfig, EvaluateConfig, JudgeConfig
 from .examples import ALL_TASKS, DEMO_PREFIX, EvalExample, read_examples, set_rows
-from .metrics import JUDGE_FAILED, Judge, make_metric
+from .metrics import JUDGE_FAILED, Judge, JudgeError, make_metric
 from .records import ExampleRecord, RecordFile, file_digest, fingerprint
 from .stats import Interval, paired_proportions, wilson_interval
 
@@ -67,14 +67,7 @@ class Target:
         if self.base is None:
             tokenizer, model = load_model_and_tokenizer(ModelConfig(self.source))
             return tokenizer, model.eval()
-        try:
-            return load_checkpoint(self.source, self.base)
-        except RuntimeError as err:  # PEFT / torch: an adapter or weights of another model's shapes
-            if "size mismatch" not in str(err):
-                raise
-            raise ConfigError(f"checkpoint {self.source!r}: its weights do not fit the base model "
-                              f"{self.base.name_or_path!r} (size mismatch); give the model it was trained from "
-                              "with --base-model / base_model") from None  # fmt: skip
+        return load_checkpoint(self.source, self.base)
 
 
 def _file_identity(path: Path) -> str:
@@ -192,10 +185,18 @@ def evaluate(config: EvaluateConfig) -> EvalResults:
     judge = build_judge(config.judge, out / "judge-cache") if config.judge is not None else None
     metrics = {s.name: make_metric(s, judge) for s in config.sets}
     records: dict[tuple[str, str], dict[str, ExampleRecord]] = {}
+    judge_checked = False
     for target in targets:
         files = {s.name: _record_file(out, target, s, metrics[s.name].settings()) for s in config.sets}
         todo = {name: _todo(f, examples[name]) for name, f in files.items()}
         if any(todo.values()):
+            if (
+                judge is not None
+                and not judge_checked
+                and any(todo[s.name] for s in config.sets if s.metric == "judge")
+            ):
+                check_judge(judge)  # before loading a model: a judge that is down fails in seconds, not a batch later
+                judge_checked = True
             _evaluate_target(target, config, examples, metrics, files, todo)
         for name, f in files.items():
             records[(target.label, name)] = {e.id: f.records[e.id] for e in examples[name]}
@@ -261,6 +262,27 @@ def build_judge(config: JudgeConfig, cache_dir: Path) -> Judge:
         backend = make_backend(config.backend, config.model)
         identity = f"{config.backend}:{config.model}"
     return Judge(Generator(backend, cache_dir, progress=False, desc="judge"), identity, config.max_tokens)
+
+
+def check_judge(judge: Judge) -> None:
+    """One short request to the judge, answered by the backend itself (never the cache), without retries.
+
+    Raises:
+        JudgeError: The judge did not answer (the message says why).
+    """
+    backend = judge.generator.backend
+    saved = getattr(backend, "max_retries", None)
+    if saved is not None:
+        backend.max_retries = 0
+    try:
+        request = GenerationRequest.chat("judge-check", [{"role": "user", "content": "Reply with: Verdict: Yes"}],
+                                         SamplingParams(temperature=0.0, max_tokens=8))  # fmt: skip
+        result = next(iter(backend.generate([request])))
+    finally:
+        if saved is not None:
+            backend.max_retries = saved
+    if not result.ok:
+        raise JudgeError(f"the judge {judge.identity} does not answer: {result.error}")
 
 
 def summarize(
