@@ -92,7 +92,8 @@ def study_config(out: Path, data: dict[str, Path], seeds: list[int]) -> dict:
                 "studies": [{"type": "cot", "sets": {"z": "demo:cot_study_z", "z_similar": "demo:cot_study_z_similar",
                                                      "z_cot": "demo:cot_study_z_cot"}}],
                 "schedule": {"at_step_zero": True},
-                "engine": {"micro_batch_size": 12},
+                # As the demo's smollm2 preset: influence through the LoRA B matrices (see docs/real_study.md).
+                "engine": {"param_filter": "lora_B"},
             },
         },
     }  # fmt: skip
