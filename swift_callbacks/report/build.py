@@ -23,7 +23,7 @@ import pandas as pd
 from . import diagnostics as diag
 from . import robust
 from .document import Bullets, Document, Heading, Image, Paragraph, Table, to_html, to_markdown
-from .figures import plot_diagnostics, plot_panels
+from .figures import PANEL_TEXT, plot_diagnostics, plot_panels
 from .history import (
     CONTEXT_WORDS,
     Curve,
@@ -39,10 +39,6 @@ from .verdicts import VERDICT_COLUMNS, Verdict, compare, verdict_row
 
 FORMATS = ("md", "html")
 REPORT_DIR = "report"
-_PANEL_TEXT = {
-    "in": ("(a) in-task context", "s_in: mean RelInf over in-task pairs"),
-    "cross": ("(b) cross-task context", "s_cross: mean RelInf over cross-task pairs"),
-}
 # Beyond this many pairs, panel (d) of a diagnostics figure shows a seeded random subset (the scatter stays legible).
 _MAX_SCATTER_PAIRS = 5000
 
@@ -206,7 +202,7 @@ def _study_section(history: History, view: StudyView, verdicts: list[Verdict], f
             curves = [
                 (history.curve(m.probe_set, m.eval_set, m.context, m.label), view.is_baseline(m)) for m in metrics
             ]
-            panels.append((*_PANEL_TEXT[context], curves))
+            panels.append((*PANEL_TEXT[context], curves))
     plot_panels(panels, path, f"Swift study: {view.name}")
     baseline = f"`{view.baseline_probe_set}`" if view.baseline_probe_set else "unknown"
     blocks = [
@@ -258,7 +254,7 @@ def _blocks_section(history: History, blocks: list[tuple[str, str]], with_studie
     for probe_set, eval_set in blocks:
         path = figure_dir / f"block-{_slug(probe_set)}--{_slug(eval_set)}.png"
         curves = {c: history.curve(probe_set, eval_set, c) for c in ("in", "cross")}
-        panels = [(*_PANEL_TEXT[c], [(curve, False)]) for c, curve in curves.items() if curve.steps.size]
+        panels = [(*PANEL_TEXT[c], [(curve, False)]) for c, curve in curves.items() if curve.steps.size]
         plot_panels(panels, path, f"{probe_set} → {eval_set}")
         out += [
             Heading(f"`{probe_set}` → `{eval_set}`", 3),
