@@ -228,3 +228,15 @@ def test_the_paper_templates_have_no_unknown_keys_or_variants(name):
     studies = {s.type for s in recipe.influence.studies}
     assert all(s.study in studies for s in config.strategies.values() if s.study)
     assert config.parsed_variants()[0].name == "base"
+
+
+def test_a_change_over_several_seeds_never_has_a_zero_width_interval():
+    import pandas as pd
+
+    from swift_callbacks.evaluation import EvaluateConfig
+    from swift_callbacks.validation.tables import _delta
+
+    ids = [f"e{i}" for i in range(12)]
+    wrong = pd.DataFrame({0: [0.0] * 12, 1: [0.0] * 12}, index=ids)  # both variants wrong everywhere, 2 seeds
+    change = _delta(wrong, wrong.copy(), EvaluateConfig(), "k")
+    assert change.value == 0 and change.low < -0.2 and change.high > 0.2  # about Newcombe's [-24%, +24%] for 12

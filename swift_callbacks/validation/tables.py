@@ -6,8 +6,8 @@ Wilson's with the number of examples (not examples x seeds: seeds share the exam
 evidence about them). The change against Base pairs examples. With one seed it is a difference of paired
 proportions with Newcombe's score interval (honest when nothing changed: 12 examples both wrong give about
 [-24%, +24%], not [0, 0]). With several seeds each example's correctness is averaged over seeds per variant and
-the interval is a percentile bootstrap over examples; it cannot be wider than the spread it sees, so read it with
-its ``n``.
+the interval is a percentile bootstrap over examples, widened where needed to the seeds' own Newcombe intervals
+(averaged): a bootstrap cannot be wider than the spread it sees, and reads [0, 0] when nothing changed.
 
 The swift call of a strategy metric (a verdict of the Base run's history) is *gain* when it beats its baseline at
 more than half of the checkpoints, *loss* when it is behind at more than half, else *no call*. The measured call is
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ..evaluation import EvalResults, bootstrap_mean, paired_proportions, wilson_interval
+from ..evaluation import EvalResults, Interval, bootstrap_mean, paired_proportions, wilson_interval
 from .config import BASE, ValidationConfig
 
 if TYPE_CHECKING:
@@ -88,7 +88,18 @@ def _delta(base: pd.DataFrame, variant: pd.DataFrame, ev, key: str):
         after, before = variant.iloc[:, 0].dropna(), base.iloc[:, 0].dropna()
         return paired_proportions(after.astype(bool).to_dict(), before.astype(bool).to_dict(), ev.confidence)
     diff = (variant.mean(axis=1, skipna=True) - base.mean(axis=1, skipna=True)).dropna()
-    return bootstrap_mean(diff.tolist(), ev.bootstrap, ev.confidence, ev.seed + zlib.crc32(key.encode()))
+    boot = bootstrap_mean(diff.tolist(), ev.bootstrap, ev.confidence, ev.seed + zlib.crc32(key.encode()))
+    # A bootstrap cannot be wider than the spread it sees (all differences 0 read [0, 0]); never report an
+    # interval narrower than the seeds' own Newcombe intervals, averaged.
+    seeds = [s for s in variant.columns if s in base.columns]
+    per_seed = [paired_proportions(variant[s].dropna().astype(bool).to_dict(), base[s].dropna().astype(bool).to_dict(),
+                                   ev.confidence) for s in seeds]  # fmt: skip
+    per_seed = [i for i in per_seed if i.n]
+    if boot.value is None or not per_seed:
+        return boot
+    low = min(boot.low, float(np.mean([i.low for i in per_seed])))
+    high = max(boot.high, float(np.mean([i.high for i in per_seed])))
+    return Interval(boot.value, low, high, boot.n)
 
 
 def swift_call(verdict: Any) -> str:
