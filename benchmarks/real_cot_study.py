@@ -39,8 +39,10 @@ PER_TASK_BASE, PER_TASK_COT, PER_TASK_EVAL = 12, 8, 8
 LORA_TARGETS = r".*\.layers\.(24|25|26|27|28|29)\.mlp\.(up_proj|down_proj)"
 
 
-def build_data(folder: Path, seed: int = 7) -> dict[str, Path]:
-    """Base subset, fresh CoT rows and fresh held-out rows, disjoint from each other and from Z, Z', Z''."""
+def build_data(folder: Path, seed: int = 7, chat: bool = False) -> dict[str, Path]:
+    """Base subset, fresh CoT rows and fresh held-out rows, disjoint from each other and from Z, Z', Z''; the
+    study sets Z, Z', Z'' copied beside them. With ``chat`` every row is conversational (the prompt a user message,
+    the completion the assistant's), so the chat template applies in training, influence and evaluation alike."""
     from swift_callbacks.assets.tiny import load_rows
 
     base_all = load_rows("base")
@@ -61,10 +63,17 @@ def build_data(folder: Path, seed: int = 7) -> dict[str, Path]:
                 rows.append(make(f"{task}-{make.__name__[:-4]}{i}", task, item))
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, rows in (("base", base), ("cot", cot), ("held_out", held_out)):
+    study = {n: load_rows(f"cot_study_{n}") for n in ("z", "z_similar", "z_cot")}
+    for name, rows in (("base", base), ("cot", cot), ("held_out", held_out), *study.items()):
+        rows = [_as_chat(r) for r in rows] if chat else rows
         paths[name] = folder / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return paths
+
+
+def _as_chat(row: dict) -> dict:
+    return {**row, "prompt": [{"role": "user", "content": row["prompt"]}],
+            "completion": [{"role": "assistant", "content": row["completion"].strip()}]}  # fmt: skip
 
 
 def study_config(out: Path, data: dict[str, Path], seeds: list[int]) -> dict:
@@ -89,8 +98,7 @@ def study_config(out: Path, data: dict[str, Path], seeds: list[int]) -> dict:
                 "report_to": "none", "disable_tqdm": True,
             },
             "influence": {
-                "studies": [{"type": "cot", "sets": {"z": "demo:cot_study_z", "z_similar": "demo:cot_study_z_similar",
-                                                     "z_cot": "demo:cot_study_z_cot"}}],
+                "studies": [{"type": "cot", "sets": {n: str(data[n]) for n in ("z", "z_similar", "z_cot")}}],
                 "schedule": {"at_step_zero": True},
                 # As the demo's smollm2 preset: influence through the LoRA B matrices (see docs/real_study.md).
                 "engine": {"param_filter": "lora_B"},
@@ -104,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="working folder (runs, evaluation, tables)")
     parser.add_argument("--docs", default=str(ROOT / "docs"), help="where real_study.md and its figure go ('' none)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
+    parser.add_argument("--chat", action="store_true", help="conversational rows (the chat template applies)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from swift_callbacks.report import analyse, plot_metrics
@@ -114,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     load_before = os.getloadavg()
     start = time.perf_counter()
-    config = validation_config(study_config(out, build_data(out / "data"), seeds))
+    config = validation_config(study_config(out, build_data(out / "data", chat=args.chat), seeds))
     results = run_validation(config)
     seconds = time.perf_counter() - start
     base_run = Path(config.output_dir) / "runs" / "base-seed0"
