@@ -156,13 +156,3 @@ def evaluate_config(data: Any, path: str = "", base_dir: str | os.PathLike | Non
 def load_evaluate_config(file: str | os.PathLike, overrides: Sequence[str] = ()) -> EvaluateConfig:
     """The ``evaluate`` YAML at ``file`` with ``--set`` overrides applied; set paths are relative to the file."""
     return evaluate_config(load_yaml(file, overrides), base_dir=Path(file).resolve().parent)
-
-
-def set_from_spec(spec: str, metric: str = "exact_match") -> EvalSetConfig:
-    """``NAME=PATH`` (or a bare ``PATH``, named by its file stem) from the command line."""
-    name, sep, path = spec.partition("=")
-    if not sep:
-        name, path = Path(spec).stem, spec
-    if not name or not path:
-        raise ConfigError(f"--set-file {spec!r}: write NAME=PATH or PATH")
-    return EvalSetConfig(name=name, path=path, metric=metric)

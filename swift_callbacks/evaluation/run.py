@@ -157,9 +157,7 @@ class EvalResults:
     table: pd.DataFrame
     records: dict[tuple[str, str], dict[str, ExampleRecord]] = field(default_factory=dict)
     output_dir: Path | None = None
-    bootstrap: int = 2000
     confidence: float = 0.95
-    seed: int = 0
 
     def correctness(self, model: str, set_name: str) -> dict[str, bool]:
         """Correctness by example id of the decided examples of ``model`` on ``set_name``."""
@@ -203,7 +201,7 @@ def evaluate(config: EvaluateConfig) -> EvalResults:
     table = summarize(targets, config, records)
     _write_table(out / RESULTS_FILE, table)
     _warn_undecided(table)
-    return EvalResults(table, records, out, config.bootstrap, config.confidence, config.seed)
+    return EvalResults(table, records, out, config.confidence)
 
 
 def _todo(records: RecordFile, examples: list[EvalExample]) -> list[str]:
