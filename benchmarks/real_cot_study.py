@@ -9,11 +9,15 @@ data generator (``scripts/make_demo_data.py``, 12 short checkable tasks) so that
 
 * Base: 12 rows per task of the bundled ``demo:base`` set (144 plain prompt/completion rows);
 * CoT (the strategy X): 8 fresh questions per task, with the CoT instruction and a reason before the answer;
-* held-out evaluation: 8 fresh plain questions per task (96 rows), scored by exact match of the final answer;
+* held-out evaluation: 8 fresh plain questions per task (96 rows), scored twice: exact match of the final answer of
+  a greedy generation (``held_out``; the case counts, "7 + 14 = 21" answers 21), and multiple choice among the gold
+  answer and up to 3 other answers of the same task, each option scored by its log-likelihood as the completion
+  (``held_out_choice``: the quantity the training loss and the swift study's influence are defined on);
 * the swift study's sets: the bundled Z, Z', Z'' (one per task), tracked during the Base run.
 
 Variants Base, Base+CoT (random mixture) and Base->CoT (Base then CoT in each epoch), LoRA r=16 on the up/down
-projections (the paper's modules) of the last 6 layers, 2 epochs, 2 seeds. The result is Table 2 and the agreement
+projections (the paper's modules) of the last 6 layers, learning rate 1e-3 (2e-4 left the Base run's training
+loss at 3.2 after 36 steps; 1e-3 brings it to 1.6), 2 epochs, 2 seeds. The result is Table 2 and the agreement
 of the swift verdict (from the Base run's history) with the measured accuracy change, written to docs/real_study_*
 (facts, tables, figure) for docs/real_study.md.
 """
@@ -36,6 +40,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 import make_demo_data as gen  # noqa: E402
 
 PER_TASK_BASE, PER_TASK_COT, PER_TASK_EVAL = 12, 8, 8
+OPTIONS = 4  # the gold answer and up to 3 other answers of the same task
 LORA_TARGETS = r".*\.layers\.(24|25|26|27|28|29)\.mlp\.(up_proj|down_proj)"
 
 
@@ -64,11 +69,29 @@ def build_data(folder: Path, seed: int = 7, chat: bool = False) -> dict[str, Pat
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     study = {n: load_rows(f"cot_study_{n}") for n in ("z", "z_similar", "z_cot")}
-    for name, rows in (("base", base), ("cot", cot), ("held_out", held_out), *study.items()):
+    choice = _with_choices(held_out, [*base, *cot, *held_out, *(r for rows in study.values() for r in rows)], rng)
+    for name, rows in (("base", base), ("cot", cot), ("held_out", held_out), ("held_out_choice", choice),
+                       *study.items()):  # fmt: skip
         rows = [_as_chat(r) for r in rows] if chat else rows
         paths[name] = folder / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return paths
+
+
+def _with_choices(rows: list[dict], pool: list[dict], rng: random.Random) -> list[dict]:
+    """Each row with ``choices`` (its answer and up to ``OPTIONS - 1`` other answers of its task) and the gold index."""
+    answers: dict[str, list[str]] = {}
+    for row in pool:
+        known = answers.setdefault(row["task"], [])
+        if row["answer"] not in known:
+            known.append(row["answer"])
+    out = []
+    for row in rows:
+        others = [a for a in answers[row["task"]] if a != row["answer"]]
+        choices = [row["answer"], *rng.sample(others, min(OPTIONS - 1, len(others)))]
+        rng.shuffle(choices)
+        out.append({**row, "choices": choices, "answer": choices.index(row["answer"])})
+    return out
 
 
 def _as_chat(row: dict) -> dict:
@@ -83,7 +106,10 @@ def study_config(out: Path, data: dict[str, Path], seeds: list[int]) -> dict:
                                "study": "cot"}},
         "variants": ["base", "base+cot", "base->cot"],
         "seeds": seeds,
-        "evaluation": {"sets": [{"name": "held_out", "path": str(data["held_out"]), "max_new_tokens": 32}],
+        "evaluation": {"sets": [{"name": "held_out", "path": str(data["held_out"]), "max_new_tokens": 32,
+                                 "last_number": True, "case_sensitive": True},
+                                {"name": "held_out_choice", "path": str(data["held_out_choice"]), "metric": "choice",
+                                 "scoring": "text"}],
                        "batch_size": 16, "progress": False},
         "recipe": {
             "model": {"name_or_path": "smollm2"},
@@ -93,7 +119,7 @@ def study_config(out: Path, data: dict[str, Path], seeds: list[int]) -> dict:
             "data": {"train": [{"path": str(data["base"]), "columns": ["prompt", "completion"]}]},
             "training": {
                 "output_dir": "unused", "use_cpu": True, "bf16": False, "activation_checkpointing": False,
-                "per_device_train_batch_size": 8, "learning_rate": 2e-4, "lr_scheduler_type": "linear",
+                "per_device_train_batch_size": 8, "learning_rate": 1e-3, "lr_scheduler_type": "linear",
                 "warmup_steps": 3, "num_train_epochs": 2, "save_steps": 6, "logging_steps": 6, "max_length": 128,
                 "report_to": "none", "disable_tqdm": True,
             },

@@ -93,7 +93,7 @@ def _balanced(text: str, start: int) -> str | None:
     return None
 
 
-def normalize_answer(answer: str) -> str:
+def normalize_answer(answer: str, *, case_sensitive: bool = False) -> str:
     """A canonical form of a final answer, so that equal answers written differently compare equal.
 
     Removes ``$``, ``\\left``/``\\right``, ``\\!``, ``\\,``, ``\\text{...}`` wrappers, spaces, thousands separators
@@ -103,6 +103,7 @@ def normalize_answer(answer: str) -> str:
 
     Args:
         answer: An extracted answer.
+        case_sensitive: Keep the case of text answers (by default "Paris" and "paris" agree).
 
     Returns:
         The canonical string (empty when nothing is left).
@@ -116,7 +117,9 @@ def normalize_answer(answer: str) -> str:
     if _GROUPED_NUMBER.fullmatch(text):  # "1,100" is 1100; "[1,100]" and "(2,500)" are pairs, left alone
         text = text.replace(",", "")
     number = _as_number(text)
-    return text.lower() if number is None else _format_number(number)
+    if number is not None:
+        return _format_number(number)
+    return text if case_sensitive else text.lower()
 
 
 def _as_number(text: str) -> Fraction | None:
@@ -234,7 +237,8 @@ def final_answer(reply: str, *, last_number: bool = False) -> str | None:
     In order: the last ``\\boxed{...}``; the text after the last ``####`` (GSM8K); the text after the last "the
     answer is" / "final answer:" / a line starting "answer:"; otherwise the whole visible reply when it is one line
     (a short answer on its own, "87"). A multi-line reply without a marker has no final answer, unless
-    ``last_number`` is set, which takes its last number (the lenient reading of GSM8K-style evaluations).
+    ``last_number`` is set, which takes its last number (the lenient reading of GSM8K-style evaluations); with it,
+    a one-line reply that is not a number itself but contains one ("7 + 14 = 21") answers with its last number.
 
     Args:
         reply: A model reply (or a reference answer written the same way).
@@ -255,12 +259,19 @@ def final_answer(reply: str, *, last_number: bool = False) -> str | None:
             while (later := pattern.search(answer)) is not None:  # "The answer is 3. No, the answer is 4."
                 answer = later.group(1)
             return _tidy(_SENTENCE_END.split(answer, maxsplit=1)[0])
+    numbers = _LAST_NUMBER.findall(text) if last_number else []
     if "\n" not in text:
-        return _tidy(text)
-    if last_number:
-        numbers = _LAST_NUMBER.findall(text)
-        return _tidy(numbers[-1]) if numbers else None
-    return None
+        line = _tidy(text)
+        # With last_number, "7 + 14 = 21" answers 21; a line that is a number already ("1/2", "18 dollars") or has
+        # no digit ("Paris") is the answer as it stands.
+        if numbers and line is not None and not _reads_as_number(line):
+            return _tidy(numbers[-1])
+        return line
+    return _tidy(numbers[-1]) if numbers else None
+
+
+def _reads_as_number(answer: str) -> bool:
+    return _as_number(normalize_answer(answer)) is not None or bool(_LEADING_NUMBER.match(answer.strip()))
 
 
 def _tidy(answer: str) -> str | None:
@@ -271,24 +282,26 @@ def _tidy(answer: str) -> str | None:
     return answer or None
 
 
-def same_answer(predicted: str | None, gold: str) -> bool:
+def same_answer(predicted: str | None, gold: str, *, case_sensitive: bool = False) -> bool:
     """Whether a predicted final answer equals the gold one.
 
     Numbers compare by value (``"87.0"``, ``"1,000"``, ``"\\frac{1}{2}"`` = ``"0.5"``, ``"−3"`` = ``"-3"``); a
     numeric gold also matches a prediction that *starts* with that number followed by words without another digit
     ("18 dollars", "72, because ..."), never one that merely contains it. Other text compares after
     :func:`normalize_answer` (case, ``$``, spaces ignored), except that spaces between digits count ("7 2" is not
-    "72"). A one-letter option in parentheses ("(B)") is the letter. No prediction is never equal.
+    "72"). A one-letter option in parentheses ("(B)") is the letter. No prediction is never equal. With
+    ``case_sensitive`` the case of text counts (a task whose answer *is* the case: "RAIN" is not "rain").
     """
     if predicted is None:
         return False
     predicted, gold = _option_letter(predicted.replace("\u2212", "-")), _option_letter(gold.replace("\u2212", "-"))
-    want = normalize_answer(gold)
+    want = normalize_answer(gold, case_sensitive=case_sensitive)
     if not want:
         return False
     if _DIGITS_APART.search(predicted) or _DIGITS_APART.search(gold):
-        return " ".join(predicted.lower().split()) == " ".join(gold.lower().split())
-    if normalize_answer(predicted) == want:
+        fold = str if case_sensitive else str.lower
+        return " ".join(fold(predicted).split()) == " ".join(fold(gold).split())
+    if normalize_answer(predicted, case_sensitive=case_sensitive) == want:
         return True
     lead = _LEADING_NUMBER.match(predicted.strip())
     return bool(lead) and _as_number(want) is not None and normalize_answer(lead.group(1)) == want

@@ -22,6 +22,7 @@ from swift_callbacks.evaluation import (
     JudgeConfig,
     RecordError,
     evaluate,
+    evaluate_config,
     paired_difference,
     read_examples,
     wilson_interval,
@@ -154,6 +155,55 @@ def test_prompt_ids_are_the_context_trl_trains_completions_after(tmp_path):
         example = EvalExample("x", "all", prompt, "g", completion=completion)
         assert prompt_ids(tok, example) == trained_context
         assert prompt_ids(tok, EvalExample("x", "all", prompt, "g"))[: len(trained_context)] == trained_context
+
+
+def test_text_scored_options_are_the_completions_trl_trains(tmp_path):
+    """scoring: text scores each option as the completion TRL would train on: same context, same supervised tokens
+    (the chat template's end-of-turn tokens included), so the score is minus the completion's summed training loss."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    tok = helpers.tokenizer()
+    cases = [("What is 38 plus 49?", ("87", "78")),
+             ((("user", "Reverse gold."),), ("dlog", "gold", "old"))]  # fmt: skip
+    for prompt, choices in cases:
+        example = EvalExample("x", "all", prompt, "A", choices=choices)
+        context, options = option_ids(tok, example, prompt_ids(tok, example), "text")
+        for choice, option in zip(choices, options, strict=True):
+            as_text = isinstance(prompt, str)
+            row = ({"prompt": prompt, "completion": " " + choice} if as_text else
+                   {"prompt": [{"role": r, "content": c} for r, c in prompt],
+                    "completion": [{"role": "assistant", "content": choice}]})  # fmt: skip
+            trainer = SFTTrainer(model=helpers.build_model(), args=helpers.sft_config(tmp_path / "t"),
+                                 train_dataset=Dataset.from_list([row]), processing_class=tok)  # fmt: skip
+            prepared = trainer.train_dataset[0]
+            first = next(i for i, label in enumerate(prepared["labels"]) if label != -100)
+            assert context + option == prepared["input_ids"], (prompt, choice)
+            assert len(context) <= first  # options that merge with the prompt's end are scored from the shared part
+            assert option[first - len(context) :] == [x for x in prepared["labels"] if x != -100]
+
+
+def test_last_number_reads_a_one_line_working_and_case_can_count():
+    assert final_answer("7 + 14 = 21", last_number=True) == "21"
+    assert final_answer("7 + 14 = 21") == "7 + 14 = 21"  # without last_number a one-line reply is the answer
+    for kept in ("1/2", "18 dollars", "Paris", "-3", "\\frac{1}{2}"):
+        assert final_answer(kept, last_number=True) == kept
+    assert same_answer("rain", "RAIN") and not same_answer("rain", "RAIN", case_sensitive=True)
+    assert same_answer("RAIN.", "RAIN", case_sensitive=True) and same_answer("18", "18.0", case_sensitive=True)
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [({"metric": "choice", "last_number": True}, "last_number: applies to metric exact_match only"),
+     ({"metric": "exact_match", "scoring": "text"}, "scoring: applies to metric choice only"),
+     ({"metric": "choice", "scoring": "words"}, "scoring: must be 'letter' or 'text'"),
+     ({"metric": "judge", "case_sensitive": True}, "case_sensitive: applies to metric exact_match only")],
+)  # fmt: skip
+def test_set_options_of_another_metric_are_refused(tmp_path, entry, message):
+    path = _write(tmp_path / "s.jsonl", [{"prompt": "q", "answer": "1"}])
+    with pytest.raises(ConfigError, match=message):
+        evaluate_config({"models": ["tiny"], "sets": [{"name": "s", "path": str(path), **entry}],
+                         "output_dir": str(tmp_path / "o")})  # fmt: skip
 
 
 # -------------------------------------------------------------- the model side against brute force, families

@@ -35,6 +35,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--last-number", action="store_true", help="a reply without answer marker answers with its last number"
     )
+    parser.add_argument("--case-sensitive", action="store_true", help="exact_match: the case of text answers counts")
+    parser.add_argument("--scoring", choices=("letter", "text"),
+                        help="choice: score option letters (default) or each option's own text")  # fmt: skip
     parser.add_argument("--batch-size", type=positive_int, help="prompts per batch (default: 8)")
     parser.add_argument("--judge-base-url", help="OpenAI-compatible server of the judge (metric judge)")
     parser.add_argument("--judge-model", help="the judge's model name on that server")
@@ -51,7 +54,7 @@ def _config_data(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         data["models"] = args.models
     if args.sets:
         data["sets"] = [_set_entry(spec, args) for spec in args.sets]
-    elif args.config and data.get("sets") and (args.limit or args.max_new_tokens or args.last_number):
+    elif args.config and data.get("sets") and any(_set_options(args).values()):
         for entry in data["sets"]:
             entry.update(_set_options(args))
     for key, value in (("output_dir", args.output_dir), ("batch_size", args.batch_size)):
@@ -75,7 +78,8 @@ def _set_entry(spec: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _set_options(args: argparse.Namespace) -> dict[str, Any]:
-    options = {"limit": args.limit, "max_new_tokens": args.max_new_tokens, "last_number": args.last_number or None}
+    options = {"limit": args.limit, "max_new_tokens": args.max_new_tokens, "last_number": args.last_number or None,
+               "case_sensitive": args.case_sensitive or None, "scoring": args.scoring}  # fmt: skip
     return {k: v for k, v in options.items() if v is not None}
 
 

@@ -22,6 +22,10 @@ class EvalSetConfig:
         metric: ``exact_match`` (final answer of a greedy generation), ``choice`` (the option with the highest
             log-likelihood) or ``judge`` (a generation judged against the golden answer by an LLM).
         last_number: exact_match only: a reply without an answer marker answers with its last number.
+        case_sensitive: exact_match only: the case of text answers counts (a task whose answer is the case).
+        scoring: choice only: ``letter`` (the options are listed, the letter's log-likelihood decides, as MMLU) or
+            ``text`` (each option's own text as the completion, scored by its log-likelihood: the quantity the
+            training loss and the swift study's influence are defined on).
         max_new_tokens: Generation length cap (exact_match, judge).
         limit: Evaluate only the first ``limit`` rows.
     """
@@ -30,6 +34,8 @@ class EvalSetConfig:
     path: str
     metric: str = "exact_match"
     last_number: bool = False
+    case_sensitive: bool = False
+    scoring: str = "letter"
     max_new_tokens: int = 64
     limit: int | None = None
 
@@ -39,6 +45,12 @@ class EvalSetConfig:
         if self.metric not in METRIC_CLASSES:
             known = ", ".join(sorted(METRIC_CLASSES))
             raise ConfigError(f"{join(path, 'metric')}: must be one of {known}, got {self.metric!r}")
+        if self.scoring not in ("letter", "text"):
+            raise ConfigError(f"{join(path, 'scoring')}: must be 'letter' or 'text', got {self.scoring!r}")
+        for option, metric in (("last_number", "exact_match"), ("case_sensitive", "exact_match"),
+                               ("scoring", "choice")):  # fmt: skip
+            if getattr(self, option) != getattr(EvalSetConfig, option) and self.metric != metric:
+                raise ConfigError(f"{join(path, option)}: applies to metric {metric} only (this set: {self.metric})")
         if self.max_new_tokens < 1:
             raise ConfigError(f"{join(path, 'max_new_tokens')}: must be >= 1, got {self.max_new_tokens}")
         if self.limit is not None and self.limit < 1:

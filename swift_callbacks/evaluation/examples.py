@@ -103,7 +103,10 @@ def _example(config: EvalSetConfig, example_id: str, row: Mapping[str, Any]) -> 
 
     task = str(row.get("task") or row.get("subject") or ALL_TASKS)
     if config.metric == "choice":
-        return _choice_example(row, example_id, task, fail)
+        example = _choice_example(row, example_id, task, fail)
+        if config.scoring == "text" and len(set(example.choices)) < len(example.choices):
+            raise fail("'choices' lists the same option twice, so scoring: text cannot tell them apart")
+        return example
     prompt, completion = _prompt_and_completion(row, fail)
     reference = _reference(row, completion)
     if isinstance(row.get("answer"), bool) or not isinstance(row.get("answer"), str | int | float | None):
@@ -188,7 +191,10 @@ def _choices(value: Any, fail) -> list[str]:
         raise fail("'choices' must be a list of at least two strings")
     if len(value) > len(LETTERS):
         raise fail(f"'choices' has {len(value)} options; at most {len(LETTERS)} are supported")
-    return [c.strip() for c in value]
+    choices = [c.strip() for c in value]
+    if not all(choices):
+        raise fail(f"'choices' has an empty option (option {LETTERS[choices.index('')]}); every option needs text")
+    return choices
 
 
 def _gold_letter(answer: Any, choices: list[str], fail) -> str:

@@ -84,19 +84,30 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_token
     return results
 
 
-def option_ids(tokenizer: Any, example: EvalExample, context: list[int]) -> tuple[list[int], list[list[int]]]:
-    """The shared context and each option letter's tokens after it.
+def option_ids(
+    tokenizer: Any, example: EvalExample, context: list[int], scoring: str = "letter"
+) -> tuple[list[int], list[list[int]]]:
+    """The shared context and each option's tokens after it.
 
-    Chat prompts: the context as given, then the bare letter. Text prompts: ``prompt + " A"`` (no space after a
-    prompt ending in whitespace) tokenized whole, as training tokenizes prompt and completion; where the letter
-    merges with the prompt's last tokens (``"Answer: "`` + ``"A"`` -> ``" A"``), the context is cut back to what
-    every option shares, so all options are scored from one context, like TRL's common prefix.
+    ``letter``: the option letters. Chat prompts: the context as given, then the bare letter. Text prompts:
+    ``prompt + " A"`` (no space after a prompt ending in whitespace) tokenized whole, as training tokenizes prompt
+    and completion. ``text``: each option's own text as the completion, tokenized as training tokenizes a
+    completion (chat: an assistant message, with the template's end-of-turn tokens; text: ``prompt + " " +
+    option`` and the eos token). Where the option merges with the prompt's last tokens (``"Answer: "`` + ``"A"``
+    -> ``" A"``), the context is cut back to what every option shares, so all options are scored from one context,
+    like TRL's common prefix.
     """
-    letters = LETTERS[: len(example.choices)]
+    options = LETTERS[: len(example.choices)] if scoring == "letter" else example.choices
     if example.is_chat:
-        return context, [list(tokenizer(text=letter, add_special_tokens=False)["input_ids"]) for letter in letters]
-    glue = "" if example.prompt[-1:].isspace() else " "
-    fulls = [_tokenize(tokenizer, f"{example.prompt}{glue}{letter}", generation_prompt=False) for letter in letters]
+        if scoring == "letter":
+            return context, [list(tokenizer(text=letter, add_special_tokens=False)["input_ids"]) for letter in options]
+        fulls = [_tokenize(tokenizer, (*example.prompt, ("assistant", o)), generation_prompt=False) for o in options]
+    else:
+        glue = "" if example.prompt[-1:].isspace() else " "
+        # A text completion ends with the eos token in training (TRL appends it), so "8" does not win over "87"
+        # as a prefix of it would.
+        end = (tokenizer.eos_token or "") if scoring == "text" else ""
+        fulls = [_tokenize(tokenizer, f"{example.prompt}{glue}{o}{end}", generation_prompt=False) for o in options]
     start = min(_common_prefix(context, full) for full in fulls)
     return context[:start], [full[start:] for full in fulls]
 

@@ -21,6 +21,9 @@ from .records import ExampleRecord
 METRIC_CLASSES: dict[str, type[Metric]] = {}
 
 JUDGE_PROMPT_VERSION = "judge-v1"
+# The version of the final-answer reader (swift_callbacks.answers) in exact_match's cache key: a change of how
+# replies are read makes earlier records stale. v4: with last_number, "7 + 14 = 21" answers 21.
+READER = "final_answer-v4"
 JUDGE_PROMPT = """You are grading an answer to a question against the reference answer.
 
 Question:
@@ -85,31 +88,34 @@ class ExactMatch(Metric):
 
     def settings(self) -> dict[str, Any]:
         return {"metric": self.name, "max_new_tokens": self.config.max_new_tokens,
-                "last_number": self.config.last_number, "reader": "final_answer-v3"}  # fmt: skip
+                "last_number": self.config.last_number, "case_sensitive": self.config.case_sensitive,
+                "reader": READER}  # fmt: skip
 
     def score(self, model: Any, tokenizer: Any, examples: list[EvalExample]) -> list[ExampleRecord]:
         outputs = generate(model, tokenizer, [prompt_ids(tokenizer, e) for e in examples], self.config.max_new_tokens)
         records = []
         for example, out in zip(examples, outputs, strict=True):
             predicted = final_answer(out.text, last_number=self.config.last_number)
-            records.append(ExampleRecord(example.id, example.task, same_answer(predicted, example.gold), predicted,
+            correct = same_answer(predicted, example.gold, case_sensitive=self.config.case_sensitive)
+            records.append(ExampleRecord(example.id, example.task, correct, predicted,
                                          example.gold, out.text, out.truncated))  # fmt: skip
         return records
 
 
 @register_metric
 class Choice(Metric):
-    """Multiple choice, MMLU style: the option letter with the highest log-likelihood after the prompt."""
+    """Multiple choice: the option with the highest log-likelihood after the prompt, read as its letter (MMLU
+    style, ``scoring: letter``) or as its own text completing the prompt (``scoring: text``)."""
 
     name = "choice"
 
     def settings(self) -> dict[str, Any]:
-        return {"metric": self.name, "scoring": "letter-logprob-v1"}
+        return {"metric": self.name, "scoring": f"{self.config.scoring}-logprob-v1"}
 
     def score(self, model: Any, tokenizer: Any, examples: list[EvalExample]) -> list[ExampleRecord]:
         contexts, options, owners = [], [], []
         for index, example in enumerate(examples):
-            context, letters = option_ids(tokenizer, example, prompt_ids(tokenizer, example))
+            context, letters = option_ids(tokenizer, example, prompt_ids(tokenizer, example), self.config.scoring)
             contexts += [context] * len(letters)
             options += letters
             owners += [index] * len(letters)
