@@ -219,9 +219,9 @@ class InfluenceEngine:
         report.seconds = time.perf_counter() - start
         self.verification = report
         logger.info(
-            "Influence self-verification passed on %d examples and %d blocks in %.2fs (max relative errors: %s).",
-            report.examples, report.blocks, report.seconds,
-            ", ".join(f"{k} {v:.1e}" for k, v in report.max_error.items()) or "-",
+            "Influence self-verification passed on %d examples and %d blocks in %.2fs (max relative errors: %s; the "
+            "model's own batch-vs-alone difference: %.1e).", report.examples, report.blocks, report.seconds,
+            ", ".join(f"{k} {v:.1e}" for k, v in report.max_error.items()) or "-", report.batch_vs_alone,
         )  # fmt: skip
         if report.unchecked:
             logger.info(
@@ -360,7 +360,10 @@ class InfluenceEngine:
             outputs = capture.outputs()
             targets = self._reference_tensors(capture) if reference else []
             grads = torch.autograd.grad(
-                loss.sum(), outputs + capture.embedding_outputs + [t for _, t in targets], allow_unused=True
+                loss.sum(),
+                outputs + capture.embedding_outputs + [t for _, t in targets],
+                allow_unused=True,
+                retain_graph=reference,
             )
             capture.set_output_grads(grads[: len(outputs)], length=int(attention_mask.sum(1).max()))
             batch, width = input_ids.shape
@@ -369,8 +372,9 @@ class InfluenceEngine:
             if reference:
                 refs = self._reference_grads(targets, grads[len(grads) - len(targets) :], device)
                 check = verify_lib.Pass(
-                    feats, refs, verify_lib.lowest_precision(dtypes), loss.detach().to(ACC), list(capture.expanded)
-                )
+                    feats, refs, verify_lib.lowest_precision(dtypes), loss.detach().to(ACC), list(capture.expanded),
+                    self._reference_grams(loss, targets, device), attention_mask.sum(1).tolist(),
+                )  # fmt: skip
         del outputs, grads
         norm = torch.zeros(len(examples), dtype=ACC, device=device)
         for f in feats:
@@ -422,6 +426,22 @@ class InfluenceEngine:
                             seen.add(id(t))
                             targets.append(((b, slot), t))
         return targets
+
+    def _reference_grams(self, loss: torch.Tensor, targets, device) -> list[torch.Tensor]:
+        """Per block, the Gram matrix of autograd's per-example gradients in this very micro-batch (one backward
+        per example through the retained graph): the oracle of the engine's in-batch inner products, computed with
+        the same arithmetic, so the model's own rounding differences between batch shapes do not enter."""
+        tensors = [t for _, t in targets]
+        rows: list[list[torch.Tensor]] = []
+        for i in range(len(loss)):
+            last = i == len(loss) - 1
+            grads = torch.autograd.grad(loss[i], tensors, allow_unused=True, retain_graph=not last) if tensors else []
+            rows.append(self._reference_grads(targets, grads, device))
+        grams = []
+        for k in range(len(self.blocks)):
+            stacked = torch.stack([r[k] for r in rows]).double()  # float64: the oracle's own rounding stays negligible
+            grams.append((stacked @ stacked.T).to(ACC))
+        return grams
 
     def _reference_grads(self, targets, grads, device) -> list[torch.Tensor]:
         """Per block, autograd's gradient of the summed loss, flattened in the block's parameter order."""
