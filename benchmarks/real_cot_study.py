@@ -19,7 +19,7 @@ Variants Base, Base+CoT (random mixture) and Base->CoT (Base then CoT in each ep
 projections (the paper's modules) of the last 6 layers, learning rate 1e-3 (2e-4 left the Base run's training
 loss at 3.2 after 36 steps; 1e-3 brings it to 1.6), 2 epochs, 2 seeds. The result is Table 2 and the agreement
 of the swift verdict (from the Base run's history) with the measured accuracy change, written to docs/real_study_*
-(facts, tables, figure) for docs/real_study.md.
+(facts, CSVs, the tables as Markdown in real_study_tables.md, the figure) for docs/real_study.md.
 """
 
 from __future__ import annotations
@@ -133,13 +133,54 @@ def study_config(out: Path, data: dict[str, Path], seeds: list[int]) -> dict:
     }  # fmt: skip
 
 
+def tables_markdown(table2_csv: Path, agreement_csv: Path) -> str:
+    """Table 2 (over the whole set, and per task) and the agreement table as Markdown, from the written CSVs."""
+    import pandas as pd
+
+    t2, agree = pd.read_csv(table2_csv), pd.read_csv(agreement_csv)
+
+    def pts(v: float) -> str:
+        return "" if pd.isna(v) else f"{100 * v:+.1f}"
+
+    out = []
+    for name, rows in t2[t2.task == "all"].groupby("set", sort=False):
+        out += [f"### Set `{name}` ({int(rows.n.iloc[0])} questions; mean over {int(rows.seeds.iloc[0])} seeds)", "",
+                "| variant | accuracy (per seed) | 95% interval | change vs Base, points [95% interval] |",
+                "|---|---|---|---|"]  # fmt: skip
+        for r in rows.itertuples():
+            change = "" if pd.isna(r.delta) else f"{pts(r.delta)} [{pts(r.delta_low)}, {pts(r.delta_high)}]"
+            out.append(f"| {r.variant} | {r.accuracy:.1%} ({r.per_seed}) | [{r.acc_low:.1%}, {r.acc_high:.1%}] | "
+                       f"{change} |")  # fmt: skip
+        tasks = t2[(t2.set == name) & (t2.task != "all")].pivot(index="task", columns="variant", values="accuracy")
+        tasks = tasks[list(dict.fromkeys(rows.variant))]
+        out += ["", "Per task (mean over seeds):", "", "| task | " + " | ".join(tasks.columns) + " |",
+                "|---|" + "---|" * len(tasks.columns)]  # fmt: skip
+        out += [f"| {task} | " + " | ".join(f"{v:.1%}" for v in row) + " |" for task, row in tasks.iterrows()]
+        out.append("")
+    out += ["### Does the swift study predict it?", "",
+            "| swift metric (Base run) | swift call | swift verdict | variant | set | measured change, points [95%] | "
+            "measured call | agreement |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in agree.itertuples():
+        change = f"{pts(r.delta)} [{pts(r.delta_low)}, {pts(r.delta_high)}]"
+        out.append(f"| {r.swift_metric} | {r.swift_call} | {r.swift_verdict} | {r.variant} | {r.set} | {change} | "
+                   f"{r.measured_call} | {r.agreement} |")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="working folder (runs, evaluation, tables)")
     parser.add_argument("--docs", default=str(ROOT / "docs"), help="where real_study.md and its figure go ('' none)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     parser.add_argument("--chat", action="store_true", help="conversational rows (the chat template applies)")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="only rewrite docs/real_study_tables.md from the CSVs already in --docs")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.tables_only:
+        docs = Path(args.docs)
+        tables = tables_markdown(docs / "real_study_table2.csv", docs / "real_study_agreement.csv")
+        (docs / "real_study_tables.md").write_text(tables, encoding="utf-8")
+        return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from swift_callbacks.report import analyse, plot_metrics
     from swift_callbacks.store import load_metrics, load_pairs
@@ -163,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                  title="CoT swift study on SmolLM2-135M-Instruct (Base run, LoRA, CPU)")  # fmt: skip
     results.table2.to_csv(docs / "real_study_table2.csv", index=False)
     results.agreement.to_csv(docs / "real_study_agreement.csv", index=False)
+    tables = tables_markdown(docs / "real_study_table2.csv", docs / "real_study_agreement.csv")
+    (docs / "real_study_tables.md").write_text(tables, encoding="utf-8")
     verdicts = [v for vs in analysis.verdicts.values() for v in vs]
     facts = {
         "seconds": round(seconds), "load_before": [round(x, 2) for x in load_before],

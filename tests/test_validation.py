@@ -105,10 +105,14 @@ def test_max_steps_cannot_order_epochs(tmp_path):
 
 
 def test_the_dry_run_checks_every_run_before_any_training(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
+    (tmp_path / "none.json").write_text("[]", encoding="utf-8")
     for recipe_change, strategy_data, message in [
         ({"max_steps": 5}, None, r"variant base->cot \(seed 0\): recipe.training.max_steps"),
         ({"num_train_epochs": 1.5}, None, r"variant base->cot .*whole epochs, got 1.5"),
         ({}, ["nope.jsonl"], r"variant base\+cot \(seed 0\): .*file 'nope.jsonl' not found"),
+        ({}, [str(tmp_path / "empty.jsonl")], r"variant base\+cot \(seed 0\): .*empty.jsonl' is an empty file"),
+        ({}, [str(tmp_path / "none.json")], r"variant base\+cot \(seed 0\): .*none.json' has no rows"),
     ]:
         data = _data(tmp_path)
         data["recipe"]["training"].update(recipe_change)
@@ -151,6 +155,26 @@ def test_a_run_of_another_recipe_is_never_reused_or_resumed(tmp_path, monkeypatc
     assert len(trained) == 2
 
 
+def test_a_data_file_changed_under_the_same_path_is_another_recipe(tmp_path, monkeypatch):
+    """Every local file the recipe names is fingerprinted by content: Base data and a mixed strategy's file alike."""
+    monkeypatch.setattr(study_module, "run_training", lambda recipe, influence: None)
+    base = tmp_path / "base.jsonl"
+    strategy = tmp_path / "strategy.jsonl"
+    row = {"prompt": "What is 1 plus 2?", "completion": " 3"}
+    for path in (base, strategy):
+        path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    data = _data(tmp_path, variants=["base", "base+cot"])
+    data["recipe"]["data"]["train"] = [str(base)]
+    data["strategies"]["cot"]["data"] = [str(strategy)]
+    study_module.train_all(config := validation_config(copy.deepcopy(data)), plan(config))
+    study_module.train_all(config, plan(config))  # unchanged files: nothing to train, nothing refused
+    for path, run in ((strategy, "base_plus_cot-seed0"), (base, "base-seed0")):
+        path.write_text(json.dumps({**row, "completion": " 4"}) + "\n", encoding="utf-8")
+        with pytest.raises(ConfigError, match=rf"runs/{run}: trained with another recipe or data"):
+            study_module.train_all(config, plan(config))
+        path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+
+
 class _V:
     def __init__(self, n, beats, behind):
         self.n, self.beats, self.behind = n, beats, behind
@@ -173,6 +197,7 @@ def test_calls_and_agreement():
         ({"strategies": {"cot": {"data": ["demo:cot_study_z_cot"], "study": "clarify"}}},
          "strategies.cot.study: the recipe has no study 'clarify'"),
         ({"seeds": [1, 1]}, "seeds: give distinct seeds"),
+        ({"seeds": [-1]}, r"seeds\[0\]: a seed is a whole number from 0"),
         ({"variants": ["base+code"]}, "variants\\[0\\]: 'code' in 'base\\+code' is not a strategy"),
         ({"evaluation": {"sets": [{"name": "s", "path": "demo:cot_study_z_similar"}], "models": ["x"]}},
          "evaluation: models and output_dir are filled in by the study"),

@@ -24,7 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..assets.tiny import load_rows
+from ..evaluation.config import EvalSetConfig
+from ..evaluation.examples import read_examples
+from ..evaluation.metrics import make_metric
+from ..evaluation.stats import Interval, wilson_interval
 from ..report import analyse, build_report, summary_table
 from ..report.figures import plot_panels, study_panels
 from .options import BASE_EXAMPLES, DemoConfig
@@ -128,13 +131,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     _say(f"done in {time.perf_counter() - start:.0f}s")
     print("\nCoT swift study, average RelInf by metric over the recorded steps:")
     print(table.to_string(float_format=lambda v: f"{v:+.4f}"))
-    print(f"\nexact-match accuracy of the final model on Z' (held-out, greedy): {accuracy:.0%}")
+    print(
+        f"\nexact-match accuracy of the final model on Z' (held-out, greedy): {accuracy.value:.0%} "
+        f"({accuracy.n} examples, 95% CI {accuracy.low:.0%}-{accuracy.high:.0%})"
+    )
     print(f"history: {run_dir}/swift_influence   figure: {figure}   report: {report}")
     print(f"recipe: {run_dir}/swift_train_config.yaml (run it again with swift-study train --config)")
     print(f"load it with: swift_callbacks.load_scores({run_dir!r})")
     print("\n" + "\n".join(reading))
-    return {"run_dir": run_dir, "figure": str(figure), "report": str(report), "summary": table, "accuracy": accuracy,
-            "reading": reading}  # fmt: skip
+    return {"run_dir": run_dir, "figure": str(figure), "report": str(report), "summary": table,
+            "accuracy": accuracy.value, "accuracy_interval": accuracy, "reading": reading}  # fmt: skip
 
 
 def _schedule(cfg: DemoConfig) -> str:
@@ -146,29 +152,26 @@ def _schedule(cfg: DemoConfig) -> str:
     return f"LoRA SFT ({modules}) for {length} on {data} base examples, influence of the CoT study {when}"
 
 
-def _facts(cfg: DemoConfig, trainer, accuracy: float) -> RunFacts:
+def _facts(cfg: DemoConfig, trainer, accuracy: Interval) -> RunFacts:
     """What the plain-language reading says about the run besides its verdicts."""
     return RunFacts(
         tiny=cfg.model is None, model=cfg.model or "tiny", steps=int(trainer.state.global_step),
-        examples=len(trainer.train_dataset), lora_modules=tuple(cfg.lora_modules), accuracy=accuracy,
+        examples=len(trainer.train_dataset), lora_modules=tuple(cfg.lora_modules), accuracy=accuracy.value,
         lora_layers=cfg.lora_layers,
     )  # fmt: skip
 
 
-def _accuracy(model, tok) -> float:
-    """Greedy exact match of the first completion word on Z' (checks that the model learned the tasks)."""
-    import torch
-
-    rows = load_rows("cot_study_z_similar")
+def _accuracy(model, tok) -> Interval:
+    """Held-out exact match of the final answer on Z' (greedy; the case counts, as in the uppercase task), scored by
+    ``swift-study evaluate``'s metric, with its Wilson interval."""
+    config = EvalSetConfig(name="z_similar", path="demo:cot_study_z_similar", max_new_tokens=8, case_sensitive=True)
+    examples = read_examples(config)
+    metric = make_metric(config)
     model.eval()
-    hits = 0
-    with torch.no_grad():
-        for row in rows:
-            ids = tok(row["prompt"], return_tensors="pt").input_ids.to(model.device)
-            gen = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-            text = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True).strip()
-            hits += text.split(" ")[0].rstrip(".") == row["answer"]
-    return hits / len(rows)
+    records = [
+        r for start in range(0, len(examples), 16) for r in metric.score(model, tok, examples[start : start + 16])
+    ]
+    return wilson_interval(sum(bool(r.correct) for r in records), len(records), 0.95)
 
 
 def _has_tensorboard() -> bool:

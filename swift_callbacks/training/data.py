@@ -22,12 +22,20 @@ def load_source(source: SourceConfig):
     """
     from datasets.exceptions import DatasetsError
 
+    path = Path(source.path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise ConfigError(f"data source {source.path!r} is an empty file; give a file with rows")
     try:
-        return select_columns(_load(source), source)
+        dataset = select_columns(_load(source), source)
     except ConfigError:
         raise
     except (ValueError, StopIteration, OSError, DatasetsError) as err:  # a file that is not what its name says
+        if "corresponds to no data" in str(err):  # datasets' words for a file without rows ("[]")
+            raise ConfigError(f"data source {source.path!r} has no rows") from None
         raise ConfigError(f"data source {source.path!r} cannot be read: {type(err).__name__}: {err}") from err
+    if len(dataset) == 0:
+        raise ConfigError(f"data source {source.path!r} has no rows")
+    return dataset
 
 
 def _load(source: SourceConfig):

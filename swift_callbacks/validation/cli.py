@@ -23,7 +23,7 @@ def add_validate_parser(subparsers) -> argparse.ArgumentParser:
 
 def validate_command(args: argparse.Namespace) -> int:
     from .config import load_validation_config
-    from .study import _markdown, check_runs, plan, run_validation
+    from .study import check_runs, markdown_table, plan, run_validation
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     config = load_validation_config(args.config, args.overrides)
@@ -34,8 +34,8 @@ def validate_command(args: argparse.Namespace) -> int:
         return 0
     results = run_validation(config)
     print("\nTable 2: accuracy by variant (mean over seeds), change against Base with its 95% interval")
-    print(_markdown(results.table2[results.table2.task == "all"]))
+    print(markdown_table(results.table2[results.table2.task == "all"]))
     print("Does the swift study predict it?")
-    print(_markdown(results.agreement))
+    print(markdown_table(results.agreement))
     print(f"written: {results.output_dir}/table2.csv, agreement.csv (and .md)")
     return 0

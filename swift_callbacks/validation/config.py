@@ -138,6 +138,9 @@ class ValidationConfig:
             strategy.check(join("strategies", name))
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: give distinct seeds, got {self.seeds}")
+        for i, seed in enumerate(self.seeds):
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+                raise ConfigError(f"seeds[{i}]: a seed is a whole number from 0 to 2**32 - 1, got {seed!r}")
         if self.evaluation.models or self.evaluation.output_dir:
             raise ConfigError("evaluation: models and output_dir are filled in by the study; remove them")
         variants = self.parsed_variants()

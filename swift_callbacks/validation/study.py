@@ -25,8 +25,8 @@ import pandas as pd
 from ..configuration import ConfigError
 from ..evaluation import EvalResults, evaluate
 from ..evaluation.records import file_digest, fingerprint
-from ..training.config import config_from_dict
-from ..training.data import build_mixture
+from ..training.config import config_from_dict, is_demo
+from ..training.data import build_mixture, load_source
 from ..training.train import run_training
 from .config import BASE, ValidationConfig, Variant
 from .tables import agreement_table, table2
@@ -103,6 +103,7 @@ def check_runs(config: ValidationConfig, runs: list[RunSpec]) -> None:
     Raises:
         ConfigError: The first problem, naming the variant.
     """
+    checked: set[str] = set()
     for run in runs:
         recipe = config.recipe_data()
         training = {**(recipe.get("training") or {}), "output_dir": str(run.folder), "seed": run.seed}
@@ -114,19 +115,50 @@ def check_runs(config: ValidationConfig, runs: list[RunSpec]) -> None:
         recipe.update(training=training, data=data)
         try:
             _check_training(run, training)
-            config_from_dict(recipe, base_dir=_recipe_dir(config))
+            built = config_from_dict(recipe, base_dir=_recipe_dir(config))
+            for source in built.data.train:  # readable, with rows: found now, not after hours of training
+                if source.path not in checked and (is_demo(source.path) or Path(source.path).exists()):
+                    _quietly(load_source, source)
+                    checked.add(source.path)
         except ConfigError as err:
             raise ConfigError(f"variant {run.variant.name} (seed {run.seed}): {err}") from None
 
 
-def recipe_fingerprint(run: RunSpec, recipe: dict[str, Any]) -> str:
-    """What decides a run's training: its recipe (wherever its folder lies) and, for base->X, its ordered data."""
+def _quietly(function: Any, *args: Any) -> Any:
+    """``function(*args)`` without datasets' progress bars (a check prints one line, or nothing)."""
+    from datasets.utils import logging as ds_logging
+
+    was_enabled = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        return function(*args)
+    finally:
+        if was_enabled:
+            ds_logging.enable_progress_bar()
+
+
+def recipe_fingerprint(run: RunSpec, recipe: dict[str, Any], base_dir: Path) -> str:
+    """What decides a run's training: its recipe (wherever its folder lies) with the content of every local file it
+    names (data, study sets, base->X's ordered data), so a file changed under the same path is a new recipe."""
     data = copy.deepcopy(recipe)
     data["training"].pop("output_dir", None)
     data["training"].pop("resume_from_checkpoint", None)
-    if run.variant.after:
-        data["data"]["train"] = [file_digest(path) for path in data["data"]["train"]]
-    return fingerprint(data)
+    return fingerprint(_with_file_digests(data, base_dir))
+
+
+def _with_file_digests(value: Any, base_dir: Path) -> Any:
+    """``value`` with every string that names a local file (absolute, or relative to ``base_dir``) tagged with the
+    file's digest. Folders (a local model, a saved dataset) are named by path only."""
+    if isinstance(value, dict):
+        return {k: _with_file_digests(v, base_dir) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_with_file_digests(v, base_dir) for v in value]
+    if isinstance(value, str) and value and len(value) < 4096:
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        if path.is_file():
+            return f"{value}#sha256:{file_digest(path)}"
+    return value
 
 
 def _check_same_recipe(run: RunSpec, recipe_id: str) -> None:
@@ -191,7 +223,7 @@ def train_all(config: ValidationConfig, runs: list[RunSpec]) -> None:
     """
     check_runs(config, runs)
     recipes = [run_recipe(config, run) for run in runs]
-    ids = [recipe_fingerprint(run, recipe) for run, recipe in zip(runs, recipes, strict=True)]
+    ids = [recipe_fingerprint(run, recipe, _recipe_dir(config)) for run, recipe in zip(runs, recipes, strict=True)]
     for run, recipe_id in zip(runs, ids, strict=True):
         _check_same_recipe(run, recipe_id)
     for i, (run, recipe, recipe_id) in enumerate(zip(runs, recipes, ids, strict=True), start=1):
@@ -242,11 +274,11 @@ def run_validation(config: ValidationConfig) -> ValidationResults:
     agree = agreement_table(config, base_run.folder, t2)
     for name, frame in (("table2", t2), ("agreement", agree)):
         frame.to_csv(out / f"{name}.csv", index=False)
-        (out / f"{name}.md").write_text(_markdown(frame), encoding="utf-8")
+        (out / f"{name}.md").write_text(markdown_table(frame), encoding="utf-8")
     return ValidationResults(t2, agree, results, out)
 
 
-def _markdown(frame: pd.DataFrame) -> str:
+def markdown_table(frame: pd.DataFrame) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return "" if math.isnan(v) else f"{v:.3f}"
