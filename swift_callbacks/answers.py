@@ -108,8 +108,10 @@ def normalize_answer(answer: str, *, case_sensitive: bool = False) -> str:
     Returns:
         The canonical string (empty when nothing is left).
     """
-    text = unicodedata.normalize("NFKC", answer).strip().replace("\u2212", "-")  # NFKC keeps the minus sign
-    text = re.sub(r"\\text\{([^{}]*)\}", r"\1", text)
+    # NFKC keeps the minus sign and turns "½" into "1⁄2" (a fraction slash)
+    text = unicodedata.normalize("NFKC", answer).strip().replace("\u2212", "-").replace("\u2044", "/")
+    text = re.sub(r"\\text\{([^{}]*)\}", r"\1", text).replace("\\%", "%")
+    text = re.sub(r"\\[dt]?frac(\d)(\d)", r"\\frac{\1}{\2}", text)  # \frac12 is \frac{1}{2}
     for junk in ("$", "\\left", "\\right", "\\!", "\\,", "\\;", "\\ "):
         text = text.replace(junk, "")
     text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
@@ -123,10 +125,10 @@ def normalize_answer(answer: str, *, case_sensitive: bool = False) -> str:
 
 
 def _as_number(text: str) -> Fraction | None:
-    match = re.fullmatch(r"\\frac\{(-?\d+)\}\{(-?\d+)\}", text) or re.fullmatch(r"(-?\d+)/(-?\d+)", text)
+    match = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", text) or re.fullmatch(r"(-?)(\d+)/(-?\d+)", text)
     if match:
-        numerator, denominator = int(match.group(1)), int(match.group(2))
-        return Fraction(numerator, denominator) if denominator else None
+        sign, numerator, denominator = -1 if match.group(1) else 1, int(match.group(2)), int(match.group(3))
+        return Fraction(sign * numerator, denominator) if denominator else None
     if re.fullmatch(r"[-+]?(?:\d+\.?\d*|\.\d+)", text):
         return Fraction(text)
     return None
@@ -229,6 +231,10 @@ _LAST_NUMBER = re.compile(r"(?:(?<![\w.)])[-+])?\d(?:[\d,]*\d)?(?:\.\d+)?")
 _HASHES = re.compile(r"####\s*(.*?)\s*$", re.MULTILINE)
 _WRAPPERS = " \t*_`\"'“”$"
 _SENTENCE_END = re.compile(r"(?<=[.。!！?？])\s+")  # "87. Easy." ends at "87."; "3.5" is one token
+# Words whose period does not end a sentence ("Mr. Smith", "St. Louis"); single capitals are initials ("J. K.").
+_ABBREVIATIONS = frozenset(
+    ["mr", "mrs", "ms", "dr", "st", "mt", "jr", "sr", "prof", "vs", "etc", "no", "approx", "fig", "eq"]
+)
 
 
 def final_answer(reply: str, *, last_number: bool = False) -> str | None:
@@ -258,7 +264,7 @@ def final_answer(reply: str, *, last_number: bool = False) -> str | None:
             answer = matches[-1].group(1)
             while (later := pattern.search(answer)) is not None:  # "The answer is 3. No, the answer is 4."
                 answer = later.group(1)
-            return _tidy(_SENTENCE_END.split(answer, maxsplit=1)[0])
+            return _tidy(_first_sentence(answer))
     numbers = _LAST_NUMBER.findall(text) if last_number else []
     if "\n" not in text:
         line = _tidy(text)
@@ -274,6 +280,16 @@ def _reads_as_number(answer: str) -> bool:
     return _as_number(normalize_answer(answer)) is not None or bool(_LEADING_NUMBER.match(answer.strip()))
 
 
+def _first_sentence(text: str) -> str:
+    for match in _SENTENCE_END.finditer(text):
+        before = text[: match.start()]
+        word = re.search(r"(\w+)\.$", before)
+        if word and (word.group(1).lower() in _ABBREVIATIONS or re.fullmatch(r"[A-Z]", word.group(1))):
+            continue
+        return before
+    return text
+
+
 def _tidy(answer: str) -> str | None:
     previous = None
     while previous != answer:  # peel "**87.**" or "$87$." layer by layer
@@ -287,7 +303,8 @@ def same_answer(predicted: str | None, gold: str, *, case_sensitive: bool = Fals
 
     Numbers compare by value (``"87.0"``, ``"1,000"``, ``"\\frac{1}{2}"`` = ``"0.5"``, ``"−3"`` = ``"-3"``); a
     numeric gold also matches a prediction that *starts* with that number followed by words without another digit
-    ("18 dollars", "72, because ..."), never one that merely contains it. Other text compares after
+    ("18 dollars", "72, because ..."), never one that merely contains it, nor one whose words change or hedge it
+    ("3 million", "2 dozen", "18 or more", "72, or 73"). Other text compares after
     :func:`normalize_answer` (case, ``$``, spaces ignored), except that spaces between digits count ("7 2" is not
     "72"). A one-letter option in parentheses ("(B)") is the letter. No prediction is never equal. With
     ``case_sensitive`` the case of text counts (a task whose answer *is* the case: "RAIN" is not "rain").
@@ -304,14 +321,69 @@ def same_answer(predicted: str | None, gold: str, *, case_sensitive: bool = Fals
     if normalize_answer(predicted, case_sensitive=case_sensitive) == want:
         return True
     lead = _LEADING_NUMBER.match(predicted.strip())
-    return bool(lead) and _as_number(want) is not None and normalize_answer(lead.group(1)) == want
+    if not lead or _as_number(want) is None or normalize_answer(lead.group(1)) != want:
+        return False
+    words = re.findall(r"[a-z]+", lead.group(3).lower())
+    if lead.group(2).strip():  # "72, because it is more": a clause after a comma explains, unless it hedges
+        words = words[:1]
+    return not _CHANGES_THE_NUMBER.intersection(words)
 
 
 _DIGITS_APART = re.compile(r"\d\s+\d")
 # A number, then words without any other digit ("18 dollars", "72, because ..."; not "72.5", "1,000", "87 or 88").
-_LEADING_NUMBER = re.compile(r"^([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?:\s+|,\s*|;\s*)(\D*)$")
+_LEADING_NUMBER = re.compile(r"^([-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+|/\d+)?)(\s+|,\s*|;\s*)(\D*)$")
+# Words after a number that change or hedge it ("3 million", "2 dozen", "5 squared", "18 or more", "18 dollars and
+# fifty cents", "72, or 73"): such a reply does not state the number on its own.
+_CHANGES_THE_NUMBER = frozenset(
+    [
+        "or",
+        "and",
+        "plus",
+        "minus",
+        "times",
+        "to",
+        "more",
+        "less",
+        "than",
+        "over",
+        "under",
+        "about",
+        "around",
+        "approximately",
+        "roughly",
+        "nearly",
+        "almost",
+        "least",
+        "most",
+        "squared",
+        "cubed",
+        "dozen",
+        "dozens",
+        "hundred",
+        "hundreds",
+        "thousand",
+        "thousands",
+        "million",
+        "millions",
+        "billion",
+        "billions",
+        "trillion",
+        "half",
+        "halves",
+        "quarter",
+        "quarters",
+        "third",
+        "thirds",
+        "percent",
+        "point",
+        "k",
+        "m",
+        "bn",
+    ]
+)
 
 
 def _option_letter(text: str) -> str:
+    text = re.sub(r"\\text\{([^{}]*)\}", r"\1", text).strip().strip("$")
     match = re.fullmatch(r"\s*\(([A-Za-z])\)\s*", text)
     return match.group(1) if match else text

@@ -114,6 +114,14 @@ def test_rows_of_every_shape_become_examples(tmp_path):
         ({"question": "Q", "choices": ["a", "b"], "answer": "c"}, "choice", r"'answer' 'c' is not an index"),
         ({"question": "Q", "choices": ["a"], "answer": 0}, "choice", r"'choices' must be a list of at least two"),
         ({"question": "Q", "choices": ["1", "2"], "answer": "1"}, "choice", r"'answer' '1' is ambiguous"),
+        (
+            {"prompt": [{"role": "user", "content": None}], "answer": "5"},
+            "exact_match",
+            r"'prompt' message 0 has NoneType 'content'",
+        ),
+        ({"prompt": "Q", "answer": float("nan")}, "exact_match", r"'answer' is nan"),
+        ({"prompt": "Q", "answer": "."}, "exact_match", r"the gold answer '\.' has nothing to compare with"),
+        ({"question": "Q", "choices": ["a", ""], "answer": 0}, "choice", r"'choices' has an empty option \(option B\)"),
     ],
 )
 def test_bad_rows_are_named(tmp_path, row, metric, message):
@@ -354,6 +362,30 @@ def test_a_records_file_whose_first_line_is_no_header_is_refused(tmp_path):
         RecordFile(path, {"model": "m"})
 
 
+def test_a_record_line_of_wrong_types_is_refused_not_counted(tmp_path):
+    from swift_callbacks.evaluation.records import RecordFile
+
+    path = tmp_path / "r.jsonl"
+    header = json.dumps({"header": {"model": "m"}})
+    for bad in ({"id": "q", "task": "t", "correct": "no", "prediction": "5", "gold": "1"},
+                {"id": "q", "task": "t", "correct": 1, "prediction": "5", "gold": "1"}):  # fmt: skip
+        path.write_text(header + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
+        with pytest.raises(RecordError, match=r"r.jsonl: line 2 is not a record"):
+            RecordFile(path, {"model": "m"})
+
+
+def test_a_checkpoint_without_weights_is_named(lora_run, sets_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "half"
+    shutil.copytree(lora_run, run)
+    for f in (run / "checkpoint-4").glob("adapter_model.*"):
+        f.unlink()  # a save cut short: the adapter's config without its weights
+    config = _config([str(run)], sets_dir, tmp_path / "e")
+    with pytest.raises(ConfigError, match=r"checkpoint-4' holds no model weights"):
+        evaluate(config)
+
+
 def test_records_resume_after_a_kill_and_a_rerun_loads_no_model(sets_dir, tmp_path, monkeypatch):
     config = _config([TINY], sets_dir, tmp_path / "ev", batch_size=2)
     first = evaluate(config).records
@@ -476,6 +508,7 @@ def test_command_prints_the_table_and_names_bad_input(sets_dir, tmp_path, capsys
         (["--eval-set", f"qa={sets_dir['qa']}", "--metric", "bleu"], r"metric: must be one of choice, exact_match"),
         (["--eval-set", f"qa={sets_dir['qa']}", "--metric", "judge"], r"judge: sets \['qa'\] are judged by an LLM"),
         (["--model", "no/such/folder.gguf", "--eval-set", f"qa={sets_dir['qa']}"], r"GGUF file .* not found"),
+        (["--eval-set", f"qa={sets_dir['qa']}", "--set", "batch_size=0"], r"--set changes a --config file"),
     ]:
         given = ["evaluate", "--output-dir", str(tmp_path / "x"), *bad]
         if "--model" not in bad:
@@ -499,11 +532,24 @@ def test_the_offline_real_model_evaluates_a_handful_of_rows(tmp_path):
     assert tok.decode(prompt_ids(tok, example)).endswith("<|im_start|>assistant\n")  # the chat template's turn
 
 
+def test_an_abbreviation_does_not_end_the_answer():
+    assert final_answer("The answer is Mr. Smith.") == "Mr. Smith"
+    assert final_answer("The answer is St. Louis. It is in Missouri.") == "St. Louis"
+    assert final_answer("The answer is J. K. Rowling.") == "J. K. Rowling"
+    assert final_answer("The answer is 87. Easy.") == "87"
+
+
 @pytest.mark.parametrize(
     "predicted, gold, equal",
     [("18 dollars", "18", True), ("72, because 30 and 42", "72", False), ("72, because", "72", True),
      ("72.5", "72", False), ("1,000 apples", "1000", True), ("7 2", "72", False), ("456", "4 5 6", False),
-     ("4  5 6", "4 5 6", True), ("(B)", "B", True), ("\u22123", "-3", True), ("87 or 88", "87", False)],
+     ("4  5 6", "4 5 6", True), ("(B)", "B", True), ("\u22123", "-3", True), ("87 or 88", "87", False),
+     # words that change or hedge the number (found by an adversarial review)
+     ("3 million", "3", False), ("2 dozen", "2", False), ("5 squared", "5", False), ("18 or more", "18", False),
+     ("18 dollars and fifty cents", "18", False), ("72, or 73", "72", False), ("72, because it is more", "72", True),
+     # LaTeX and Unicode forms of the same number or option
+     ("-\\frac{1}{2}", "-0.5", True), ("\\frac12", "1/2", True), ("50\\%", "50%", True), ("\\text{(B)}", "B", True),
+     ("1/2 cup", "1/2", True), ("\u00bd", "1/2", True)],
 )  # fmt: skip
 def test_answer_equality_edges(predicted, gold, equal):
     assert same_answer(predicted, gold) is equal

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..configuration import add_override_argument, load_yaml, positive_int
+from ..configuration import ConfigError, add_override_argument, load_yaml, positive_int
 from .config import evaluate_config
 
 EXAMPLE = """example:
@@ -48,6 +48,8 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _config_data(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+    if args.overrides and not args.config:
+        raise ConfigError("--set changes a --config file; without one, give the options as flags (--batch-size, ...)")
     data: dict[str, Any] = dict(load_yaml(args.config, args.overrides)) if args.config else {}
     base_dir = Path(args.config).resolve().parent if args.config else Path.cwd()
     if args.models:

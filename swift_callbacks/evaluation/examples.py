@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..answers import final_answer
+from ..answers import final_answer, normalize_answer
 from ..sets import SetError, example_ids, read_rows
 from .config import EvalSetConfig
 
@@ -112,14 +113,26 @@ def _example(config: EvalSetConfig, example_id: str, row: Mapping[str, Any]) -> 
     if isinstance(row.get("answer"), bool) or not isinstance(row.get("answer"), str | int | float | None):
         raise fail(f"'answer' must be text or a number, got {type(row['answer']).__name__}")
     if "answer" in row and row["answer"] is not None and str(row["answer"]).strip():
-        gold = final_answer(str(row["answer"])) or str(row["answer"]).strip()
+        text = _answer_text(row["answer"], fail)
+        gold = final_answer(text) or text.strip()
     elif reference:
         gold = final_answer(reference, last_number=config.last_number)
         if gold is None:
             raise fail("no 'answer' field, and no final answer can be read from the completion; add 'answer'")
     else:
         raise fail("no gold answer: give an 'answer' field (or a 'completion' ending in its final answer)")
+    if not normalize_answer(gold):  # "." normalizes to nothing: no reply could ever equal it
+        raise fail(f"the gold answer {gold!r} has nothing to compare with; give the answer as text or a number")
     return EvalExample(example_id, task, prompt, gold, reference or gold, completion=completion)
+
+
+def _answer_text(answer: str | int | float, fail) -> str:
+    """A gold answer as text; a float is written in full ("1e20" as its digits), NaN and infinity are refused."""
+    if isinstance(answer, float):
+        if not math.isfinite(answer):
+            raise fail(f"'answer' is {answer}; give the gold answer")
+        return str(int(answer)) if answer.is_integer() else repr(answer)
+    return str(answer)
 
 
 def _prompt_and_completion(row: Mapping[str, Any], fail) -> tuple[Any, Any]:
@@ -145,10 +158,12 @@ def _text_or_chat(value: Any, name: str, fail) -> str | tuple[tuple[str, str], .
             raise fail(f"'{name}' is empty")
         return value
     if isinstance(value, list) and value and all(isinstance(m, Mapping) for m in value):
-        try:
-            return tuple((str(m["role"]), str(m["content"])) for m in value)
-        except KeyError as err:
-            raise fail(f"'{name}' has a message without {err.args[0]!r}") from None
+        for i, m in enumerate(value):
+            for key in ("role", "content"):
+                if not isinstance(m.get(key), str):
+                    got = "no" if key not in m else type(m[key]).__name__
+                    raise fail(f"'{name}' message {i} has {got} {key!r}; give it as text")
+        return tuple((m["role"], m["content"]) for m in value)
     raise fail(f"'{name}' must be text or a non-empty list of chat messages, got {type(value).__name__}")
 
 

@@ -55,6 +55,15 @@ def fingerprint(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def _well_typed(record: ExampleRecord) -> bool:
+    """The fields a table is computed from have the types this module writes (a hand-edited "correct": "no" is not
+    counted as anything)."""
+    return (
+        isinstance(record.id, str) and isinstance(record.task, str) and isinstance(record.truncated, bool)
+        and (record.correct is None or isinstance(record.correct, bool))
+    )  # fmt: skip
+
+
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -99,6 +108,8 @@ class RecordFile:
                 try:
                     record = ExampleRecord(**item)
                 except TypeError:
+                    record = None
+                if record is None or not _well_typed(record):
                     raise RecordError(f"{self.path}: line {number} is not a record; delete the file") from None
                 self.records[record.id] = record
             keep += len(line) + 1

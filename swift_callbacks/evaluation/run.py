@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 RESULTS_FILE = "results.csv"
 RECORDS_DIR = "records"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-_WEIGHTS = ("config.json", ADAPTER_CONFIG)
 TABLE_COLUMNS = ["model", "run", "step", "set", "metric", "task", "n", "decided", "correct", "accuracy", "ci_low",
                  "ci_high", "no_answer", "truncated", "undecided"]  # fmt: skip
 
@@ -98,6 +97,10 @@ def resolve_targets(models: list[str], base_model: ModelConfig | None = None, fi
             targets.append(Target(f"{path.resolve().name}/final", str(path), path.resolve().name, None,
                                   base or _adapter_base(path)))  # fmt: skip
         elif checkpoints:
+            empty = [p for _, p in checkpoints if not _holds_weights(p)]
+            if empty:
+                raise ConfigError(f"models: {str(empty[0])!r} holds no model weights (a save that was interrupted?); "
+                                  "delete that folder, or name the run's other checkpoints one by one")  # fmt: skip
             base = base_model or _run_base(path)
             run = path.resolve().name
             targets += [
@@ -120,7 +123,12 @@ def resolve_targets(models: list[str], base_model: ModelConfig | None = None, fi
 
 
 def _holds_weights(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in _WEIGHTS)
+    """A model's config with its weights, or an adapter's config with its weights (not a save cut short)."""
+    if (folder / ADAPTER_CONFIG).is_file():
+        return any((folder / f"adapter_model.{ext}").is_file() for ext in ("safetensors", "bin"))
+    if (folder / "config.json").is_file():
+        return any(folder.glob("model*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+    return False
 
 
 def _run_base(run: Path) -> ModelConfig | None:
