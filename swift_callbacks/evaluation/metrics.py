@@ -22,8 +22,9 @@ METRIC_CLASSES: dict[str, type[Metric]] = {}
 
 JUDGE_PROMPT_VERSION = "judge-v1"
 # The version of the final-answer reader (swift_callbacks.answers) in exact_match's cache key: a change of how
-# replies are read makes earlier records stale. v4: with last_number, "7 + 14 = 21" answers 21.
-READER = "final_answer-v4"
+# replies are read makes earlier records stale. v4: with last_number, "7 + 14 = 21" answers 21. v5: words that
+# change or hedge a number, LaTeX/Unicode number forms, abbreviations inside an answer.
+READER = "final_answer-v5"
 JUDGE_PROMPT = """You are grading an answer to a question against the reference answer.
 
 Question:
