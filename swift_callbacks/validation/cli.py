@@ -33,7 +33,8 @@ def validate_command(args: argparse.Namespace) -> int:
             print(f"{run.variant.name:<24} seed {run.seed:<4} -> {run.folder}" + ("  (swift study)" * run.influence))
         return 0
     results = run_validation(config)
-    print("\nTable 2: accuracy by variant (mean over seeds), change against Base with its 95% interval")
+    level = f"{config.evaluation.confidence:.0%}"
+    print(f"\nTable 2: accuracy by variant (mean over seeds), change against Base with its {level} interval")
     print(markdown_table(results.table2[results.table2.task == "all"]))
     print("Does the swift study predict it?")
     print(markdown_table(results.agreement))
