@@ -36,6 +36,10 @@ def write_lines(path, lines: list[bytes]):
     return path
 
 
+def _write_rows(path, rows: list[dict]):
+    return write_lines(path, [json.dumps(r).encode() for r in rows])
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
@@ -219,6 +223,35 @@ def test_dry_run_prints_prompts_and_sends_nothing(tmp_path, capsys, no_backend_e
     assert "[system]" in printed and "[user]" in printed and "编号列表" in printed
     assert "dry run: 1 requests planned, nothing sent" in printed and "validate: missing field" in printed
     assert sorted(os.listdir(tmp_path)) == ["refs.jsonl"]  # no output, no rejects file, no cache
+
+
+def test_trl_probe_sets_are_read_as_they_are_and_a_dry_run_that_sends_nothing_fails(tmp_path, capsys, no_backend_env):
+    """A probe set in any TRL form the callback reads is a builder input; rows with other fields get the field
+    named, the fields present and the --map that would read them, and a dry run planning nothing exits 1."""
+    from swift_callbacks.cli import main
+
+    trl = _write_rows(tmp_path / "trl.jsonl", [
+        {"id": "t", "prompt": "What is 2 plus 3?", "completion": " 5"},
+        {"id": "c", "prompt": [{"role": "user", "content": "Reverse gold."}],
+         "completion": [{"role": "assistant", "content": "dlog"}]},
+        {"id": "m", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"},
+                                 {"role": "assistant", "content": "A"}]},
+    ])  # fmt: skip
+    assert main(["build", "cot", "--input", str(trl), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: 3 requests planned" in out
+    assert "What is 2 plus 3?" in out and "Reverse gold." in out and "Q?" in out
+    other = _write_rows(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    assert main(["build", "cot", "--input", str(other), "--dry-run"]) == 1
+    captured = capsys.readouterr()
+    assert "field 'query' is missing (the row has ['answer', 'question']; read it from one of them with --map " \
+        "query=COLUMN)" in captured.out  # fmt: skip
+    assert "no request would be sent" in captured.err
+    assert main(["build", "cot", "--input", str(other), "--dry-run", "--map", "query=question,response=answer"]) == 0
+    turns = [{"role": role, "content": text} for role, text in zip(["user", "assistant"] * 2, "abcd", strict=True)]
+    multi = _write_rows(tmp_path / "multi.jsonl", [{"messages": turns}])
+    assert main(["build", "cot", "--input", str(multi), "--dry-run"]) == 1
+    assert "cannot be read from the row's chat messages" in capsys.readouterr().out
 
 
 def test_cli_build_prints_summary_and_reuses_the_cache(tmp_path, capsys, monkeypatch):

@@ -21,7 +21,7 @@ from typing import IO, Any
 from ..generation.base import SamplingParams
 from .io import group_path, read_source, rejects_path, write_jsonl, write_yaml
 from .pipeline import Builder, Plan, complete, prepare
-from .records import BuildResult, BuildStats, reject_counts
+from .records import BuildResult, BuildStats, Reject, reject_counts
 from .rules import RulesApplyBuilder, RulesExtractBuilder, load_rules, rules_document, slugify
 from .strategies import STRATEGY_BUILDERS
 from .templating import TemplateSet, load_templates
@@ -166,5 +166,10 @@ def write_result(
 
 
 def summary_lines(result: BuildResult) -> list[str]:
-    """The end-of-build report: counts, rejects by reason, generation counts, files written."""
-    return [*result.stats.summary_lines(), *(f"wrote {path}" for path in result.files)]
+    """The end-of-build report: counts, rejects by reason (with the first example of each), generation counts,
+    files written."""
+    first: dict[str, Reject] = {}
+    for reject in result.rejects:
+        first.setdefault(f"{reject.stage}: {reject.reason}", reject)
+    examples = [f"  e.g. row {r.source_id!r}: {r.detail}" for r in first.values() if r.detail]
+    return [*result.stats.summary_lines(), *examples, *(f"wrote {path}" for path in result.files)]

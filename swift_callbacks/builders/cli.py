@@ -6,6 +6,7 @@ The top-level CLI adds this with ``add_build_parser(subparsers)``; the parser's 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..configuration import positive_int
@@ -19,6 +20,7 @@ inputs: --input is a .jsonl/.json/.csv/.tsv/.parquet file or a hub dataset id (w
 fields read (rename with --map FIELD=COLUMN[,FIELD=COLUMN]; COLUMN may join several with '+'):
   cot, clarify, similar   query, response, [task], [id]
   evaluate                query, response, [negative_response], [label pos/neg], [task], [id]
+                          (query/response also from TRL rows: prompt/completion, text or chat, or messages)
   rules-extract           text, [id]
   rules-apply             question, choices, answer (index or letter), [subject -> task], [id]
 outputs: --output FILE.jsonl (rules-apply: FILE.<rule>.jsonl per rule; rules-extract: a rules YAML);
@@ -104,4 +106,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         if generator is not None:
             generator.close()
     print("\n".join([f"swift-study build {args.kind}:", *summary_lines(result)]))
+    if args.dry_run and not result.stats.requests:
+        print("dry run: no request would be sent (every row was rejected; see the reasons above)", file=sys.stderr)
+        return 1
     return 1 if not args.dry_run and result.stats.rows_in and not result.stats.rows_out else 0

@@ -133,21 +133,78 @@ def _fallback_id(position: int, raw: Any, mapping: Mapping[str, str]) -> str:
 def _validate(position: int, raw: Any, fields: Sequence[Field], mapping: Mapping[str, str]) -> Row:
     if not isinstance(raw, Mapping):
         raise _Invalid("wrong type", f"row is a {type(raw).__name__}, not an object")
+    names = {f.name for f in fields}
+    source = raw
+    if {"query", "response"} <= names and not {"query", "response"} & (set(mapping) | set(raw)):
+        source = {**raw, **trl_query_response(raw)}  # a probe set in TRL's form, read as it is
     values: dict[str, Any] = {}
     for f in fields:
         column = mapping.get(f.name, f.name)
-        value = _lookup(raw, column)
+        value = _lookup(source, column)
         # An empty optional cell (CSV has no null) means "not given", not "given and empty".
         if _absent(value) or (not f.required and isinstance(value, str) and not value.strip()):
             if f.required:
-                where = f"column {column!r}" if column != f.name else "no such column or null"
-                raise _Invalid("missing field", f"field {f.name!r} is missing ({where})")
+                raise _Invalid("missing field", _missing(f.name, column, raw))
             continue
         values[f.name] = _CHECKS[f.kind](f.name, value)
     if "choices" in values and "answer" in values and values["answer"] >= len(values["choices"]):
         raise _Invalid("bad value", f"answer index {values['answer']} but only {len(values['choices'])} choices")
     source_id = values.pop("id", None) or str(position)
     return Row(source_id, values, dict(raw))
+
+
+def _missing(name: str, column: str, raw: Mapping) -> str:
+    """Which field is missing, what the row has instead, and the ``--map`` that would read it."""
+    present = sorted(str(k) for k in raw)
+    if column != name:
+        return (f"field {name!r} is missing: --map reads it from column {column!r}, which the row lacks or leaves "
+                f"null (the row has {present})")  # fmt: skip
+    if name in ("query", "response") and ("messages" in raw or isinstance(raw.get("prompt"), list)):
+        return (f"field {name!r} cannot be read from the row's chat messages: the builders rewrite one user question "
+                "and its assistant answer, and these messages are not that (a multi-turn conversation?)")  # fmt: skip
+    hint = f"; read it from one of them with --map {name}=COLUMN" if present else ""
+    return f"field {name!r} is missing (the row has {present}{hint})"
+
+
+def trl_query_response(raw: Mapping) -> dict[str, str]:
+    """``query`` and ``response`` of a row in one of TRL's forms, as the callback reads probe sets.
+
+    ``prompt``/``completion`` as text, or as chat messages (the prompt's one user message and the completion's
+    last assistant message; a system message may precede), or ``messages`` ending with a user then an assistant
+    message. A multi-turn conversation has no single query to rewrite: its query is left out, so the row is
+    rejected as missing one. Returns what it could read (possibly nothing).
+    """
+    if "messages" in raw:
+        turns = _turns(raw.get("messages"))
+        if turns and len(turns) == 2 and [r for r, _ in turns] == ["user", "assistant"]:
+            return {"query": turns[0][1], "response": turns[1][1]}
+        return {}
+    found: dict[str, str] = {}
+    prompt, completion = raw.get("prompt"), raw.get("completion")
+    if isinstance(prompt, str):
+        found["query"] = prompt
+    elif (turns := _turns(prompt)) and [r for r, _ in turns] == ["user"]:
+        found["query"] = turns[0][1]
+    if isinstance(completion, str):
+        found["response"] = completion.strip()
+    elif (turns := _turns(completion)) and turns[-1][0] == "assistant":
+        found["response"] = turns[-1][1]
+    return found
+
+
+def _turns(messages: Any) -> list[tuple[str, str]] | None:
+    """(role, content) of chat messages without system messages; None when ``messages`` is not a chat."""
+    if hasattr(messages, "tolist"):  # a numpy array from Parquet
+        messages = messages.tolist()
+    if not isinstance(messages, list | tuple) or not messages:
+        return None
+    turns = []
+    for m in messages:
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return None
+        if m["role"] != "system":
+            turns.append((m["role"], m["content"]))
+    return turns
 
 
 def _lookup(raw: Mapping, column: str) -> Any:
