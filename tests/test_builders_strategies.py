@@ -71,6 +71,23 @@ def test_cot_rejects_answer_mismatch_and_no_reasoning():
     assert [r["id"] for r in result.rows] == ["sum/cot"]  # a long reference has no answer to check against
 
 
+def test_cot_checks_the_marked_answer_of_a_gsm8k_reference():
+    """GSM8K writes its reference as working then '#### 72': the CoT reply must end in 72 (by value), not in any
+    number; '(B)' is the option B."""
+    refs = [{"id": "g", "query": "Natalia sold 48 clips in April and half as many in May. How many in total?",
+             "response": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nSo 48+24 = <<48+24=72>>72.\n#### 72"},
+            {"id": "b", "query": "Which is a mammal? (A) trout (B) whale", "response": "(B)"}]  # fmt: skip
+    wrong = {"Natalia": "She sold 48 and 24, so 70 in total. So the answer is 70.", "mammal": "Whales. So: A."}
+    result = build_cot(refs, generator(lambda text, _: next(v for k, v in wrong.items() if k in text)))
+    assert reasons(result) == {"g": "answer mismatch", "b": "answer mismatch"}
+    right = {
+        "Natalia": "48 plus 24 makes 72. So the answer is 72.",
+        "mammal": "A whale is a mammal. So the answer is B.",
+    }
+    result = build_cot(refs, generator(lambda text, _: next(v for k, v in right.items() if k in text)))
+    assert not result.rejects and len(result.rows) == 2
+
+
 def test_cot_uses_the_first_passing_sample():
     gen = generator(lambda text, _: ["So the answer is 86.", "Adding gives 87. So the answer is 87."])
     result = build_cot(REFS[:1], gen, params=SamplingParams(n=2))

@@ -15,13 +15,15 @@ from typing import Any
 
 import yaml
 
-from ..answers import clean_reply
+from ..answers import clean_reply, final_answer
 
 SHORT_ANSWER_MAX_CHARS = 32
 # Closing punctuation, ASCII and CJK, ignored at the end of an answer or a verdict sentence.
 _TRAILING = ".,;:!?。，、；：！？…"
 _QUOTES = "\"'`“”‘’「」『』*_"
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:[.,]\d+)*|\.\d+)%?")
+_MARKED = re.compile(r"####|\\boxed\{|\bthe\s+(?:final\s+)?answer\s+is\b|\bfinal\s+answer\s*[:：]", re.IGNORECASE)
+_OPTION = re.compile(r"\(([A-Z])\)")
 # A number as a final answer: sign, thousands groups, decimals; optionally a fraction "a/b".
 _NUM = r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
 _ANSWER_NUMBER = re.compile(rf"(?<![\d.,/])({_NUM})(?:\s*/\s*({_NUM}))?%?(?![\d/]|[.,]\d)")
@@ -73,16 +75,23 @@ def normalize(text: str) -> str:
 def short_final_answer(response: str) -> str | None:
     """The answer a CoT response must end with, when the reference response is a short final answer.
 
-    A reference counts as a short final answer when, stripped, it is a single line and either at most
-    ``SHORT_ANSWER_MAX_CHARS`` characters long or a number. Longer or multi-line references (summaries, lists,
+    A reference with an answer marker (``#### 72`` as GSM8K writes it, ``\\boxed{}``, "the answer is") gives the
+    marked answer. Otherwise a reference counts as a short final answer when, stripped, it is a single line and
+    either at most ``SHORT_ANSWER_MAX_CHARS`` characters long or a number; an option letter in parentheses is the
+    letter. Longer or multi-line references (summaries, lists,
     rewritten text) have no single answer a reasoning-first reply could end with, so they get no check.
 
     Returns:
         The stripped reference, or ``None`` when it is not a short final answer.
     """
     text = response.strip()
+    if _MARKED.search(text):  # GSM8K's "#### 72", "\boxed{72}", "The answer is 72": the marked answer counts
+        text = final_answer(text) or ""
     if not text or "\n" in text:
         return None
+    letter = _OPTION.fullmatch(text)
+    if letter:  # "(B)" and "B" are the same option
+        return letter.group(1)
     if len(text) <= SHORT_ANSWER_MAX_CHARS or _NUMBER.fullmatch(text.replace(" ", "")):
         return text
     return None
