@@ -22,6 +22,7 @@ from .influence import InfluenceEngine, InfluenceResult, block_scores, pairing_m
 from .influence import distributed as dist_utils
 from .influence.arguments import InfluenceArguments
 from .influence.engine import vocab_size
+from .influence.modules import find_blocks
 from .sets import ExampleSet, SetError, SetSource, check_unique_names, load_set, tokenize_set
 from .store import HistoryError, InfluenceStore, StepExistsError
 from .studies import Metric, Study, merge_studies
@@ -122,6 +123,11 @@ class InfluenceCallback(TrainerCallback):
             raise ConfigError(f"engine options go in influence_args or as keywords, not both: {sorted(engine_options)}")
         self.influence_args = influence_args or InfluenceArguments.from_options(engine_options)
         self.influence_args.check()
+        _check_schedule(trainer.args, every_n_steps, at_step_zero)
+        try:  # a param_filter that tracks nothing is found now, not at the first save
+            find_blocks(trainer.model, self.influence_args.param_filter)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self.trainer = trainer
         self.every_n_steps = every_n_steps
         self.at_step_zero = at_step_zero
@@ -136,6 +142,7 @@ class InfluenceCallback(TrainerCallback):
         for s in (*self.probe_sets, *self.eval_sets):
             tokenize_set(s, self._preparer(s.name), vocab_size=vocab)
         self._masks = {(p.name, e.name): _pairing(p, e) for p in self.probe_sets for e in self.eval_sets}
+        _check_some_task_in_common(self.probe_sets, self.eval_sets, self._masks)
         self._done: set[int] = set()
         self.store = InfluenceStore(trainer.args.output_dir)
         self._resumed_from: Any = _UNSEEN
@@ -569,6 +576,30 @@ def _pair_frame(step, p: ExampleSet, e: ExampleSet, paired, result: InfluenceRes
         "probe_tokens": result.probe_tokens[p_off + pi].numpy(), "eval_tokens": result.eval_tokens[e_off + ei].numpy(),
         "probe_loss": result.probe_loss[p_off + pi].numpy(), "eval_loss": result.eval_loss[e_off + ei].numpy(),
     })  # fmt: skip
+
+
+def _check_schedule(args: TrainingArguments, every_n_steps: int | None, at_step_zero: bool) -> None:
+    """Influence is computed at checkpoint saves (and at ``every_n_steps`` / step 0): a run that saves nothing
+    and has no schedule would record nothing, without a word."""
+    strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+    if strategy == "no" and every_n_steps is None and not at_step_zero:
+        raise ConfigError(
+            "InfluenceCallback computes influence at checkpoint saves, and save_strategy='no' saves none: set "
+            "save_strategy/save_steps, or give every_n_steps (or at_step_zero=True)"
+        )
+
+
+def _check_some_task_in_common(probes: Sequence[ExampleSet], evals: Sequence[ExampleSet], masks: Mapping) -> None:
+    """With tasks on both sides, at least one probe/eval pair shares a task; otherwise no in-task score (s_in)
+    could ever be computed."""
+    tasked = all(t is not None for s in (*probes, *evals) for t in s.tasks)
+    if tasked and not any(bool(m.any()) for m in masks.values()):
+        probe_tasks = sorted({t for s in probes for t in s.tasks})
+        eval_tasks = sorted({t for s in evals for t in s.tasks})
+        raise SetError(
+            f"No probe example shares a task with any evaluation example (probe tasks {probe_tasks[:5]}, evaluation "
+            f"tasks {eval_tasks[:5]}), so no in-task influence (s_in) can be computed; check the 'task' fields."
+        )
 
 
 def _watched_train(trainer: Trainer, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any):

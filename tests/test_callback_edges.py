@@ -215,3 +215,25 @@ def test_plain_trainer_without_a_tokenizer_trains(tmp_path):
     trainer.add_callback(InfluenceCallback(trainer, probe_sets={"p": rows}, eval_sets={"e": rows}))
     trainer.train()
     assert list_steps(store_dir(tmp_path)) == [2]
+
+
+def test_options_that_would_record_nothing_fail_at_construction(tmp_path):
+    """A filter that tracks nothing, sets without a task in common, and a run that never saves are refused when the
+    callback is built, in one line, before any training step."""
+    from helpers import set_rows
+
+    from swift_callbacks import ConfigError
+
+    trainer, _ = make_trainer(tmp_path, callback=False)
+    sets = {"probe_sets": {"p": set_rows("cot_study_z_cot", 4)}, "eval_sets": {"e": set_rows("cot_study_z_similar", 4)}}
+    with pytest.raises(ConfigError, match=r"No trainable parameter matched.*whose name matches 'lora_Q'"):
+        InfluenceCallback(trainer, **sets, param_filter="lora_Q")
+    with pytest.raises(ConfigError, match=r"route: must be one of"):
+        InfluenceCallback(trainer, **sets, route="gost")
+    other = [{**r, "task": "elsewhere"} for r in set_rows("cot_study_z_similar", 4)]
+    with pytest.raises(SetError, match=r"No probe example shares a task with any evaluation example"):
+        InfluenceCallback(trainer, probe_sets=sets["probe_sets"], eval_sets={"e": other})
+    never, _ = make_trainer(tmp_path / "never", callback=False, save_strategy="no")
+    with pytest.raises(ConfigError, match=r"save_strategy='no' saves none"):
+        InfluenceCallback(never, **sets)
+    InfluenceCallback(never, **sets, every_n_steps=5)  # a schedule of its own is fine
