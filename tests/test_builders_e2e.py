@@ -63,3 +63,32 @@ def test_build_cot_through_an_openai_compatible_server(tmp_path, capsys):
         assert server.total == 4
         assert "3 requests: 3 cached, 0 sent" in capsys.readouterr().out
     assert out.read_text(encoding="utf-8").count("\n") == 2
+
+
+def test_a_failure_that_would_repeat_for_every_request_stops_the_build(tmp_path, capsys):
+    """A rejected key, a wrong model or path, a server that is down: the build stops after a few requests with one
+    line naming the cause (exit 2), instead of sending every request and writing one reject per row; answers
+    received before are kept in the cache."""
+    import socket
+
+    from swift_callbacks.cli import main
+
+    refs = [{"id": f"r{i}", "query": f"What is {i} plus 1?", "response": str(i + 1)} for i in range(40)]
+    source = tmp_path / "refs.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in refs), encoding="utf-8")
+    base = ["build", "cot", "--input", str(source), "--output", str(tmp_path / "out.jsonl"), "--model", "m",
+            "--cache-dir", str(tmp_path / "cache"), "--max-retries", "0", "--max-concurrency", "2"]  # fmt: skip
+    for status, words in (("401", "refused the API key (HTTP 401)"), ("404", "answered 404 for model 'm'")):
+        with ChatServer() as server:
+            for ref in refs:
+                server.inject(user_message(ref), status, forever=True)
+            assert main([*base, "--base-url", server.base_url]) == 2
+            errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # besides the bar
+            assert len(errors) == 1 and words in errors[0] and "3 requests in a row" in errors[0], errors
+            assert server.total <= 8  # 3 failures, and at most a few more already in flight
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main([*base, "--base-url", f"http://127.0.0.1:{port}/v1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot connect to the server at" in err and not (tmp_path / "out.jsonl").exists()

@@ -131,11 +131,14 @@ def test_wire_format_sampling_n_and_usage(server):
     assert {k: body.get(k) for k in wanted} == wanted
 
 
-def test_fewer_choices_than_n_is_an_error_and_not_retried(server):
-    server.inject("few", "short")
+def test_an_unusable_200_reply_is_asked_again_and_an_error_when_it_stays(server):
+    server.inject("few", "short")  # the first answer has 1 choice for n=2: asked again, the second is right
     res = Generator(backend_for(server), None, progress=False).run([ask("few", n=2)])["few"]
-    assert not res.ok and "1 choice(s), 2 requested" in res.error
-    assert server.count("few") == 1
+    assert res.ok and len(res.texts) == 2 and server.count("few") == 2
+    server.inject("always", "short", forever=True)
+    res = Generator(backend_for(server, max_retries=2), None, progress=False).run([ask("always", n=2)])["always"]
+    assert not res.ok and "1 choice(s), 2 requested" in res.error and "after 3 attempts" in res.error
+    assert server.count("always") == 3 and res.fatal is None  # a bad reply is this request's, not every one's
 
 
 def test_concurrency_is_bounded_and_results_stream_as_they_finish():

@@ -99,6 +99,9 @@ class GenerationResult:
     cached: bool = False
     error: str | None = None
     finish_reasons: list[str | None] = field(default_factory=list)
+    # Set with ``error`` when the cause will repeat for every request (a rejected key, an unknown model or path, a
+    # server that cannot be reached): the generator stops a run after a few of them instead of sending the rest.
+    fatal: str | None = None
 
     @property
     def ok(self) -> bool:

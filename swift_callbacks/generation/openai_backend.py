@@ -199,10 +199,11 @@ class OpenAICompatibleBackend:
             except Exception as err:  # classify every failure: the contract is one result per request
                 delay = self._retry_delay(err, attempt)
                 reason = self._scrub(_describe(err))
+                fatal = self._fatal(err)
             if delay is None or attempt > self.max_retries or stop.is_set():
                 tries = f"after {attempt} attempt{'s' if attempt > 1 else ''}"
                 logger.warning("request %r failed %s: %s", req.key, tries, reason)
-                return GenerationResult(req.key, error=f"{reason} ({tries})")
+                return GenerationResult(req.key, error=f"{reason} ({tries})", fatal=fatal)
             logger.debug("request %r attempt %d failed (%s); retrying in %.2f s", req.key, attempt, reason, delay)
             if stop.wait(delay):
                 return GenerationResult(req.key, error=f"{reason} (cancelled before retry)")
@@ -228,11 +229,29 @@ class OpenAICompatibleBackend:
         response = self._client.chat.completions.create(messages=req.message_dicts(), **options)
         return _to_result(req, response, lambda c: c.message.content)
 
+    def _fatal(self, err: Exception) -> str | None:
+        """What to tell the user when ``err`` will fail every request alike; None for a failure of this one."""
+        import openai
+
+        where = f"the server at {self.base_url}"
+        if isinstance(err, openai.APIConnectionError) and not isinstance(err, openai.APITimeoutError):
+            return f"cannot connect to {where} (is it running, and is the URL right?)"
+        status = getattr(err, "status_code", None)
+        if status in (401, 403):
+            return (f"{where} refused the API key (HTTP {status}); set the right key in the variable the backend "
+                    "reads (--api-key-env, default SWIFT_API_KEY, then OPENAI_API_KEY)")  # fmt: skip
+        if status == 404:
+            return (f"{where} answered 404 for model {self.model!r}: the model name or the URL path (it usually "
+                    "ends in /v1) is wrong")  # fmt: skip
+        return None
+
     def _retry_delay(self, err: Exception, attempt: int) -> float | None:
         """Seconds to wait before the next attempt, or ``None`` when ``err`` is not worth retrying."""
         import openai
 
         if isinstance(err, openai.APIConnectionError):  # includes APITimeoutError and dropped connections
+            return self._backoff(attempt)
+        if isinstance(err, _BadReply | openai.APIResponseValidationError):  # a 200 with an unusable body: ask again
             return self._backoff(attempt)
         if isinstance(err, openai.APIStatusError):
             status = err.status_code

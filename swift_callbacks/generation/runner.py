@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
+from ..errors import UserError
 from .base import Backend, GenerationRequest, GenerationResult, backend_identity
 from .cache import GenerationCache
 
@@ -60,6 +61,15 @@ class RunStats:
             f"{self.requests} requests: {self.cached} cached, {self.sent} sent, {self.succeeded} ok, "
             f"{self.failed} failed; tokens {self.prompt_tokens} in / {self.completion_tokens} out; {self.seconds:.1f} s"
         )
+
+
+# Requests in a row failing with the same cause that would fail every request (a rejected key, a wrong model name
+# or path, a server that is down) before a run stops: enough to rule out a fluke, few enough to waste nothing.
+FATAL_STREAK = 3
+
+
+class GenerationAborted(UserError):
+    """A run stopped because its requests kept failing with a cause that would fail them all."""
 
 
 class Generator:
@@ -157,6 +167,7 @@ class Generator:
         """Yields ``(cache_key, result)`` exactly once for every miss, storing successes as they come."""
         by_key = {reqs[0].key: ck for ck, reqs in misses.items()}
         todo = set(by_key)
+        streak, cause = 0, None  # consecutive failures with the same fatal cause
         reason = "backend returned no result for this request"
         stream = self.backend.generate([reqs[0] for reqs in misses.values()]) if misses else iter(())
         try:
@@ -174,6 +185,13 @@ class Generator:
                     continue
                 todo.discard(result.key)
                 result = replace(result, cached=False)
+                streak = streak + 1 if result.fatal is not None and result.fatal == cause else int(bool(result.fatal))
+                cause = result.fatal
+                if cause is not None and streak >= FATAL_STREAK:
+                    raise GenerationAborted(
+                        f"{self.desc}: stopped after {streak} requests in a row failed the same way: {cause}. "
+                        f"Nothing else was sent; answers already received are kept in the cache."
+                    )
                 if result.ok and self.cache is not None:
                     self.cache.put(by_key[result.key], result)
                 yield by_key[result.key], result
