@@ -4,6 +4,7 @@ name their key path."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import json
@@ -186,6 +187,28 @@ def test_runner_reruns_a_stage_whose_generations_failed_asking_only_the_failed(t
         capsys.readouterr()
         run_pipeline(config, out, stages)
         assert "[filter-solvable] complete, skipped" in capsys.readouterr().out
+
+
+def test_a_stage_whose_every_request_failed_stops_the_pipeline(tmp_path, capsys):
+    """Every request of filter-solvable fails (a 503 each time, not a cause the breaker stops on): the stage is not
+    complete, the pipeline stops there with exit 1 and one line, and no later stage runs on an empty file."""
+    from swift_callbacks.builders.scalequest.cli import run_from_args
+
+    questions = write_jsonl(tmp_path / "questions.jsonl", QUESTIONS[:4])
+    out = tmp_path / "out"
+    with ChatServer() as server:
+        for q in QUESTIONS[:4]:
+            server.inject(judge_content(q["question"]), "503", forever=True)
+        data = base_config(tmp_path, questions)
+        data["stages"]["filter-solvable"]["judge"] = {"backend": "openai", "base_url": server.base_url,
+                                                      "model": "judge", "max_retries": 0, "timeout": 5}  # fmt: skip
+        config = write_config(tmp_path / "pipeline.yaml", data)
+        args = argparse.Namespace(config=str(config), output_dir=str(out), overrides=[],
+                                  stages="filter-language,filter-solvable")  # fmt: skip
+        assert run_from_args(args) == 1
+    err = capsys.readouterr().err
+    assert "stage filter-solvable: every generation request failed (e.g. " in err and "not complete" in err
+    assert not (out / "pipeline.stats.json").exists()  # the pipeline stopped at the stage
 
 
 def test_runner_reruns_decontaminate_when_an_eval_set_file_changes(tmp_path, capsys):

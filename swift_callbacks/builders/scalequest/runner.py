@@ -28,7 +28,7 @@ from typing import IO, Any
 
 from ...configuration import ConfigError, join
 from .config import PipelineConfig, load_pipeline_config
-from .contract import StageError, StageResult, StageStats, is_complete, load_stats, write_json
+from .contract import StageError, StageResult, StageStats, generation_failed, is_complete, load_stats, write_json
 from .contract import fingerprint as make_fingerprint
 from .models import ModelSpec, resolve_stage_model
 from .settings import settings_dict
@@ -200,6 +200,13 @@ def execute_stage(run: StageRun, *, stream: IO[str] | None = None) -> StageResul
         result = run.stage.run(run, stack)
     if "torch" in sys.modules:  # release the stage's models before the next one loads its own
         free_memory()
+    failed = generation_failed(result.stats)
+    if failed and not result.stats.rows_out:  # nothing to hand on: the next stage would build on an empty file
+        example = next((r.detail for r in result.rejects if r.stage == "generate" and r.detail), "")
+        raise StageError(
+            f"stage {run.name}: every generation request failed{f' (e.g. {example})' if example else ''}; "
+            "it is not complete. Rerun when the backend answers: answers already received come from the cache."
+        )
     return result
 
 
