@@ -339,3 +339,17 @@ def test_csv_cells_over_128_kib_are_read_and_csv_errors_become_rejects(tmp_path,
     rows, rejects = read_source(path)
     assert [r["query"] for _, r in rows] == ["ok?"]
     assert [(r.stage, r.reason) for r in rejects] == [("read", "invalid CSV")]
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    """Atomic writes go through a temporary file (mode 0600); the output gets the mode a plain open() would."""
+    from swift_callbacks.builders.io import write_jsonl
+
+    old = os.umask(0o022)
+    try:
+        path = write_jsonl(tmp_path / "o.jsonl", [{"a": 1}])
+        os.umask(0o077)
+        private = write_jsonl(tmp_path / "p.jsonl", [{"a": 1}])
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644 and private.stat().st_mode & 0o777 == 0o600

@@ -218,10 +218,17 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return _atomic_write(Path(path), lambda fh: fh.write(text.encode("utf-8")))
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; set it straight back
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file 0600; an output gets the mode open() would give
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
