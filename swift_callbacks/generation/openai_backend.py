@@ -234,7 +234,7 @@ class OpenAICompatibleBackend:
         import openai
 
         where = f"the server at {self.base_url}"
-        if isinstance(err, openai.APIConnectionError) and not isinstance(err, openai.APITimeoutError):
+        if isinstance(err, openai.APIConnectionError) and _refused(err):
             return f"cannot connect to {where} (is it running, and is the URL right?)"
         status = getattr(err, "status_code", None)
         if status in (401, 403):
@@ -302,6 +302,19 @@ def _to_result(req: GenerationRequest, response: Any, text_of: Any) -> Generatio
         completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
         finish_reasons=[getattr(c, "finish_reason", None) for c in choices[: req.params.n]],
     )
+
+
+def _refused(err: BaseException) -> bool:
+    """Whether a connection error is a connection that could not be opened (refused, unknown host) - which repeats
+    for every request - rather than one dropped or timed out mid-request, which may not."""
+    seen: BaseException | None = err
+    for _ in range(8):  # the client wraps its HTTP library's error (raise ... from); follow the chain a few links
+        if seen is None:
+            return False
+        if type(seen).__name__ == "ConnectError":  # by name: the client's HTTP library varies across versions
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _describe(err: Exception) -> str:
