@@ -353,3 +353,17 @@ def test_outputs_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644 and private.stat().st_mode & 0o777 == 0o600
+
+
+def test_rows_of_mixed_formats_read_with_null_columns():
+    """Parquet and CSV give every row every column: a null column of another format is absent, not a format."""
+    from swift_callbacks.builders.schema import validate_rows
+
+    rows = [{"messages": None, "prompt": "What is 2+3?", "completion": " 5", "query": None, "response": None},
+            {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}], "prompt": None,
+             "completion": None, "query": None, "response": None},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                          {"role": "assistant", "content": "A"}]}]  # fmt: skip
+    valid, rejects = validate_rows(list(enumerate(rows)), STRATEGY_FIELDS)
+    assert [r.values for r in valid] == [{"query": "What is 2+3?", "response": "5"}, {"query": "Q?", "response": "A"}]
+    assert len(rejects) == 1 and "a message's content is not text" in rejects[0].detail

@@ -86,6 +86,11 @@ def test_cot_checks_the_marked_answer_of_a_gsm8k_reference():
     }
     result = build_cot(refs, generator(lambda text, _: next(v for k, v in right.items() if k in text)))
     assert not result.rejects and len(result.rows) == 2
+    # the reply may keep the parentheses; a reference that explains itself has no bare answer to check
+    from swift_callbacks.builders.parsing import ends_with_answer, short_final_answer
+
+    assert ends_with_answer("Paris is option B. So the answer is (B).", short_final_answer("(B)"))
+    assert short_final_answer("The answer is Paris, since 987 AD.") is None
 
 
 def test_cot_uses_the_first_passing_sample():

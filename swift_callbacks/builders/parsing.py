@@ -23,7 +23,8 @@ _TRAILING = ".,;:!?。，、；：！？…"
 _QUOTES = "\"'`“”‘’「」『』*_"
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:[.,]\d+)*|\.\d+)%?")
 _MARKED = re.compile(r"####|\\boxed\{|\bthe\s+(?:final\s+)?answer\s+is\b|\bfinal\s+answer\s*[:：]", re.IGNORECASE)
-_OPTION = re.compile(r"\(([A-Z])\)")
+_OPTION = re.compile(r"\(([A-Za-z])\)")
+_EXPLAINED = re.compile(r",\s|;\s|\s(?:because|since|as|which|so)\s", re.IGNORECASE)
 # A number as a final answer: sign, thousands groups, decimals; optionally a fraction "a/b".
 _NUM = r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
 _ANSWER_NUMBER = re.compile(rf"(?<![\d.,/])({_NUM})(?:\s*/\s*({_NUM}))?%?(?![\d/]|[.,]\d)")
@@ -87,6 +88,8 @@ def short_final_answer(response: str) -> str | None:
     text = response.strip()
     if _MARKED.search(text):  # GSM8K's "#### 72", "\boxed{72}", "The answer is 72": the marked answer counts
         text = final_answer(text) or ""
+        if _EXPLAINED.search(text):  # "Paris, since 987 AD": not a bare answer a reply could end with
+            return None
     if not text or "\n" in text:
         return None
     letter = _OPTION.fullmatch(text)
@@ -108,6 +111,8 @@ def ends_with_answer(text: str, answer: str) -> bool:
     never counts.
     """
     text = clean_reply(text)
+    if len(answer.strip()) == 1 and answer.strip().isalpha():  # an option letter: "(B)." ends with "B" too
+        text = re.sub(r"\(([A-Za-z])\)([^\w]*)$", r"\1\2", text.rstrip())
     value = _number_value(answer)
     if value is not None:
         return _last_number_is(text, value)

@@ -135,7 +135,8 @@ def _validate(position: int, raw: Any, fields: Sequence[Field], mapping: Mapping
         raise _Invalid("wrong type", f"row is a {type(raw).__name__}, not an object")
     names = {f.name for f in fields}
     source = raw
-    if {"query", "response"} <= names and not {"query", "response"} & (set(mapping) | set(raw)):
+    given = {k for k, v in raw.items() if not _absent(v) and not (isinstance(v, str) and not v.strip())}
+    if {"query", "response"} <= names and not {"query", "response"} & (set(mapping) | given):
         source = {**raw, **trl_query_response(raw)}  # a probe set in TRL's form, read as it is
     values: dict[str, Any] = {}
     for f in fields:
@@ -155,13 +156,20 @@ def _validate(position: int, raw: Any, fields: Sequence[Field], mapping: Mapping
 
 def _missing(name: str, column: str, raw: Mapping) -> str:
     """Which field is missing, what the row has instead, and the ``--map`` that would read it."""
-    present = sorted(str(k) for k in raw)
+    present = sorted(str(k) for k, v in raw.items() if not _absent(v))  # null cells of other rows' columns: absent
     if column != name:
         return (f"field {name!r} is missing: --map reads it from column {column!r}, which the row lacks or leaves "
                 f"null (the row has {present})")  # fmt: skip
-    if name in ("query", "response") and ("messages" in raw or isinstance(raw.get("prompt"), list)):
-        return (f"field {name!r} cannot be read from the row's chat messages: the builders rewrite one user question "
-                "and its assistant answer, and these messages are not that (a multi-turn conversation?)")  # fmt: skip
+    chat = raw.get("messages") if not _absent(raw.get("messages")) else raw.get("prompt")
+    from_chat = isinstance(chat, list | tuple | str) and not isinstance(raw.get("prompt"), str)
+    if name in ("query", "response") and from_chat:
+        if isinstance(chat, str):
+            problem = "the chat column holds text, not a list of messages (a CSV cell?); use JSONL or Parquet"
+        elif any(isinstance(m, Mapping) and not isinstance(m.get("content"), str) for m in chat):
+            problem = "a message's content is not text (a list of parts, or a tool call); give text content"
+        else:
+            problem = "the messages are not one user question and its assistant answer (a multi-turn conversation?)"
+        return f"field {name!r} cannot be read from the row's chat messages: {problem}"
     hint = f"; read it from one of them with --map {name}=COLUMN" if present else ""
     return f"field {name!r} is missing (the row has {present}{hint})"
 
@@ -174,7 +182,7 @@ def trl_query_response(raw: Mapping) -> dict[str, str]:
     message. A multi-turn conversation has no single query to rewrite: its query is left out, so the row is
     rejected as missing one. Returns what it could read (possibly nothing).
     """
-    if "messages" in raw:
+    if not _absent(raw.get("messages")):  # a Parquet/CSV column of another format's rows is null here
         turns = _turns(raw.get("messages"))
         if turns and len(turns) == 2 and [r for r, _ in turns] == ["user", "assistant"]:
             return {"query": turns[0][1], "response": turns[1][1]}

@@ -190,7 +190,8 @@ class Generator:
                 if cause is not None and streak >= FATAL_STREAK:
                     raise GenerationAborted(
                         f"{self.desc}: stopped after {streak} requests in a row failed the same way: {cause}. "
-                        f"Nothing else was sent; answers already received are kept in the cache."
+                        "No new request was started (any still in flight were abandoned); answers that arrived "
+                        "before are kept in the cache, so a rerun asks only for the rest."
                     )
                 if result.ok and self.cache is not None:
                     self.cache.put(by_key[result.key], result)

@@ -173,9 +173,16 @@ def find_blocks(model: nn.Module, param_filter: ParamFilter = None) -> list[Bloc
             table.pop(pid, None)
     _reject_unsupported(model, users, names)
     if not params:
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad and keep(sharding.clean_name(n))]
+        shown = param_filter if isinstance(param_filter, str) or param_filter is None else "the param_filter predicate"
+        if frozen and param_filter is not None:
+            raise ValueError(
+                f"No trainable parameter matched: {shown!r} matches {len(frozen)} parameters (e.g. {frozen[0]!r}), all "
+                "frozen (requires_grad=False); influence is taken through the parameters training updates"
+            )
         raise ValueError(
             "No trainable parameter matched: the model has no parameter with requires_grad=True"
-            + ("" if param_filter is None else f" whose name matches {param_filter!r}")
+            + ("" if param_filter is None else f" whose name matches {shown!r}")
             + ". With PEFT, build the trainer first so the adapters exist."
         )
 
