@@ -470,3 +470,10 @@ def test_filter_solvable_and_respond_reject_truncated_replies(tmp_path):
     respond(rows, tmp_path / "respond.jsonl", responder=responder, settings=RespondSettings(n=1))
     out, rejects, _ = check_contract(tmp_path / "respond.jsonl", id_key="question_id")
     assert out == [] and [r["reason"] for r in rejects] == ["truncated reply"]
+
+    questions = Generator(Truncating(lambda req: ["How many apples does Tom have if he"] * req.params.n), None,
+                          progress=False)  # fmt: skip
+    generate_questions(tmp_path / "generate.jsonl", generator=questions, prefix="<|im_start|>user\n",
+                       settings=GenerateSettings(num_questions=3, samples_per_request=3, seed=1))  # fmt: skip
+    out, rejects, _ = check_contract(tmp_path / "generate.jsonl")
+    assert out == [] and [r["reason"] for r in rejects] == ["truncated reply"] * 3  # the same name everywhere

@@ -128,8 +128,16 @@ def sample_questions(
     return ask(jobs, generator, _questions, failed=_failed)
 
 
-def _questions(job: Job, result: GenerationResult) -> list[dict[str, Any]]:
-    return [{"id": f"{job.key}-{k:03d}", "question": result.texts[k].strip()} for k in range(job.params.n)]
+def _questions(job: Job, result: GenerationResult) -> list[dict[str, Any] | Reject]:
+    """The samples as question rows; a sample cut at the token limit is an unfinished question, rejected."""
+    out: list[dict[str, Any] | Reject] = []
+    for k in range(job.params.n):
+        row = {"id": f"{job.key}-{k:03d}", "question": result.texts[k].strip()}
+        if result.truncated(k):
+            out.append(Reject(row["id"], "check", "truncated reply", row, f"ends: {row['question'][-200:]!r}"))
+        else:
+            out.append(row)
+    return out
 
 
 def _failed(job: Job, result: GenerationResult) -> list[Reject]:
@@ -154,8 +162,8 @@ def generate_questions(
 ) -> StageResult:
     """The ``generate`` stage: sample questions from the chat prefix alone and write them.
 
-    Every sample is written, empty ones included: the ``filter-language`` stage drops and counts those. Samples
-    lost to a failed request are rejects.
+    Every finished sample is written, empty ones included: the ``filter-language`` stage drops and counts those.
+    Samples lost to a failed request, or cut at the token limit (``truncated reply``), are rejects.
 
     Args:
         output: Output JSONL (rows ``id``, ``question``, ``generator``).
