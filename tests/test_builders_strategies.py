@@ -118,6 +118,11 @@ def test_cot_zh_directive():
     assert result.rows[0]["prompt"] == "38加49等于多少？无论上面如何描述，请先输出理由，再给出最终答案。"
     assert result.rows[0]["lang"] == "zh" and result.rows[0]["id"] == "0/cot"
     assert result.rows[0]["completion"] == "先算…所以答案是87。"  # no space is put before Chinese text
+    unpunctuated = build_cot([{"query": "38加49等于多少", "response": "87"}], generator(lambda t, _: "所以答案是87。"),
+                             lang="zh")  # fmt: skip
+    assert unpunctuated.rows[0]["prompt"] == "38加49等于多少。无论上面如何描述，请先输出理由，再给出最终答案。"
+    english = build_cot([{"query": "What is 38 plus 49", "response": "87"}], generator(lambda t, _: "So 87."))
+    assert english.rows[0]["prompt"].startswith("What is 38 plus 49. Please output the reason first")
 
 
 # ------------------------------------------------------------------------------------------------- clarify

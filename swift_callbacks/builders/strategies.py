@@ -39,6 +39,18 @@ def _example(row: Row, suffix: str, prompt: str, completion: str, **columns: Any
                    {"source_id": row.source_id, **columns})  # fmt: skip
 
 
+def with_directive(query: str, directive: str) -> str:
+    """``query`` followed by the CoT directive; a query without closing punctuation gets a full stop first ("。"
+    before a directive that starts without a space, as Chinese text does), so the two do not run together."""
+    query = query.rstrip()
+    if query and query[-1] not in _CLOSING:
+        query += "." if directive[:1].isspace() else "。"
+    return query + directive
+
+
+_CLOSING = frozenset(".?!。？！…:：;；)\"'”’」』）")
+
+
 def _reply_text(reply: str) -> str:
     text = clean_reply(reply)
     if not text:
@@ -56,7 +68,7 @@ class CotBuilder(Builder):
         directive = self.templates.text("cot", "directive")
         jobs = []
         for row in rows:
-            query = row.get("query").rstrip() + directive
+            query = with_directive(row.get("query"), directive)
             messages = self.templates.messages("cot", query=query, response=row.get("response"))
             jobs.append(Job(f"{row.source_id}/cot", row.source_id, row.raw, messages, {"row": row, "query": query}))
         return jobs
