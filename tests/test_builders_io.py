@@ -367,3 +367,15 @@ def test_rows_of_mixed_formats_read_with_null_columns():
     valid, rejects = validate_rows(list(enumerate(rows)), STRATEGY_FIELDS)
     assert [r.values for r in valid] == [{"query": "What is 2+3?", "response": "5"}, {"query": "Q?", "response": "A"}]
     assert len(rejects) == 1 and "a message's content is not text" in rejects[0].detail
+
+
+def test_choices_as_a_python_list_literal_are_read():
+    """MMLU exports write choices as a Python list literal ("['a', 'b']"), as JSON text does for CSV."""
+    from swift_callbacks.builders.schema import CHOICE_FIELDS, validate_rows
+
+    rows = [{"question": "q", "choices": "['Rome', 'Paris']", "answer": 1},
+            {"question": "q", "choices": '["Rome", "Paris"]', "answer": "B"},
+            {"question": "q", "choices": "nonsense", "answer": 0}]  # fmt: skip
+    valid, rejects = validate_rows(list(enumerate(rows)), CHOICE_FIELDS)
+    assert [r.values["choices"] for r in valid] == [["Rome", "Paris"]] * 2
+    assert [r.reason for r in rejects] == ["wrong type"] and "JSON / Python list text" in rejects[0].detail

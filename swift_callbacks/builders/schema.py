@@ -7,6 +7,7 @@ JSON list of choices, an answer letter or a digit string).
 
 from __future__ import annotations
 
+import ast
 import json
 import string
 from collections.abc import Mapping, Sequence
@@ -251,13 +252,16 @@ def _check_label(name: str, value: Any) -> str:
 
 
 def _check_choices(name: str, value: Any) -> list[str]:
-    if isinstance(value, str):  # a CSV cell can only hold a list as JSON text
+    if isinstance(value, str):  # a CSV cell holds a list as JSON text, or as a Python literal (MMLU exports)
         try:
             value = json.loads(value)
         except ValueError:
-            raise _Invalid(
-                "wrong type", f"field {name!r} must be a list (or JSON list text), got {_show(value)}"
-            ) from None
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                raise _Invalid(
+                    "wrong type", f"field {name!r} must be a list (or JSON / Python list text), got {_show(value)}"
+                ) from None
     if hasattr(value, "tolist"):  # numpy arrays from Parquet through pandas
         value = value.tolist()
     if not isinstance(value, list | tuple) or len(value) < 2:
