@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
 from collections.abc import Callable
 
 EXIT_USER_ERROR = 2
@@ -42,7 +44,19 @@ def run_command(prog: str, func: Callable[[argparse.Namespace], int | None], arg
         return _fail(prog, f"{where}{err.strerror or err}")
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
+        _exit_now_if_threads_would_hold_it()
         return EXIT_INTERRUPTED
+
+
+def _exit_now_if_threads_would_hold_it() -> None:
+    """After Ctrl-C, exit at once when worker threads are still busy (HTTP requests waiting for an answer): the
+    interpreter would join them at exit, which lasts until their HTTP timeout. Everything finished is already on
+    disk (every cache answer and evaluation record is committed as it arrives; ``finally`` blocks have run)."""
+    busy = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if busy:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
 
 
 def _fail(prog: str, message: str) -> int:

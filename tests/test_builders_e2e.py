@@ -92,3 +92,36 @@ def test_a_failure_that_would_repeat_for_every_request_stops_the_build(tmp_path,
     assert main([*base, "--base-url", f"http://127.0.0.1:{port}/v1"]) == 2
     err = capsys.readouterr().err
     assert "cannot connect to the server at" in err and not (tmp_path / "out.jsonl").exists()
+
+
+def test_ctrl_c_stops_a_build_within_seconds_and_keeps_the_answers_received(tmp_path):
+    """Requests hang on the server (60 s HTTP timeout): Ctrl-C ends the build in seconds, not at the timeout, with
+    exit 130, and the answers that arrived before are in the cache."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from swift_callbacks.generation.cache import GenerationCache
+
+    refs = [{"id": f"r{i}", "query": f"What is {i} plus 1?", "response": str(i + 1)} for i in range(6)]
+    source = tmp_path / "refs.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in refs), encoding="utf-8")
+    with ChatServer(slow_seconds=60) as server:
+        for ref in refs[2:]:
+            server.inject(user_message(ref), "slow", forever=True)
+        argv = [sys.executable, "-m", "swift_callbacks", "build", "cot", "--input", str(source), "--output",
+                str(tmp_path / "out.jsonl"), "--base-url", server.base_url, "--model", "m", "--cache-dir",
+                str(tmp_path / "cache"), "--timeout", "60", "--max-retries", "0"]  # fmt: skip
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
+        deadline = time.monotonic() + 60
+        while server.total < len(refs) and time.monotonic() < deadline:  # every request sent, 4 of them hanging
+            time.sleep(0.05)
+        time.sleep(0.3)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+        assert time.monotonic() - start < 5 and proc.returncode == 130
+    with GenerationCache(tmp_path / "cache") as cache:
+        assert len(cache) == 2
