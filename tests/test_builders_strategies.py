@@ -125,6 +125,18 @@ def test_cot_zh_directive():
     assert english.rows[0]["prompt"].startswith("What is 38 plus 49. Please output the reason first")
 
 
+def test_a_reply_in_another_language_than_the_template_is_rejected():
+    english = "38 plus 49 is 87. So the answer is 87."
+    result = build_cot([{"query": "38加49等于多少？", "response": "87"}], generator(lambda t, _: english), lang="zh")
+    assert reasons(result) == {"0": "wrong language"} and "asks for Chinese" in result.rejects[0].detail
+    chinese = "先算三十八加四十九，所以答案是87。"
+    result = build_cot([{"query": "What is 38 plus 49?", "response": "87"}], generator(lambda t, _: chinese))
+    assert reasons(result) == {"0": "wrong language"} and "asks for English" in result.rejects[0].detail
+    mixed = "先算 38 + 49 = 87（using column addition），所以答案是87。"  # English terms in a Chinese reply are fine
+    result = build_cot([{"query": "38加49等于多少？", "response": "87"}], generator(lambda t, _: mixed), lang="zh")
+    assert not result.rejects
+
+
 # ------------------------------------------------------------------------------------------------- clarify
 
 

@@ -325,3 +325,33 @@ def strip_answer_text(reply: str, labels: tuple[str, ...] = ()) -> str:
 def _excerpt(text: str, limit: int = 160) -> str:
     text = " ".join(text.split())
     return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def is_cjk(char: str) -> bool:
+    """Han ideographs and kana: scripts written without spaces between words."""
+    code = ord(char)
+    return (
+        0x3040 <= code <= 0x30FF  # hiragana, katakana
+        or 0x3400 <= code <= 0x4DBF  # CJK extension A
+        or 0x4E00 <= code <= 0x9FFF  # CJK unified ideographs
+        or 0xF900 <= code <= 0xFAFF  # compatibility ideographs
+        or 0x20000 <= code <= 0x3FFFF  # extensions B and later
+    )
+
+
+def wrong_language(reply: str, lang: str) -> str | None:
+    """Why ``reply`` is not in the language ``lang`` the template asked for (``en`` or ``zh``), or None.
+
+    Judged on the letters of the visible reply: a Chinese reply needs at least 20% Han characters (English terms
+    and formulas are common in it); an English one may hold at most 50% CJK characters. Replies without letters
+    (numbers, symbols) pass.
+    """
+    letters = [c for c in clean_reply(reply) if c.isalpha()]
+    if not letters or lang not in ("en", "zh"):
+        return None
+    share = sum(is_cjk(c) for c in letters) / len(letters)
+    if lang == "zh" and share < 0.2:
+        return f"the template asks for Chinese; {share:.0%} of the reply's letters are Chinese characters"
+    if lang == "en" and share > 0.5:
+        return f"the template asks for English; {share:.0%} of the reply's letters are CJK characters"
+    return None

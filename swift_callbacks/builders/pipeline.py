@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..generation.base import GenerationRequest, GenerationResult, Message, SamplingParams
-from .parsing import Rejection
+from .parsing import Rejection, wrong_language
 from .records import FORMATS, BuildResult, BuildStats, Example, Provenance, Reject, format_example, reject_counts
 from .schema import Field, Row, parse_mapping, validate_rows
 from .templating import TemplateSet
@@ -111,6 +111,8 @@ class Builder:
     fields: tuple[Field, ...] = ()
     group_by: str | None = None
     sampling: SamplingParams = SamplingParams(temperature=0.0, max_tokens=1024)
+    # Reject a reply whose language is not the template's (builders whose replies are free prose in that language).
+    checks_language: bool = False
 
     def __init__(self, templates: TemplateSet, *, fmt: str = "prompt-completion") -> None:
         if fmt not in FORMATS:
@@ -132,7 +134,13 @@ class Builder:
 
     def read(self, job: Job, result: GenerationResult) -> list[Any]:
         """Outputs of one answered request: those of its first sample that :meth:`finish` accepts."""
-        return first_accepted(self.finish, job, result)
+        return first_accepted(self._checked_finish if self.checks_language else self.finish, job, result)
+
+    def _checked_finish(self, job: Job, reply: str) -> list[Any]:
+        problem = wrong_language(reply, self.templates.lang)
+        if problem:
+            raise Rejection("wrong language", problem, stage="check")
+        return self.finish(job, reply)
 
     def emit(self, output: Any, provenance: Provenance) -> dict[str, Any]:
         """One output row."""

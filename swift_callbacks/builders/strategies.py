@@ -63,6 +63,7 @@ class CotBuilder(Builder):
     must agree with the reference (checked when the reference is a short final answer)."""
 
     kind, fields = "cot", STRATEGY_FIELDS
+    checks_language = True
 
     def plan(self, rows: list[Row]) -> list[Job]:
         directive = self.templates.text("cot", "directive")
@@ -90,6 +91,7 @@ class ClarifyBuilder(Builder):
     positive example (clarified query -> reference response), marked by the ``kind`` column."""
 
     kind, fields = "clarify", STRATEGY_FIELDS
+    checks_language = True
     sampling = SamplingParams(temperature=0.0, max_tokens=512)
 
     def plan(self, rows: list[Row]) -> list[Job]:
@@ -120,6 +122,7 @@ class EvaluateBuilder(Builder):
     """
 
     kind, fields = "evaluate", EVALUATE_FIELDS
+    checks_language = True
 
     def plan(self, rows: list[Row]) -> list[Job]:
         jobs = []
@@ -151,6 +154,7 @@ class SimilarBuilder(Builder):
     and rejected when the query merely repeats the source."""
 
     kind, fields = "similar", STRATEGY_FIELDS
+    checks_language = True
     sampling = SamplingParams(temperature=0.7, max_tokens=1024)  # variety is the point of a similar example
 
     def plan(self, rows: list[Row]) -> list[Job]:

@@ -30,6 +30,7 @@ from typing import Any
 
 from ....configuration import ConfigError, resolve_local
 from ...io import read_source
+from ...parsing import is_cjk
 from ...records import Reject
 from ..contract import StageError, StageResult, StageStats, finish, read_rows
 from ..contract import fingerprint as make_fingerprint
@@ -41,19 +42,7 @@ from .base import Stage, StageRun
 def normalized_tokens(text: str) -> list[str]:
     """The tokens decontamination compares (see the module docstring); CJK characters are one token each."""
     text = unicodedata.normalize("NFKC", text).lower()
-    return "".join((f" {c} " if _is_cjk(c) else c) if c.isalnum() else " " for c in text).split()
-
-
-def _is_cjk(char: str) -> bool:
-    """Han ideographs and kana: scripts written without spaces between words."""
-    code = ord(char)
-    return (
-        0x3040 <= code <= 0x30FF  # hiragana, katakana
-        or 0x3400 <= code <= 0x4DBF  # CJK extension A
-        or 0x4E00 <= code <= 0x9FFF  # CJK unified ideographs
-        or 0xF900 <= code <= 0xFAFF  # compatibility ideographs
-        or 0x20000 <= code <= 0x3FFFF  # extensions B and later
-    )
+    return "".join((f" {c} " if is_cjk(c) else c) if c.isalnum() else " " for c in text).split()
 
 
 def ngrams(tokens: list[str], n: int) -> Iterator[tuple[str, ...]]:
