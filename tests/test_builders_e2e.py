@@ -114,20 +114,17 @@ def test_ctrl_c_stops_a_build_within_seconds_and_keeps_the_answers_received(tmp_
         argv = [sys.executable, "-m", "swift_callbacks", "build", "cot", "--input", str(source), "--output",
                 str(tmp_path / "out.jsonl"), "--base-url", server.base_url, "--model", "m", "--cache-dir",
                 str(tmp_path / "cache"), "--timeout", "60", "--max-retries", "0"]  # fmt: skip
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
+        # SIGINT as a shell gives it: an earlier test in this process may have left it ignored, and a child
+        # inherits an ignored SIGINT (Python then installs no KeyboardInterrupt handler).
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
         deadline = time.monotonic() + 60
         while server.total < len(refs) and time.monotonic() < deadline:  # every request sent, 4 of them hanging
             time.sleep(0.05)
         time.sleep(0.3)
         start = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        try:
-            proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            # Seen once in a full-suite run: the first Ctrl-C did not end the build (cause not found yet); a
-            # second one, as a user would press, must.
-            proc.send_signal(signal.SIGINT)
-            proc.communicate(timeout=10)
-        assert time.monotonic() - start < 25 and proc.returncode == 130
+        proc.communicate(timeout=30)
+        assert time.monotonic() - start < 5 and proc.returncode == 130
     with GenerationCache(tmp_path / "cache") as cache:
         assert len(cache) == 2
