@@ -136,8 +136,7 @@ def _validate(position: int, raw: Any, fields: Sequence[Field], mapping: Mapping
         raise _Invalid("wrong type", f"row is a {type(raw).__name__}, not an object")
     names = {f.name for f in fields}
     source = raw
-    given = {k for k, v in raw.items() if not _absent(v) and not (isinstance(v, str) and not v.strip())}
-    if {"query", "response"} <= names and not {"query", "response"} & (set(mapping) | given):
+    if {"query", "response"} <= names and not {"query", "response"} & (set(mapping) | _given(raw)):
         source = {**raw, **trl_query_response(raw)}  # a probe set in TRL's form, read as it is
     values: dict[str, Any] = {}
     for f in fields:
@@ -153,6 +152,11 @@ def _validate(position: int, raw: Any, fields: Sequence[Field], mapping: Mapping
         raise _Invalid("bad value", f"answer index {values['answer']} but only {len(values['choices'])} choices")
     source_id = values.pop("id", None) or str(position)
     return Row(source_id, values, dict(raw))
+
+
+def _given(raw: Mapping) -> set[str]:
+    """Columns with a value (Parquet and CSV give every row every column, null or empty where it has none)."""
+    return {k for k, v in raw.items() if not _absent(v) and not (isinstance(v, str) and not v.strip())}
 
 
 def _missing(name: str, column: str, raw: Mapping) -> str:

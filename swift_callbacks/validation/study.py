@@ -137,27 +137,30 @@ def _quietly(function: Any, *args: Any) -> Any:
             ds_logging.enable_progress_bar()
 
 
-def recipe_fingerprint(run: RunSpec, recipe: dict[str, Any], base_dir: Path) -> str:
+def recipe_fingerprint(run: RunSpec, recipe: dict[str, Any], base_dir: Path, digests: dict | None = None) -> str:
     """What decides a run's training: its recipe (wherever its folder lies) with the content of every local file it
     names (data, study sets, base->X's ordered data), so a file changed under the same path is a new recipe."""
     data = copy.deepcopy(recipe)
     data["training"].pop("output_dir", None)
     data["training"].pop("resume_from_checkpoint", None)
-    return fingerprint(_with_file_digests(data, base_dir))
+    return fingerprint(_with_file_digests(data, base_dir, {} if digests is None else digests))
 
 
-def _with_file_digests(value: Any, base_dir: Path) -> Any:
+def _with_file_digests(value: Any, base_dir: Path, digests: dict[Path, str]) -> Any:
     """``value`` with every string that names a local file (absolute, or relative to ``base_dir``) tagged with the
-    file's digest. Folders (a local model, a saved dataset) are named by path only."""
+    file's digest (``digests``: those already read in this check, as every run names the same data files).
+    Folders (a local model, a saved dataset) are named by path only."""
     if isinstance(value, dict):
-        return {k: _with_file_digests(v, base_dir) for k, v in value.items()}
+        return {k: _with_file_digests(v, base_dir, digests) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_with_file_digests(v, base_dir) for v in value]
+        return [_with_file_digests(v, base_dir, digests) for v in value]
     if isinstance(value, str) and value and len(value) < 4096:
         path = Path(value).expanduser()
         path = path if path.is_absolute() else base_dir / path
         if path.is_file():
-            return f"{value}#sha256:{file_digest(path)}"
+            if path not in digests:
+                digests[path] = file_digest(path)
+            return f"{value}#sha256:{digests[path]}"
     return value
 
 
@@ -223,7 +226,8 @@ def train_all(config: ValidationConfig, runs: list[RunSpec]) -> None:
     """
     check_runs(config, runs)
     recipes = [run_recipe(config, run) for run in runs]
-    ids = [recipe_fingerprint(run, recipe, _recipe_dir(config)) for run, recipe in zip(runs, recipes, strict=True)]
+    digests: dict[Path, str] = {}  # each data file read once for all runs
+    ids = [recipe_fingerprint(r, recipe, _recipe_dir(config), digests) for r, recipe in zip(runs, recipes, strict=True)]
     for run, recipe_id in zip(runs, ids, strict=True):
         _check_same_recipe(run, recipe_id)
     for i, (run, recipe, recipe_id) in enumerate(zip(runs, recipes, ids, strict=True), start=1):
