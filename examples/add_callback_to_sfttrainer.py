@@ -48,9 +48,7 @@ def main() -> None:
         ),
         train_dataset=load_dataset("json", data_files=args.train, split="train"),
         peft_config=LoraConfig(r=64, lora_alpha=512, target_modules=["up_proj", "down_proj"], task_type="CAUSAL_LM"),
-    )
-    trainer.add_callback(
-        InfluenceCallback(trainer, probe_sets=named_files(args.probe), eval_sets=named_files(args.eval))
+        callbacks=[InfluenceCallback(probe_sets=named_files(args.probe), eval_sets=named_files(args.eval))],
     )
     trainer.train()
     print(load_scores(args.output_dir).to_string())

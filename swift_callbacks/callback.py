@@ -7,21 +7,23 @@ import copy
 import json
 import logging
 import math
+import sys
 import time
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .configuration import ConfigError
 from .influence import InfluenceEngine, InfluenceResult, block_scores, pairing_mask, relinf
 from .influence import distributed as dist_utils
 from .influence.arguments import InfluenceArguments
-from .influence.engine import vocab_size
+from .influence.engine import Progress, vocab_size
 from .influence.modules import find_blocks
 from .sets import ExampleSet, SetError, SetSource, check_unique_names, load_set, tokenize_set
 from .store import HistoryError, InfluenceStore, StepExistsError
@@ -46,16 +48,22 @@ class InfluenceCallback(TrainerCallback):
 
         from swift_callbacks import InfluenceCallback, load_scores
 
-        trainer = SFTTrainer(model=model, args=SFTConfig(output_dir="out", save_steps=50), train_dataset=train)
-        trainer.add_callback(InfluenceCallback(trainer, probe_sets={"cot": cot_rows}, eval_sets={"qa": qa_rows}))
+        influence = InfluenceCallback(probe_sets={"cot": cot_rows}, eval_sets={"qa": qa_rows})
+        trainer = SFTTrainer(model=model, args=SFTConfig(output_dir="out", save_steps=50), train_dataset=train,
+                             callbacks=[influence])
         trainer.train()
         load_scores("out")
 
-    Faults. Bad sets and options raise at construction. At ``on_train_begin`` the callback takes the history's
-    writer lock (a second training writing the same ``output_dir`` is refused; a lock left by a killed run is
-    taken over) and, on resume, restores the history from the checkpoint's sidecar; a damaged sidecar or a held
-    lock raises there, before the first step, whatever ``strict`` says. During training, with ``strict=False``
-    (default) these faults are recorded and training goes on:
+    ``trainer.add_callback(InfluenceCallback(trainer, ...))`` on a trainer already built works the same.
+
+    Faults. Bad sets and options raise at construction; options that depend on the trainer (the schedule, the
+    parameter filter, packing) and the sets' tokenization are checked when the callback is bound to it: at
+    construction when it is given the trainer, otherwise when the trainer that receives it is constructed.
+    At ``on_train_begin`` the callback takes the history's writer lock (a second training writing the same
+    ``output_dir`` is refused; a lock left by a killed run is taken over) and, on resume, restores the history from
+    the checkpoint's sidecar; a damaged sidecar or a held lock raises there, before the first step, whatever
+    ``strict`` says. During training, with ``strict=False`` (default) these faults are recorded and training goes
+    on:
 
     * an evaluation example whose gradient norm is zero or non-finite (its RelInf is undefined, eq. 3 divides by
       it) or a probe example whose norm is non-finite: the step is stored, the pairs of those examples with
@@ -70,7 +78,8 @@ class InfluenceCallback(TrainerCallback):
     instead (``SetError`` for the examples, the ``OSError`` / ``HistoryError`` for the history).
 
     Args:
-        trainer: The trainer (an ``SFTTrainer``, or any ``Trainer`` whose sets are given pre-tokenized).
+        trainer: The trainer (an ``SFTTrainer``, or any ``Trainer`` whose sets are given pre-tokenized), or None
+            when the callback is passed to the trainer's constructor (see :meth:`bind`).
         probe_sets: ``{name: set}``; a set is a ``datasets.Dataset``, a list of dicts or a JSONL/JSON/Parquet
             path, in any TRL format, with optional ``id`` and ``task`` fields.
         eval_sets: ``{name: set}`` of evaluation sets, same forms.
@@ -94,7 +103,7 @@ class InfluenceCallback(TrainerCallback):
 
     def __init__(
         self,
-        trainer: Trainer,
+        trainer: Trainer | None = None,
         probe_sets: Mapping[str, SetSource] | None = None,
         eval_sets: Mapping[str, SetSource] | None = None,
         *,
@@ -107,6 +116,11 @@ class InfluenceCallback(TrainerCallback):
         influence_args: InfluenceArguments | None = None,
         **engine_options: Any,
     ) -> None:
+        if trainer is not None and not isinstance(trainer, Trainer):
+            raise ConfigError(
+                f"InfluenceCallback's first argument is the trainer (or None), got {type(trainer).__name__}: pass "
+                "the sets by keyword, InfluenceCallback(probe_sets={...}, eval_sets={...})"
+            )
         probe_sets, eval_sets = dict(probe_sets or {}), dict(eval_sets or {})
         check_unique_names(probe_sets, eval_sets)
         probe_sets, eval_sets, metrics = merge_studies(list(studies), probe_sets, eval_sets)
@@ -123,62 +137,56 @@ class InfluenceCallback(TrainerCallback):
             raise ConfigError(f"engine options go in influence_args or as keywords, not both: {sorted(engine_options)}")
         self.influence_args = influence_args or InfluenceArguments.from_options(engine_options)
         self.influence_args.check()
-        _check_schedule(trainer.args, every_n_steps, at_step_zero)
+        self.every_n_steps = every_n_steps
+        self.at_step_zero = at_step_zero
+        self.allow_packing = allow_packing
+        self.metric_prefix = metric_prefix
+        self.strict = bool(strict)
+        self.metrics: list[Metric] = metrics
+        self.probe_sets = [load_set(n, s) for n, s in probe_sets.items()]
+        self.eval_sets = [load_set(n, s) for n, s in eval_sets.items()]
+        self._masks = {(p.name, e.name): _pairing(p, e) for p in self.probe_sets for e in self.eval_sets}
+        _check_some_task_in_common(self.probe_sets, self.eval_sets, self._masks)
+        self.trainer: Trainer | None = None
+        self.store: InfluenceStore | None = None
+        self._engine: InfluenceEngine | None = None
+        self._done: set[int] = set()
+        self._resumed_from: Any = _UNSEEN
+        if trainer is not None:
+            self.bind(trainer)
+
+    def bind(self, trainer: Trainer) -> InfluenceCallback:
+        """Attach the callback to ``trainer``: check the options against it and tokenize the sets its way.
+
+        Called by the constructor when it is given the trainer, and otherwise by the trainer itself when the
+        callback was passed as ``SFTTrainer(..., callbacks=[InfluenceCallback(probe_sets=..., eval_sets=...)])``
+        (at the end of the trainer's construction). Call it yourself only when neither applies.
+
+        Raises:
+            ConfigError: The callback is bound to another trainer, or an option does not fit this trainer.
+            SetError: A set cannot be prepared by this trainer.
+        """
+        if self.trainer is trainer:
+            return self
+        if self.trainer is not None:
+            raise ConfigError(
+                "This InfluenceCallback is already bound to another trainer; construct one callback per trainer."
+            )
+        _check_schedule(trainer.args, self.every_n_steps, self.at_step_zero)
         try:  # a param_filter that tracks nothing is found now, not at the first save
             find_blocks(trainer.model, self.influence_args.param_filter)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        self.trainer = trainer
-        self.every_n_steps = every_n_steps
-        self.at_step_zero = at_step_zero
-        self.metric_prefix = metric_prefix
-        self.strict = bool(strict)
-        self.metrics: list[Metric] = metrics
-        self._engine: InfluenceEngine | None = None
-        self.probe_sets = [load_set(n, s) for n, s in probe_sets.items()]
-        self.eval_sets = [load_set(n, s) for n, s in eval_sets.items()]
-        self._check_training_layout(allow_packing)
+        _check_training_layout(trainer, (*self.probe_sets, *self.eval_sets), self.allow_packing)
         vocab = vocab_size(trainer.model)
         for s in (*self.probe_sets, *self.eval_sets):
-            tokenize_set(s, self._preparer(s.name), vocab_size=vocab)
-        self._masks = {(p.name, e.name): _pairing(p, e) for p in self.probe_sets for e in self.eval_sets}
-        _check_some_task_in_common(self.probe_sets, self.eval_sets, self._masks)
-        self._done: set[int] = set()
+            tokenize_set(s, _preparer(trainer, s.name), vocab_size=vocab)
+        self.trainer = trainer
         self.store = InfluenceStore(trainer.args.output_dir)
-        self._resumed_from: Any = _UNSEEN
         self._watch_resume(trainer)
+        return self
 
     # ----------------------------------------------------------------------------------- set-up helpers
-
-    def _check_training_layout(self, allow_packing: bool) -> None:
-        args = self.trainer.args
-        packed = bool(getattr(args, "packing", False)) or bool(getattr(self.trainer, "padding_free", False))
-        masked = [s.name for s in (*self.probe_sets, *self.eval_sets) if s.format in NEEDS_MASK]
-        if getattr(args, "assistant_only_loss", False):
-            masked = [s.name for s in (*self.probe_sets, *self.eval_sets)]
-        if packed and masked and not allow_packing:
-            raise SetError(
-                f"Training uses packing/padding-free batches, but sets {masked} need per-example completion masks: "
-                "the influence would score each example on its own while training sees packed sequences. Disable "
-                "packing, or pass allow_packing=True to accept per-example scoring."
-            )
-
-    def _preparer(self, name: str):
-        """The trainer's own dataset preparation, without packing or shuffling (row order is kept)."""
-        trainer = self.trainer
-        if not hasattr(trainer, "_prepare_dataset"):
-            return _require_tokenized(name)
-        args = copy.copy(trainer.args)
-        args.shuffle_dataset = False
-        args.dataset_num_proc = None
-
-        def prepare(dataset):
-            return trainer._prepare_dataset(
-                dataset, trainer.processing_class, args, False, getattr(trainer, "_formatting_func", None),
-                f"swift:{name}",
-            )  # fmt: skip
-
-        return prepare
 
     def _watch_resume(self, trainer: Trainer) -> None:
         """Record which checkpoint each ``trainer.train`` call resumes from.
@@ -213,7 +221,13 @@ class InfluenceCallback(TrainerCallback):
 
     # ------------------------------------------------------------------------------------------ events
 
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # Passed in Trainer(callbacks=[...]): bind to the trainer being constructed.
+        self._bind_calling_trainer("the trainer's construction")
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # Added unbound with trainer.add_callback(InfluenceCallback(probe_sets=...)), or bound to another trainer.
+        self._bind_calling_trainer("train()")
         self._check_single_instance()
         self._check_engine()  # before the history is touched or locked: a model it cannot track changes nothing
         self._done = set()  # a later train() on the same trainer (e.g. a resume) starts a new schedule
@@ -240,6 +254,17 @@ class InfluenceCallback(TrainerCallback):
             self._run(state, self._own_checkpoint(args, step, resumed))
         elif self.at_step_zero and step == 0:
             self._run(state)
+
+    def _bind_calling_trainer(self, event: str) -> None:
+        """Bind to the trainer running this event; one that is not the bound trainer is refused by ``bind``."""
+        trainer = _calling_trainer(self)
+        if trainer is not None:
+            self.bind(trainer)
+        elif self.trainer is None:
+            raise ConfigError(
+                f"InfluenceCallback was not given its trainer and could not find it during {event}: construct it "
+                "as InfluenceCallback(trainer, ...) or call callback.bind(trainer) before training."
+            )
 
     def _check_engine(self) -> None:
         """Fail fast, before training spends any time: build the engine on the model training will use (a model
@@ -428,7 +453,8 @@ class InfluenceCallback(TrainerCallback):
         start = time.perf_counter()
         probes = [ex for s in self.probe_sets for ex in s.examples]
         evals = [ex for s in self.eval_sets for ex in s.examples]
-        result = self.engine.compute(probes, evals)
+        with _progress_bar(step, self.trainer.args, state) as progress:
+            result = self.engine.compute(probes, evals, progress=progress)
         failures, bad_probe, bad_eval = self._data_failures(step, result)
         pairs, metrics = self._tables(step, result, bad_probe, bad_eval, failures)
         for record in failures:
@@ -576,6 +602,75 @@ def _pair_frame(step, p: ExampleSet, e: ExampleSet, paired, result: InfluenceRes
         "probe_tokens": result.probe_tokens[p_off + pi].numpy(), "eval_tokens": result.eval_tokens[e_off + ei].numpy(),
         "probe_loss": result.probe_loss[p_off + pi].numpy(), "eval_loss": result.eval_loss[e_off + ei].numpy(),
     })  # fmt: skip
+
+
+def _check_training_layout(trainer: Trainer, sets: Sequence[ExampleSet], allow_packing: bool) -> None:
+    args = trainer.args
+    packed = bool(getattr(args, "packing", False)) or bool(getattr(trainer, "padding_free", False))
+    masked = [s.name for s in sets if s.format in NEEDS_MASK]
+    if getattr(args, "assistant_only_loss", False):
+        masked = [s.name for s in sets]
+    if packed and masked and not allow_packing:
+        raise SetError(
+            f"Training uses packing/padding-free batches, but sets {masked} need per-example completion masks: "
+            "the influence would score each example on its own while training sees packed sequences. Disable "
+            "packing, or pass allow_packing=True to accept per-example scoring."
+        )
+
+
+def _preparer(trainer: Trainer, name: str):
+    """The trainer's own dataset preparation, without packing or shuffling (row order is kept)."""
+    if not hasattr(trainer, "_prepare_dataset"):
+        return _require_tokenized(name)
+    args = copy.copy(trainer.args)
+    args.shuffle_dataset = False
+    args.dataset_num_proc = None
+
+    def prepare(dataset):
+        return trainer._prepare_dataset(
+            dataset, trainer.processing_class, args, False, getattr(trainer, "_formatting_func", None),
+            f"swift:{name}",
+        )  # fmt: skip
+
+    return prepare
+
+
+def _calling_trainer(callback: InfluenceCallback) -> Trainer | None:
+    """The trainer whose method is running this callback event, or None.
+
+    Event callbacks receive the model and the arguments, not the trainer; the trainer is the ``self`` of a frame
+    a few levels up (``Trainer.__init__`` -> ``CallbackHandler.on_init_end`` -> ``call_event`` -> here). Only a
+    trainer that holds this very callback is accepted.
+    """
+    frame = sys._getframe(1)
+    for _ in range(16):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        handler = getattr(candidate, "callback_handler", None)
+        if isinstance(candidate, Trainer) and any(cb is callback for cb in getattr(handler, "callbacks", ())):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+@contextlib.contextmanager
+def _progress_bar(step: int, args: TrainingArguments, state: TrainerState) -> Iterator[Progress | None]:
+    """A progress bar on the main process while influence is computed (training's own bar is still meanwhile),
+    shown unless the trainer's ``disable_tqdm`` is set."""
+    if args.disable_tqdm or not state.is_world_process_zero:
+        yield None
+        return
+    bar = tqdm(desc=f"swift influence (step {step})", unit="example", leave=False, dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield progress
+    finally:
+        bar.close()
 
 
 def _check_schedule(args: TrainingArguments, every_n_steps: int | None, at_step_zero: bool) -> None:

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import operator
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +101,7 @@ class InfluenceEngine:
         # How the model is sharded, found again at every tracking pass (sharding may be applied after set-up).
         self._sharded = False
         self._zero3 = False
+        self._progress = _Counter(None, 0)
 
     def _option(name: str) -> property:
         """An engine option read from and written to ``self.args`` (a new value is checked like the others)."""
@@ -132,11 +133,20 @@ class InfluenceEngine:
 
     # ------------------------------------------------------------------------------------------ public
 
-    def compute(self, probes: Sequence[Example], evals: Sequence[Example]) -> InfluenceResult:
+    def compute(
+        self, probes: Sequence[Example], evals: Sequence[Example], progress: Progress | None = None
+    ) -> InfluenceResult:
         """Inner products of every probe gradient with every evaluation gradient, plus squared norms.
 
         Under ``torch.distributed`` every rank must call this with the same examples; each rank processes an
         equal share and every rank returns the full result.
+
+        Args:
+            probes: Tokenized probe examples (``input_ids`` and ``labels``).
+            evals: Tokenized evaluation examples.
+            progress: Called as ``progress(done, total)`` after every micro-batch, with the number of examples
+                this rank has run forward/backward so far and will run in all (a probe counts once per
+                evaluation chunk).
         """
         if not probes or not evals:
             raise ValueError("compute() needs at least one probe and one evaluation example.")
@@ -146,11 +156,15 @@ class InfluenceEngine:
         lengths = [len(e["input_ids"]) for e in (*probes, *evals)]
         self._choose_routes(len(probes), len(evals), sum(lengths) / len(lengths))
         chunk = self._eval_chunk_size(len(evals), max(lengths))
+        starts = range(0, len(evals), chunk)
+        total = sum(_share(min(chunk, len(evals) - start)) + _share(len(probes)) for start in starts)
+        self._progress = _Counter(progress, total)
         evals_done, probe_sides = [], []
-        with self._tracking():
+        with self._tracking(), contextlib.ExitStack() as stack:
+            stack.callback(setattr, self, "_progress", _Counter(None, 0))
             self._verify_state([*probes, *evals])
             self.variant.setup(self.model, self.blocks)
-            for start in range(0, len(evals), chunk):
+            for start in starts:
                 ev = self._side(evals[start : start + chunk])
                 probe_sides.append(self._side(probes, ev.features))
                 evals_done.append(dataclasses.replace(ev, features=None))
@@ -310,6 +324,7 @@ class InfluenceEngine:
                 feats = None
             order.extend(batch)
             parts.append(_Side(feats, dot, norm, loss, tokens))
+            self._progress.advance(len(batch))
         merged = parts[0] if len(parts) == 1 else _merge(parts)
         if order == list(range(len(examples))):
             return merged
@@ -535,6 +550,30 @@ def vocab_size(model: nn.Module) -> int | None:
         return int(model.get_input_embeddings().num_embeddings)
     except (AttributeError, TypeError):
         return None
+
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class _Counter:
+    """Examples run so far by this rank in one ``compute``, reported to the caller's progress function."""
+
+    report: Progress | None
+    total: int
+    done: int = 0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.report is not None:
+            self.report(self.done, self.total)
+
+
+def _share(n: int) -> int:
+    """How many of ``n`` examples this rank runs (shards are padded to equal length)."""
+    if not dist_utils.is_distributed():
+        return n
+    return len(dist_utils.shard(n, dist_utils.world_size(), dist_utils.rank()))
 
 
 def _merge(parts: Sequence[_Side]) -> _Side:

@@ -1,0 +1,111 @@
+"""The callback constructed before its trainer (``SFTTrainer(callbacks=[...])``), and its progress bar."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import (
+    build_model,
+    engine_examples,
+    engine_on,
+    eval_sets,
+    lora_config,
+    probe_sets,
+    sft_config,
+    tokenizer,
+    torch_threads,
+    train_dataset,
+)
+
+from swift_callbacks import ConfigError, InfluenceCallback, load_pairs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+def _sft(out, callbacks=None, **overrides):
+    from trl import SFTTrainer
+
+    args = sft_config(out, **{"max_steps": 2, "save_steps": 2, **overrides})
+    return SFTTrainer(
+        model=build_model(0), args=args, train_dataset=train_dataset(16), processing_class=tokenizer(),
+        peft_config=lora_config(0.0), callbacks=callbacks,
+    )  # fmt: skip
+
+
+def _sets():
+    return {"probe_sets": probe_sets(3), "eval_sets": eval_sets(3)}
+
+
+def test_callback_in_the_constructor_records_what_add_callback_records(tmp_path):
+    """Passed unbound in ``callbacks=[...]``, the callback binds itself while the trainer is built and records
+    exactly the pairs of the callback given the trainer."""
+    early = InfluenceCallback(**_sets())
+    assert early.trainer is None
+    trainer = _sft(tmp_path / "early", callbacks=[early])
+    assert early.trainer is trainer
+    trainer.train()
+
+    late_trainer = _sft(tmp_path / "late")
+    late_trainer.add_callback(InfluenceCallback(late_trainer, **_sets()))
+    late_trainer.train()
+
+    a, b = load_pairs(tmp_path / "early"), load_pairs(tmp_path / "late")
+    assert len(a) == len(b) == 2 * 3 * 3
+    torch.testing.assert_close(torch.tensor(a["dot"].to_numpy()), torch.tensor(b["dot"].to_numpy()), rtol=0, atol=0)
+
+
+def test_unbound_callback_added_later_binds_at_train(tmp_path):
+    trainer = _sft(tmp_path)
+    cb = InfluenceCallback(**_sets())
+    trainer.add_callback(cb)
+    trainer.train()
+    assert cb.trainer is trainer
+    assert sorted(load_pairs(tmp_path)["step"].unique()) == [2]
+
+
+def test_trainer_checks_run_when_the_trainer_is_built(tmp_path):
+    """Options that depend on the trainer fail where it is constructed, before any step."""
+    with pytest.raises(ConfigError, match=r"save_strategy='no' saves none"):
+        _sft(tmp_path, callbacks=[InfluenceCallback(**_sets())], save_strategy="no")
+    with pytest.raises(ConfigError, match=r"No trainable parameter matched"):
+        _sft(tmp_path, callbacks=[InfluenceCallback(**_sets(), param_filter="nowhere")])
+
+
+def test_misuse_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"first argument is the trainer .*got dict: pass the sets by keyword"):
+        InfluenceCallback(probe_sets(3), eval_sets(3))
+    cb = InfluenceCallback(**_sets())
+    _sft(tmp_path / "a", callbacks=[cb])
+    with pytest.raises(ConfigError, match=r"already bound to another trainer; construct one callback per trainer"):
+        _sft(tmp_path / "b", callbacks=[cb])
+    loose = InfluenceCallback(**_sets())
+    with pytest.raises(ConfigError, match=r"could not find it during train\(\).*callback.bind\(trainer\)"):
+        loose.on_train_begin(None, None, None)
+
+
+def test_engine_reports_progress_to_the_last_example():
+    """``progress(done, total)`` ends at total = evals + probes x evaluation chunks, never past it."""
+    probes, evals = engine_examples()
+    engine = engine_on(build_model(0), micro_batch_size=2)
+    seen: list[tuple[int, int]] = []
+    engine.compute(probes, evals, progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (len(probes) + len(evals), len(probes) + len(evals))
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    engine.max_feature_bytes = engine._example_bytes(max(len(e["input_ids"]) for e in evals)) * 2  # 2 evals/chunk
+    seen.clear()
+    engine.compute(probes, evals, progress=lambda done, total: seen.append((done, total)))
+    chunks = -(-len(evals) // 2)
+    assert seen[-1] == (len(evals) + chunks * len(probes),) * 2
+
+
+def test_progress_bar_during_the_save(tmp_path, capsys):
+    trainer = _sft(tmp_path, callbacks=[InfluenceCallback(**_sets())], disable_tqdm=False)
+    trainer.train()
+    assert "swift influence (step 2)" in capsys.readouterr().err
+    quiet = _sft(tmp_path / "quiet", callbacks=[InfluenceCallback(**_sets())], disable_tqdm=True)
+    quiet.train()
+    assert "swift influence" not in capsys.readouterr().err
