@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+HTTP_THREAD_PREFIX = "swift-http"  # name prefix of the HTTP worker threads (an interrupt does not wait for them)
 _PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
@@ -49,10 +50,11 @@ def run_command(prog: str, func: Callable[[argparse.Namespace], int | None], arg
 
 
 def _exit_now_if_threads_would_hold_it() -> None:
-    """After Ctrl-C, exit at once when worker threads are still busy (HTTP requests waiting for an answer): the
-    interpreter would join them at exit, which lasts until their HTTP timeout. Everything finished is already on
-    disk (every cache answer and evaluation record is committed as it arrives; ``finally`` blocks have run)."""
-    busy = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    """After Ctrl-C, exit at once when HTTP worker threads are still waiting for an answer: the interpreter would
+    join them at exit, which lasts until their HTTP timeout. Everything finished is already on disk (the cache
+    and the evaluation records are flushed in ``finally`` blocks, which have run). Only our own HTTP workers
+    count: other threads (a logger's, say) are left to finish normally, with the exit handlers they rely on."""
+    busy = [t for t in threading.enumerate() if t.name.startswith(HTTP_THREAD_PREFIX) and t.is_alive()]
     if busy:
         sys.stdout.flush()
         sys.stderr.flush()

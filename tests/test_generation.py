@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 from typing import ClassVar
@@ -173,6 +174,30 @@ def test_cache_is_wal_threadsafe_and_stores_json(tmp_path):
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         value = json.loads(conn.execute("SELECT value FROM generations WHERE key='0-1'").fetchone()[0])
     assert set(value) == {"texts", "prompt_tokens", "completion_tokens", "finish_reasons", "created"}
+
+
+def test_cache_commits_in_the_background_and_a_failed_write_is_not_lost(tmp_path):
+    """Answers are committed by the writer thread shortly after put() without any flush (another connection sees
+    them); a write that fails (here: the table dropped behind the cache's back) is raised by the next put/flush,
+    never swallowed."""
+    cache = GenerationCache(tmp_path)
+    for i in range(50):
+        cache.put(f"k{i}", GenerationResult("k", texts=[str(i)]))
+    deadline = time.monotonic() + 10
+    with sqlite3.connect(tmp_path / CACHE_FILENAME) as conn:
+        while conn.execute("SELECT COUNT(*) FROM generations").fetchone()[0] < 50 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert conn.execute("SELECT COUNT(*) FROM generations").fetchone()[0] == 50
+        conn.execute("DROP TABLE generations")
+    cache.put("lost", GenerationResult("k", texts=["x"]))
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        cache.flush()
+    with pytest.raises(sqlite3.OperationalError):
+        cache.put("later", GenerationResult("k", texts=["y"]))
+    with pytest.raises(sqlite3.OperationalError):
+        cache.close()
+    with pytest.raises(sqlite3.OperationalError):
+        cache.close()
 
 
 def test_finish_reasons_are_recorded_and_cached(tmp_path):

@@ -1,15 +1,16 @@
 """A persistent, crash-safe cache of generation answers in one SQLite file.
 
 One row per request cache key (see :meth:`GenerationRequest.cache_key`); the value is a small JSON document
-holding the texts, the token counts and the time it was stored. Every successful answer is committed on its
-own, so a build killed half way keeps everything it had already paid for. Failures are never stored: a rerun
-asks again.
+holding the texts, the token counts and the time it was stored. Every successful answer is committed within
+milliseconds of its arrival, so a build killed half way keeps what it had already paid for (a kill or a power
+cut may lose the last few answers, which a rerun asks again). Failures are never stored: a rerun asks again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import sqlite3
 import threading
 import time
@@ -21,14 +22,18 @@ from .base import GenerationResult
 CACHE_FILENAME = "generations.sqlite"
 _SCHEMA = "CREATE TABLE IF NOT EXISTS generations (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 _LOOKUP_CHUNK = 500  # stays under SQLite's limit on bound parameters in one statement
+_INSERT = "INSERT OR REPLACE INTO generations (key, value) VALUES (?, ?)"
 
 
 class GenerationCache:
     """Answers already generated, keyed by request cache key.
 
-    One connection is shared by all threads and guarded by a lock: writes are tiny and rare next to the time a
-    model takes to answer, so serialising them costs nothing that matters. WAL mode lets another process (a
-    second build over the same cache directory) read while this one writes.
+    Writes go through one background writer thread that commits whatever has queued since its last commit in one
+    transaction (group commit): the thread that reads the backend's answers only queues them, and never waits for
+    the database while requests are in flight. An answer is committed within one commit's time of ``put`` (a few
+    milliseconds), so a build killed with ``kill -9`` loses at most the answers queued at that instant, which a
+    rerun asks again; :meth:`flush` and :meth:`close` wait until everything queued is committed. WAL mode lets
+    another process (a second build over the same cache directory) read while this one writes.
 
     Args:
         cache_dir: Directory of the cache; created if missing. The database is ``<cache_dir>/generations.sqlite``.
@@ -37,17 +42,25 @@ class GenerationCache:
     def __init__(self, cache_dir: str | os.PathLike) -> None:
         self.path = Path(cache_dir) / CACHE_FILENAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one statement at a time on the shared connection
         self._conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: each commit is fsynced, so an answer that was reported as stored survives even a power cut.
-        self._conn.execute("PRAGMA synchronous=FULL")
+        # NORMAL under WAL: a commit is in the operating system's hands when it returns, so a killed process keeps
+        # every committed answer; only a power cut or an OS crash can lose the latest commits (never corrupting
+        # the file). FULL would fsync every commit.
+        self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute(_SCHEMA)
+        self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name="generation-cache", daemon=True)
+        self._writer.start()
 
     def __repr__(self) -> str:
         return f"GenerationCache({str(self.path)!r})"
 
     def __len__(self) -> int:
+        self.flush()
         with self._lock:
             return self._conn.execute("SELECT COUNT(*) FROM generations").fetchone()[0]
 
@@ -64,7 +77,7 @@ class GenerationCache:
         return self.get_many([cache_key]).get(cache_key)
 
     def get_many(self, cache_keys: Iterable[str]) -> dict[str, GenerationResult]:
-        """Looks up many answers at once.
+        """Looks up many answers at once (answers queued by :meth:`put` are committed first).
 
         Args:
             cache_keys: Cache keys to look up.
@@ -72,6 +85,7 @@ class GenerationCache:
         Returns:
             The hits, by cache key; see :meth:`get` for the form of each.
         """
+        self.flush()
         keys = list(dict.fromkeys(cache_keys))
         hits: dict[str, GenerationResult] = {}
         with self._lock:
@@ -83,7 +97,7 @@ class GenerationCache:
         return hits
 
     def put(self, cache_key: str, result: GenerationResult) -> None:
-        """Stores a successful answer and commits at once.
+        """Queues a successful answer; the writer thread commits it within one commit's time.
 
         Args:
             cache_key: The request's cache key.
@@ -91,9 +105,13 @@ class GenerationCache:
 
         Raises:
             ValueError: If ``result`` is a failure; failures must be retried, not remembered.
+            OSError, sqlite3.Error: An earlier write failed (a full disk, say); nothing more is accepted.
         """
         if not result.ok:
             raise ValueError("failed results are not cached")
+        self._raise_write_error()
+        if self._closed:
+            raise ValueError(f"{self!r} is closed")
         value = json.dumps(
             {
                 "texts": list(result.texts),
@@ -104,20 +122,68 @@ class GenerationCache:
             },
             ensure_ascii=False,
         )
-        with self._lock:
-            # Autocommit mode: this single statement is its own transaction, durable when it returns.
-            self._conn.execute("INSERT OR REPLACE INTO generations (key, value) VALUES (?, ?)", (cache_key, value))
+        self._queue.put((cache_key, value))
+
+    def flush(self) -> None:
+        """Waits until every queued answer is committed.
+
+        Raises:
+            OSError, sqlite3.Error: A write failed; the answers it carried are not stored.
+        """
+        if not self._closed:
+            self._queue.join()
+        self._raise_write_error()
 
     def close(self) -> None:
-        """Closes the database connection (idempotent)."""
-        with self._lock:
-            self._conn.close()
+        """Commits what is queued, stops the writer and closes the database (idempotent).
+
+        Raises:
+            OSError, sqlite3.Error: A write failed; the answers it carried are not stored.
+        """
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._writer.join()
+            with self._lock:
+                self._conn.close()
+        self._raise_write_error()
 
     def __enter__(self) -> GenerationCache:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _write_loop(self) -> None:
+        """Commit every answer queued since the last commit in one transaction, until ``None`` arrives."""
+        while True:
+            batch = [self._queue.get()]
+            while batch[-1] is not None:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            rows = [item for item in batch if item is not None]
+            if rows and self._error is None:
+                try:
+                    with self._lock:
+                        self._conn.execute("BEGIN")
+                        try:
+                            self._conn.executemany(_INSERT, rows)
+                        except BaseException:
+                            self._conn.execute("ROLLBACK")
+                            raise
+                        self._conn.execute("COMMIT")
+                except BaseException as err:  # kept for the caller's next put/flush/close, never lost
+                    self._error = err
+            for _ in batch:
+                self._queue.task_done()
+            if batch[-1] is None:
+                return
+
+    def _raise_write_error(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 def _decode(value: str) -> GenerationResult:

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
+from ..errors import HTTP_THREAD_PREFIX
 from .base import GenerationRequest, GenerationResult
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,9 @@ class OpenAICompatibleBackend:
             return
         stop = threading.Event()
         todo = iter(requests)
-        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(requests)), thread_name_prefix="openai")
+        pool = ThreadPoolExecutor(
+            max_workers=min(self.max_concurrency, len(requests)), thread_name_prefix=HTTP_THREAD_PREFIX
+        )
         pending: set[Future[GenerationResult]] = set()
         try:
             self._refill(pool, todo, pending, stop)

@@ -200,6 +200,8 @@ class Generator:
             # On an interrupt (Ctrl-C, an exception in the caller) this lets the backend cancel queued work now.
             if hasattr(stream, "close"):
                 stream.close()
+            if self.cache is not None:  # what arrived is committed before anything (an interrupt too) goes on
+                self.cache.flush()
         for key in [k for k in by_key if k in todo]:
             yield by_key[key], GenerationResult(key, error=reason)
 
