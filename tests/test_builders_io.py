@@ -254,6 +254,26 @@ def test_trl_probe_sets_are_read_as_they_are_and_a_dry_run_that_sends_nothing_fa
     assert "cannot be read from the row's chat messages" in capsys.readouterr().out
 
 
+def test_map_of_one_field_keeps_the_trl_reading_of_the_other_and_reads_mapped_chat_columns(tmp_path, capsys):
+    """--map of the query alone still reads the response from TRL's completion; a response column of chat
+    messages is read as its last assistant message; chat messages without one are named."""
+    from swift_callbacks.cli import main
+
+    rows = _write_rows(tmp_path / "mixed.jsonl", [
+        {"id": "a", "question": "What is 4 plus 4?", "prompt": "ignored", "completion": " 8"},
+        {"id": "b", "q": "Spell cat.", "reply": [{"role": "assistant", "content": "c-a-t"}]},
+        {"id": "c", "q": "Spell dog.", "reply": [{"role": "user", "content": "no answer here"}]},
+    ])  # fmt: skip
+    assert main(["build", "cot", "--input", str(rows), "--dry-run", "--map", "query=question", "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "What is 4 plus 4?" in out and "ignored" not in out and "dry run: 1 requests planned" in out
+    assert main(["build", "cot", "--input", str(rows), "--dry-run", "--map", "query=q,response=reply"]) == 0
+    out = capsys.readouterr().out
+    assert "Spell cat." in out and "dry run: 1 requests planned" in out
+    assert "field 'response' is mapped to chat messages with roles ['user'], which hold no single assistant " \
+        "answer to read" in out  # fmt: skip
+
+
 def test_cli_build_prints_summary_and_reuses_the_cache(tmp_path, capsys, monkeypatch):
     from swift_callbacks.generation import factory
 

@@ -136,12 +136,16 @@ def _validate(position: int, raw: Any, fields: Sequence[Field], mapping: Mapping
         raise _Invalid("wrong type", f"row is a {type(raw).__name__}, not an object")
     names = {f.name for f in fields}
     source = raw
-    if {"query", "response"} <= names and not {"query", "response"} & (set(mapping) | _given(raw)):
-        source = {**raw, **trl_query_response(raw)}  # a probe set in TRL's form, read as it is
+    if {"query", "response"} <= names:  # a probe set in TRL's form is read as it is, field by field
+        given = _given(raw)
+        trl = {k: v for k, v in trl_query_response(raw).items() if k not in mapping and k not in given}
+        source = {**raw, **trl}
     values: dict[str, Any] = {}
     for f in fields:
         column = mapping.get(f.name, f.name)
         value = _lookup(source, column)
+        if f.kind == "text" and column != f.name and (text := _chat_text(f.name, value)) is not None:
+            value = text  # --map response=COLUMN where COLUMN holds chat messages
         # An empty optional cell (CSV has no null) means "not given", not "given and empty".
         if _absent(value) or (not f.required and isinstance(value, str) and not value.strip()):
             if f.required:
@@ -203,6 +207,23 @@ def trl_query_response(raw: Mapping) -> dict[str, str]:
     elif (turns := _turns(completion)) and turns[-1][0] == "assistant":
         found["response"] = turns[-1][1]
     return found
+
+
+def _chat_text(name: str, value: Any) -> str | None:
+    """The text a mapped chat column gives a text field: the last assistant message for ``response``, the one user
+    message for any other field; None when ``value`` is not chat messages (it is then checked as it is)."""
+    turns = _turns(value)
+    if not turns:
+        return None
+    roles = [r for r, _ in turns]
+    if name == "response" and roles[-1] == "assistant":
+        return turns[-1][1]
+    if name != "response" and roles == ["user"]:
+        return turns[0][1]
+    raise _Invalid(
+        "wrong type", f"field {name!r} is mapped to chat messages with roles {roles}, which hold no single "
+        f"{'assistant answer' if name == 'response' else 'user question'} to read"
+    )  # fmt: skip
 
 
 def _turns(messages: Any) -> list[tuple[str, str]] | None:
