@@ -270,6 +270,9 @@ class InfluenceCallback(TrainerCallback):
         """Fail fast, before training spends any time: build the engine on the model training will use (a model
         it cannot track is refused here) and verify it against autograd on a sample of the sets."""
         engine = self.engine
+        if not engine.variant.exact:
+            logger.warning("swift influence: scores are approximate (%s), not the exact RelInf; the history "
+                           "records the variant with every pair.", engine.variant.label)  # fmt: skip
         if engine.verify:
             examples = [ex for s in (*self.probe_sets, *self.eval_sets) for ex in s.examples]
             report = engine.check(examples)
@@ -556,7 +559,7 @@ class InfluenceCallback(TrainerCallback):
             for e in self.eval_sets:
                 sl = (slice(p_off, p_off + len(p)), slice(e_off, e_off + len(e)))
                 paired = self._masks[(p.name, e.name)]
-                frames.append(_pair_frame(step, p, e, paired, result, rel, sl, p_off, e_off))
+                frames.append(_pair_frame(step, p, e, paired, result, rel, sl, p_off, e_off, self.engine.variant.label))
                 block = rel[sl]
                 valid = torch.isfinite(block)
                 scores = block_scores(block[valid], paired[valid])
@@ -583,7 +586,7 @@ class InfluenceCallback(TrainerCallback):
                 "message": message}  # fmt: skip
 
 
-def _pair_frame(step, p: ExampleSet, e: ExampleSet, paired, result: InfluenceResult, rel, sl, p_off, e_off):
+def _pair_frame(step, p: ExampleSet, e: ExampleSet, paired, result: InfluenceResult, rel, sl, p_off, e_off, score):
     n_p, n_e = len(p), len(e)
     pi = torch.arange(n_p).repeat_interleave(n_e)
     ei = torch.arange(n_e).repeat(n_p)
@@ -601,6 +604,7 @@ def _pair_frame(step, p: ExampleSet, e: ExampleSet, paired, result: InfluenceRes
         "probe_sq_norm": p_norm.numpy(), "cosine": cosine.numpy(),
         "probe_tokens": result.probe_tokens[p_off + pi].numpy(), "eval_tokens": result.eval_tokens[e_off + ei].numpy(),
         "probe_loss": result.probe_loss[p_off + pi].numpy(), "eval_loss": result.eval_loss[e_off + ei].numpy(),
+        "score": score,
     })  # fmt: skip
 
 

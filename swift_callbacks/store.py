@@ -67,12 +67,13 @@ _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 PAIR_COLUMNS = [
     "step", "probe_set", "probe_id", "probe_task", "eval_set", "eval_id", "eval_task", "paired",
     "dot", "eval_sq_norm", "relinf", "probe_sq_norm", "cosine", "probe_tokens", "eval_tokens",
-    "probe_loss", "eval_loss",
+    "probe_loss", "eval_loss", "score",
 ]  # fmt: skip
 SCORE_COLUMNS = [
     "step", "probe_set", "eval_set", "s_in", "s_cross", "n_in", "n_cross", "s_in_sem", "s_cross_sem",
-    "mean_dot", "mean_probe_tokens", "mean_eval_tokens",
+    "mean_dot", "mean_probe_tokens", "mean_eval_tokens", "score",
 ]  # fmt: skip
+EXACT_SCORE = "exact"  # the score label of histories written before the column existed
 FAILURE_COLUMNS = ["step", "kind", "side", "set", "ids", "reason", "stored", "time"]
 
 
@@ -341,6 +342,8 @@ class _View:
             raise HistoryError(f"{path} is not a readable Parquet file ({err}). {self.advice}") from err
         if "step" in frame.columns and len(frame) and not (frame["step"] == step).all():
             raise HistoryError(f"{path} holds rows of another step (renamed by hand?). {self.advice}")
+        if "score" not in frame.columns:  # written before score variants were recorded: exact
+            frame["score"] = EXACT_SCORE
         return frame
 
 
@@ -1086,8 +1089,9 @@ def load_pairs(output_dir: str | os.PathLike, *, empty_ok: bool = False) -> pd.D
     """Every recorded (step, probe example, eval example) row of a run, sorted by step; every file verified.
 
     Columns: ``step, probe_set, probe_id, probe_task, eval_set, eval_id, eval_task, paired, dot, eval_sq_norm,
-    relinf, probe_sq_norm, cosine, probe_tokens, eval_tokens, probe_loss, eval_loss``. ``relinf`` (and
-    ``cosine``) is NaN for a pair the callback could not score at that step (see ``load_failures``).
+    relinf, probe_sq_norm, cosine, probe_tokens, eval_tokens, probe_loss, eval_loss, score``. ``relinf`` (and
+    ``cosine``) is NaN for a pair the callback could not score at that step (see ``load_failures``); ``score`` is
+    the score variant that produced the numbers (``"exact"``, or e.g. ``"projection(dim=256, seed=0)"``).
 
     Args:
         output_dir: The training ``output_dir``.
@@ -1134,6 +1138,7 @@ def scores_from_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
             "mean_dot": float(block["dot"].to_numpy(dtype=np.float64)[ok].mean()) if ok.any() else float("nan"),
             "mean_probe_tokens": float(block.drop_duplicates("probe_id")["probe_tokens"].mean()),
             "mean_eval_tokens": float(block.drop_duplicates("eval_id")["eval_tokens"].mean()),
+            "score": "+".join(sorted({v for v in block.get("score", ()) if isinstance(v, str)})) or EXACT_SCORE,
         })  # fmt: skip
     frame = pd.DataFrame(rows, columns=SCORE_COLUMNS)
     return frame.astype({"s_in": float, "s_cross": float, "s_in_sem": float, "s_cross_sem": float})

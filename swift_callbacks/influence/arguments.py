@@ -75,11 +75,15 @@ class InfluenceArguments:
         if not isinstance(self.score_options, Mapping):
             raise ConfigError(f"{where('score_options')}: must be a mapping of keyword arguments, "
                               f"got {self.score_options!r}")  # fmt: skip
-        from .variants import SCORE_VARIANTS
+        from .variants import SCORE_VARIANTS, make_variant
 
         if self.score not in SCORE_VARIANTS:
             raise ConfigError(f"{where('score')}: unknown score variant {self.score!r}; "
                               f"{suggest(self.score, list(SCORE_VARIANTS))}")  # fmt: skip
+        try:  # its options too, before anything runs
+            make_variant(self.score, dict(self.score_options))
+        except (ConfigError, TypeError) as err:
+            raise ConfigError(f"{where('score_options')}: {err}") from None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], path: str = "") -> InfluenceArguments:

@@ -92,6 +92,7 @@ class InfluenceEngine:
         self.pad_token_id = pad_token_id
         self.variant = make_variant(args.score, args.score_options)
         self.blocks: list[Block] = find_blocks(model, args.param_filter)
+        self.variant.setup(model, self.blocks)  # a variant that cannot serve these blocks says so now
         self.verification: verify_lib.Report | None = None  # the last verification's report
         self._verified_state: tuple | None = None
         self._attempted_state: tuple | None = None
@@ -155,6 +156,7 @@ class InfluenceEngine:
         sharding.check_model(self.model)  # wrapped since set-up (an FSDP1 wrapper applied around it) is an error
         lengths = [len(e["input_ids"]) for e in (*probes, *evals)]
         self._choose_routes(len(probes), len(evals), sum(lengths) / len(lengths))
+        self.variant.setup(self.model, self.blocks)
         chunk = self._eval_chunk_size(len(evals), max(lengths))
         starts = range(0, len(evals), chunk)
         total = sum(_share(min(chunk, len(evals) - start)) + _share(len(probes)) for start in starts)
@@ -163,7 +165,6 @@ class InfluenceEngine:
         with self._tracking(), contextlib.ExitStack() as stack:
             stack.callback(setattr, self, "_progress", _Counter(None, 0))
             self._verify_state([*probes, *evals])
-            self.variant.setup(self.model, self.blocks)
             for start in starts:
                 ev = self._side(evals[start : start + chunk])
                 probe_sides.append(self._side(probes, ev.features))
@@ -274,7 +275,9 @@ class InfluenceEngine:
     def _example_bytes(self, t: int) -> int:
         total = 0
         for block in self.blocks:
-            if block.route == "materialize":
+            if (numel := self.variant.feature_numel(block)) is not None:
+                total += numel * 4
+            elif block.route == "materialize":
                 total += block.numel * 4
             elif block.kind == "linear":
                 total += t * sum(block.linear_dims) * 4

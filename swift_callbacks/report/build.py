@@ -161,6 +161,12 @@ def _overview(history: History, a: Analysis) -> list:
         ),
         _sets_table(pairs),
     ]
+    approximate = sorted({str(v) for v in pairs.get("score", ()) if isinstance(v, str) and v != "exact"})
+    if approximate:
+        blocks.append(Paragraph(
+            f"**Approximate scores**: the influence was computed with the score variant {', '.join(approximate)}, "
+            "not the exact RelInf of the paper; read every number below as an estimate of it."
+        ))  # fmt: skip
     lines = [f"**{v.strategy}** vs {v.baseline}: {v.text}" for vs in verdicts.values() for v in vs]
     if lines:
         blocks += [Heading("Verdicts at a glance"), Bullets(lines)]
