@@ -25,6 +25,7 @@ from .influence import distributed as dist_utils
 from .influence.arguments import InfluenceArguments
 from .influence.engine import Progress, vocab_size
 from .influence.modules import find_blocks
+from .influence.variants import SCORE_VARIANTS
 from .sets import ExampleSet, SetError, SetSource, check_unique_names, load_set, tokenize_set
 from .store import HistoryError, InfluenceStore, StepExistsError
 from .studies import Metric, Study, merge_studies
@@ -137,6 +138,11 @@ class InfluenceCallback(TrainerCallback):
             raise ConfigError(f"engine options go in influence_args or as keywords, not both: {sorted(engine_options)}")
         self.influence_args = influence_args or InfluenceArguments.from_options(engine_options)
         self.influence_args.check()
+        if at_step_zero and SCORE_VARIANTS[self.influence_args.score].reads_optimizer:
+            raise ConfigError(
+                f"score variant {self.influence_args.score!r} reads the optimizer's state, which does not exist "
+                "before the first step: drop at_step_zero, or use score='exact'"
+            )
         self.every_n_steps = every_n_steps
         self.at_step_zero = at_step_zero
         self.allow_packing = allow_packing
@@ -457,7 +463,7 @@ class InfluenceCallback(TrainerCallback):
         probes = [ex for s in self.probe_sets for ex in s.examples]
         evals = [ex for s in self.eval_sets for ex in s.examples]
         with _progress_bar(step, self.trainer.args, state) as progress:
-            result = self.engine.compute(probes, evals, progress=progress)
+            result = self.engine.compute(probes, evals, progress=progress, optimizer=self.trainer.optimizer)
         failures, bad_probe, bad_eval = self._data_failures(step, result)
         pairs, metrics = self._tables(step, result, bad_probe, bad_eval, failures)
         for record in failures:

@@ -39,14 +39,34 @@ class RecordLogs(TrainerCallback):
         self.path.write_text(json.dumps(self.records, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
-def run_trainer(out: Path) -> None:
+class DumpAdamState(TrainerCallback):
+    """Rank 0 writes the optimizer's second moments by parameter name at every save (the test's oracle input)."""
+
+    def __init__(self, out: Path, model) -> None:
+        self.out, self.names = out, {id(p): n for n, p in model.named_parameters()}
+
+    def on_save(self, args, state, control, optimizer=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        dump = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                st = optimizer.state[p]
+                dump[self.names[id(p)]] = {"exp_avg_sq": st["exp_avg_sq"].clone(), "step": float(st["step"]),
+                                           "beta2": group["betas"][1], "eps": group["eps"]}  # fmt: skip
+        torch.save(dump, self.out / f"adam-{state.global_step}.pt")
+
+
+def run_trainer(out: Path, score: str = "exact") -> None:
     rank = int(os.environ["RANK"])
     trainer, cb = helpers.make_trainer(
         out / "run",
-        callback_kwargs=helpers.ddp_callback_kwargs(),
+        callback_kwargs={**helpers.ddp_callback_kwargs(), "score": score},
         extra_callbacks=[RecordLogs(out / f"logs-rank{rank}.json")],
         **helpers.DDP_CONFIG,
     )
+    if score == "adam":
+        trainer.add_callback(DumpAdamState(out, trainer.model))
     assert trainer.args.world_size == 2, trainer.args.world_size
     try:
         trainer.train()
@@ -80,7 +100,8 @@ def run_engine(out: Path) -> None:
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
-    {"trainer": run_trainer, "engine": run_engine}[mode](out)
+    modes = {"trainer": run_trainer, "trainer_adam": lambda o: run_trainer(o, "adam"), "engine": run_engine}
+    modes[mode](out)
 
 
 if __name__ == "__main__":

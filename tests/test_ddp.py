@@ -182,3 +182,32 @@ def test_ddp_pairs_equal_single_process_on_checkpoint(ddp_run, tmp_path):
         relinf = expected.dot[rows, cols] / expected.eval_sq_norm[cols]
         assert_close_rel(at["relinf"].to_numpy(), relinf, 1e-5, f"relinf@{step}")
         assert (at["probe_tokens"].to_numpy() == expected.probe_tokens[rows].numpy()).all()
+
+
+@pytest.mark.slow
+def test_ddp_adam_scores_equal_single_process_with_the_same_optimizer_state(tmp_path):
+    """The optimizer-preconditioned variant under DDP: every rank reads the same (replicated) Adam state; the
+    recorded pairs equal a single process's computation on the checkpoint with that state."""
+    torchrun("trainer_adam", tmp_path)
+    single = {k: v for k, v in DDP_CONFIG.items() if not k.startswith("ddp_")}
+    _, cb = make_trainer(tmp_path / "single", callback_kwargs=ddp_callback_kwargs(), **single)
+    probes, evals = examples_of(cb)
+    probe_ids, eval_ids = cb.probe_sets[0].ids, cb.eval_sets[0].ids
+    pairs = load_pairs(tmp_path / "run")
+    assert set(pairs["score"]) == {"adam"}
+    logs = [json.loads((tmp_path / f"logs-rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1)]
+    assert logs[0] == logs[1] and [r["step"] for r in logs[0]] == DDP_SAVED_STEPS
+    for step in DDP_SAVED_STEPS:
+        model = reload_checkpoint(tmp_path / "run" / f"checkpoint-{step}")
+        dump = torch.load(tmp_path / f"adam-{step}.pt")
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        ((beta2, eps),) = {(d["beta2"], d["eps"]) for d in dump.values()}
+        opt = torch.optim.AdamW([p for _, p in named], betas=(0.9, beta2), eps=eps)
+        for n, p in named:
+            opt.state[p] = {"step": torch.tensor(dump[n]["step"]), "exp_avg": torch.zeros_like(p),
+                            "exp_avg_sq": dump[n]["exp_avg_sq"]}  # fmt: skip
+        expected = engine_on(model, score="adam", micro_batch_size=2).compute(probes, evals, optimizer=opt)
+        at = pairs[pairs.step == step]
+        rows = torch.tensor([probe_ids.index(i) for i in at.probe_id])
+        cols = torch.tensor([eval_ids.index(i) for i in at.eval_id])
+        assert_close_rel(torch.tensor(at["dot"].to_numpy()), expected.dot[rows, cols], 1e-4, f"dot@{step}")

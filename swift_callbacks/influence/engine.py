@@ -92,7 +92,7 @@ class InfluenceEngine:
         self.pad_token_id = pad_token_id
         self.variant = make_variant(args.score, args.score_options)
         self.blocks: list[Block] = find_blocks(model, args.param_filter)
-        self.variant.setup(model, self.blocks)  # a variant that cannot serve these blocks says so now
+        self.variant.check_blocks(model, self.blocks)  # a variant that cannot serve these blocks says so now
         self.verification: verify_lib.Report | None = None  # the last verification's report
         self._verified_state: tuple | None = None
         self._attempted_state: tuple | None = None
@@ -135,7 +135,11 @@ class InfluenceEngine:
     # ------------------------------------------------------------------------------------------ public
 
     def compute(
-        self, probes: Sequence[Example], evals: Sequence[Example], progress: Progress | None = None
+        self,
+        probes: Sequence[Example],
+        evals: Sequence[Example],
+        progress: Progress | None = None,
+        optimizer: Any = None,
     ) -> InfluenceResult:
         """Inner products of every probe gradient with every evaluation gradient, plus squared norms.
 
@@ -148,6 +152,7 @@ class InfluenceEngine:
             progress: Called as ``progress(done, total)`` after every micro-batch, with the number of examples
                 this rank has run forward/backward so far and will run in all (a probe counts once per
                 evaluation chunk).
+            optimizer: The training's optimizer, for score variants that read its state (``"adam"``).
         """
         if not probes or not evals:
             raise ValueError("compute() needs at least one probe and one evaluation example.")
@@ -156,7 +161,7 @@ class InfluenceEngine:
         sharding.check_model(self.model)  # wrapped since set-up (an FSDP1 wrapper applied around it) is an error
         lengths = [len(e["input_ids"]) for e in (*probes, *evals)]
         self._choose_routes(len(probes), len(evals), sum(lengths) / len(lengths))
-        self.variant.setup(self.model, self.blocks)
+        self.variant.setup(self.model, self.blocks, optimizer)
         chunk = self._eval_chunk_size(len(evals), max(lengths))
         starts = range(0, len(evals), chunk)
         total = sum(_share(min(chunk, len(evals) - start)) + _share(len(probes)) for start in starts)
@@ -256,7 +261,7 @@ class InfluenceEngine:
         self._routes_chosen = True
         n, pairs, t = n_probe + n_eval, n_probe * n_eval + n_probe + n_eval, mean_len
         for block in self.blocks:
-            if block.kind not in {"linear", "embedding"} or self.route == "materialize":
+            if block.kind not in {"linear", "embedding"} or self.route == "materialize" or self.variant.materialized:
                 block.route = "materialize"
                 continue
             if self.route == "ghost":

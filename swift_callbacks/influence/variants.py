@@ -43,6 +43,8 @@ class ScoreVariant:
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = False
+    materialized: ClassVar[bool] = False  # needs per-example gradients as vectors (forces the materialize route)
+    reads_optimizer: ClassVar[bool] = False  # needs the optimizer's state (none before the first step)
 
     def __init__(self, **options: Any) -> None:
         if options:
@@ -53,8 +55,12 @@ class ScoreVariant:
         """How the history records the variant: its name, with its options when it has any."""
         return self.name
 
-    def setup(self, model: Any, blocks: Sequence[Block]) -> None:
-        """Called before each computation (e.g. to read optimizer state, or draw projections per block)."""
+    def check_blocks(self, model: Any, blocks: Sequence[Block]) -> None:
+        """Called when the engine is built: refuse blocks the variant cannot serve (``ConfigError``)."""
+
+    def setup(self, model: Any, blocks: Sequence[Block], optimizer: Any = None) -> None:
+        """Called before each computation with the live optimizer, if any (to read its state, or draw
+        projections per block)."""
 
     def feature_numel(self, block: Block) -> int | None:
         """Numbers per example :meth:`transform` keeps for ``block`` (sizes the evaluation chunks); None: as the
@@ -135,7 +141,10 @@ class RandomProjection(ScoreVariant):
     def label(self) -> str:
         return f"projection(dim={self.dim}, seed={self.seed})"
 
-    def setup(self, model: Any, blocks: Sequence[Block]) -> None:
+    def check_blocks(self, model: Any, blocks: Sequence[Block]) -> None:
+        self.setup(model, blocks)
+
+    def setup(self, model: Any, blocks: Sequence[Block], optimizer: Any = None) -> None:
         for block in blocks:
             if block.name not in self._maps:
                 self._maps[block.name] = _Projection.for_block(block, self.dim, self.seed)
@@ -145,6 +154,74 @@ class RandomProjection(ScoreVariant):
 
     def transform(self, blocks: Sequence[Block], features: list[Feature], side: str) -> list[Feature]:
         return [Materialized(self._maps[b.name].apply(b, f)) for b, f in zip(blocks, features, strict=True)]
+
+
+@register_variant
+class AdamPreconditioned(ScoreVariant):
+    """Probe gradients preconditioned by the live Adam second moments, as LESS scores training examples.
+
+    Each probe example's gradient is divided elementwise by ``sqrt(v̂) + eps``, where ``v̂`` is the optimizer's
+    bias-corrected ``exp_avg_sq`` of that parameter at the save (read, never changed); evaluation gradients and
+    their norms stay plain, so RelInf keeps the paper's denominator. The state must be a plain PyTorch Adam /
+    AdamW state holding every tracked parameter whole: a sharded optimizer (DeepSpeed ZeRO, FSDP) or another
+    optimizer is refused with a message, and so is a computation before the first optimizer step (no state yet).
+    Data-parallel training (DDP) keeps the same state on every rank and works as is.
+
+    Args:
+        eps: The ``eps`` added to ``sqrt(v̂)``; default: the optimizer's own.
+    """
+
+    name = "adam"
+    exact = False
+    materialized = True  # an elementwise scaling of the gradient does not factorize over tokens
+    reads_optimizer = True
+
+    def __init__(self, eps: float | None = None) -> None:
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0):
+            raise ConfigError(f"score variant 'adam': eps must be a number > 0, got {eps!r}")
+        self.eps = eps
+        self._scale: dict[str, torch.Tensor] = {}
+
+    @property
+    def label(self) -> str:
+        return "adam" if self.eps is None else f"adam(eps={self.eps:g})"
+
+    def setup(self, model: Any, blocks: Sequence[Block], optimizer: Any = None) -> None:
+        if optimizer is None:
+            raise ConfigError(
+                "score variant 'adam' reads the live optimizer's state; it works in InfluenceCallback during "
+                "training (or pass optimizer= to InfluenceEngine.compute), not on a saved checkpoint."
+            )
+        groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        self._scale = {b.name: torch.cat([self._inverse_scale(model, optimizer, groups, n) for n in b.param_names])
+                       for b in blocks}  # fmt: skip
+
+    def _inverse_scale(self, model: Any, optimizer: Any, groups: dict, name: str) -> torch.Tensor:
+        param = model.get_parameter(name)
+        state = optimizer.state.get(param) or {}
+        group = groups.get(id(param))
+        if group is None or "exp_avg_sq" not in state or "betas" not in group:
+            what = (
+                "holds no Adam state for it yet (no optimizer step has been taken)"
+                if group is not None
+                else ("does not hold it (a sharded optimizer such as DeepSpeed ZeRO or FSDP, or another optimizer)")
+            )
+            raise ConfigError(f"score variant 'adam': the optimizer {what}: parameter {name!r}. Use score='exact', "
+                              "or compute only after the first step (no at_step_zero).")  # fmt: skip
+        v = state["exp_avg_sq"]
+        if v.shape != param.shape:
+            raise ConfigError(f"score variant 'adam': the Adam state of {name!r} has shape {tuple(v.shape)}, the "
+                              f"parameter {tuple(param.shape)} (a sharded optimizer?); use score='exact'.")  # fmt: skip
+        step = float(state["step"])
+        correction = 1.0 - group["betas"][1] ** step
+        eps = self.eps if self.eps is not None else group["eps"]
+        return ((v.detach().to(ACC) / correction).sqrt() + eps).reciprocal().flatten()
+
+    def transform(self, blocks: Sequence[Block], features: list[Feature], side: str) -> list[Feature]:
+        if side == "eval":
+            return features
+        return [Materialized(f.vec * self._scale[b.name].to(f.vec.device)) for b, f in zip(blocks, features,
+                                                                                             strict=True)]  # fmt: skip
 
 
 class _Projection:
