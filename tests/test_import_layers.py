@@ -10,8 +10,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "swift_callbacks"
 LAYERS: dict[str, int] = {
-    # 0: the error policy and lazy exports
-    "errors": 0, "lazy": 0,
+    # 0: the error policy, lazy exports, atomic file writes
+    "errors": 0, "lazy": 0, "files": 0,
     # 1: the configuration kernel, bundled assets
     "configuration": 1, "assets": 1, "answers": 1,
     # 2: shared concepts: model loading, trainer construction; the influence engine, sets, studies

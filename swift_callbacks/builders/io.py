@@ -12,13 +12,13 @@ import io as _io
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import yaml
 
+from ..files import write_atomic
 from .records import Reject
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
@@ -203,38 +203,16 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
             line = json.dumps(row, ensure_ascii=False, default=str) + "\n"
             fh.write(line.encode("utf-8", "backslashreplace"))  # lone surrogates from a bad input row stay visible
 
-    return _atomic_write(Path(path), write)
+    return write_atomic(path, write)
 
 
 def write_yaml(path: str | os.PathLike, data: Any) -> Path:
     """Writes a YAML document, atomically."""
     text = yaml.safe_dump(data, allow_unicode=True, sort_keys=False, width=100)
-    return _atomic_write(Path(path), lambda fh: fh.write(text.encode("utf-8")))
+    return write_atomic(path, text)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Writes one JSON document (indented), atomically."""
     text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
-    return _atomic_write(Path(path), lambda fh: fh.write(text.encode("utf-8")))
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; set it straight back
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file 0600; an output gets the mode open() would give
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, text)

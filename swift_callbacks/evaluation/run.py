@@ -7,7 +7,6 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import pandas as pd
 import yaml
 
 from ..configuration import ConfigError, build
+from ..files import write_atomic
 from ..generation import GenerationRequest, Generator, SamplingParams, make_backend
 from ..generation.base import folder_digest
 from ..models import ADAPTER_CONFIG, ModelConfig, load_checkpoint, load_model_and_tokenizer
@@ -316,10 +316,7 @@ def _row(target: Target, s: EvalSetConfig, task: str, recs: list[ExampleRecord],
 
 
 def _write_table(path: Path, table: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    table.to_csv(temp, index=False)
-    os.replace(temp, path)
+    write_atomic(path, table.to_csv(index=False))
 
 
 def _warn_undecided(table: pd.DataFrame) -> None:

@@ -25,6 +25,7 @@ import pandas as pd
 from ..configuration import ConfigError
 from ..evaluation import EvalResults, evaluate
 from ..evaluation.records import file_digest, fingerprint
+from ..files import write_atomic
 from ..training.config import config_from_dict, is_demo
 from ..training.data import build_mixture, load_source
 from ..training.train import run_training
@@ -207,11 +208,7 @@ def _write_sequence(config: ValidationConfig, run: RunSpec, base_sources: list, 
     for epoch in range(int(epochs)):
         parts += [base.shuffle(seed=run.seed * 1000 + epoch), after.shuffle(seed=run.seed * 1000 + 500 + epoch)]
     path = run.folder.parent / f"{run.folder.name}.{SEQUENCE_FILE}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    concatenate_datasets(parts).to_json(str(temp), lines=True, force_ascii=False)
-    os.replace(temp, path)
-    return path
+    return write_atomic(path, lambda fh: concatenate_datasets(parts).to_json(fh, lines=True, force_ascii=False))
 
 
 def _recipe_dir(config: ValidationConfig) -> Path:
