@@ -204,3 +204,18 @@ def test_no_tracked_parameter_is_a_clear_error():
         InfluenceEngine(model)
     with pytest.raises(ValueError, match="matches 'nothing'"):
         InfluenceEngine(tiny_model(), param_filter="nothing")
+
+
+def test_a_verified_computation_costs_one_backward_per_micro_batch(monkeypatch):
+    """The per-micro-batch check (verify=True) rides on the same backward; the per-example autograd oracle runs
+    only in the sample verification. (A regression once ran one more backward per example in every micro-batch,
+    ~6x the cost of a computation.)"""
+    model = model_for("lora-llama")
+    engine = InfluenceEngine(model, micro_batch_size=2)
+    engine.compute(PROBES, EVALS)  # verifies once
+    calls = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    engine.compute(PROBES, EVALS)
+    assert len(calls) == -(-len(PROBES) // 2) + -(-len(EVALS) // 2)
+    assert engine.sum_check_error > 0  # the check did run

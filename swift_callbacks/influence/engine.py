@@ -232,7 +232,7 @@ class InfluenceEngine:
             # In float32 whatever the tracking precision: the rules are the same code in every precision, and a
             # bf16 tolerance would let a wrong rule by a few percent through.
             with full_precision(self.model, sharded=False):
-                batch = self._forward_backward(examples, reference=True)[-1]
+                batch = self._forward_backward(examples, reference=True, grams=True)[-1]
                 singles = [self._forward_backward([e], reference=True)[-1] for e in examples]
                 plain = self._plain_losses(examples)
             report = verify_lib.check(self.blocks, batch, singles, plain)
@@ -344,9 +344,11 @@ class InfluenceEngine:
         for start in range(0, len(order), self.micro_batch_size):
             yield order[start : start + self.micro_batch_size]
 
-    def _forward_backward(self, examples: Sequence[Example], reference: bool = False):
+    def _forward_backward(self, examples: Sequence[Example], reference: bool = False, grams: bool = False):
         """One micro-batch: features per block, squared norms, losses and token counts; with ``reference`` also
-        a ``verify.Pass`` holding autograd's gradient of the summed loss w.r.t. every tracked tensor."""
+        a ``verify.Pass`` holding autograd's gradient of the summed loss w.r.t. every tracked tensor, and with
+        ``grams`` the Gram matrices of autograd's per-example gradients (one more backward per example: the
+        verification's oracle only, never the per-micro-batch check)."""
         # One more padding column when the width equals the number of examples: layouts are told apart by size.
         width = max(len(e["input_ids"]) for e in examples)
         min_width = width + 1 if len(examples) > 1 and width == len(examples) else width
@@ -386,7 +388,7 @@ class InfluenceEngine:
                 loss.sum(),
                 outputs + capture.embedding_outputs + [t for _, t in targets],
                 allow_unused=True,
-                retain_graph=reference,
+                retain_graph=grams,
             )
             capture.set_output_grads(grads[: len(outputs)], length=int(attention_mask.sum(1).max()))
             batch, width = input_ids.shape
@@ -396,7 +398,7 @@ class InfluenceEngine:
                 refs = self._reference_grads(targets, grads[len(grads) - len(targets) :], device)
                 check = verify_lib.Pass(
                     feats, refs, verify_lib.lowest_precision(dtypes), loss.detach().to(ACC), list(capture.expanded),
-                    self._reference_grams(loss, targets, device), attention_mask.sum(1).tolist(),
+                    self._reference_grams(loss, targets, device) if grams else None, attention_mask.sum(1).tolist(),
                 )  # fmt: skip
         del outputs, grads
         norm = torch.zeros(len(examples), dtype=ACC, device=device)
