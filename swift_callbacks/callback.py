@@ -204,6 +204,19 @@ class InfluenceCallback(TrainerCallback):
         if not getattr(trainer.train, "_swift_watched", False):
             trainer.train = types.MethodType(_watched_train, trainer)
 
+    def prepare_set(self, name: str, source: SetSource) -> ExampleSet:
+        """Load ``source`` and tokenize it as this callback's sets are (the bound trainer's own preparation).
+
+        Raises:
+            ConfigError: The callback is not bound to a trainer yet.
+            SetError: The set is empty, malformed or cannot be prepared (the message names the example).
+        """
+        if self.trainer is None:
+            raise ConfigError("prepare_set needs the callback bound to its trainer (see bind)")
+        example_set = load_set(name, source)
+        tokenize_set(example_set, _preparer(self.trainer, name), vocab_size=vocab_size(self.trainer.model))
+        return example_set
+
     @property
     def engine(self) -> InfluenceEngine:
         # trainer.model is the unwrapped model under DDP/DeepSpeed and the FSDP root under FSDP (transformers makes

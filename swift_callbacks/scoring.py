@@ -79,12 +79,7 @@ def score_run(
     if config.influence is None:
         raise ConfigError("influence: the config has no influence section, so there is nothing to score")
     out = Path(output_dir) if output_dir is not None else run
-    checkpoints = list_checkpoints(run)
-    if steps is not None:
-        wanted = set(steps)
-        checkpoints = [(s, p) for s, p in checkpoints if s in wanted]
-    if not checkpoints:
-        raise FileNotFoundError(f"{run} has no checkpoint-N folder{' of the requested steps' if steps else ''}.")
+    checkpoints = _select_checkpoints(run, steps)
     # Every rank lists the history before any rank can write to it (writing waits for all ranks' share of the
     # first computation), so under a multi-process launch all ranks agree on the pending steps.
     done = set(InfluenceStore(out).steps())
@@ -105,6 +100,18 @@ def score_run(
         logger.info("Scored %s (step %d) in %.1fs", checkpoint.name, step, time.perf_counter() - start)
         scored.append(step)
     return scored
+
+
+def _select_checkpoints(run: Path, steps: Iterable[int] | None) -> list[tuple[int, Path]]:
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run} is not a folder (give the training output_dir with checkpoint-N folders).")
+    checkpoints = list_checkpoints(run)
+    if steps is not None:
+        wanted = set(steps)
+        checkpoints = [(s, p) for s, p in checkpoints if s in wanted]
+    if not checkpoints:
+        raise FileNotFoundError(f"{run} has no checkpoint-N folder{' of the requested steps' if steps else ''}.")
+    return checkpoints
 
 
 def _resolve_config(run: Path, config: TrainConfig | str | os.PathLike | None) -> TrainConfig:
@@ -205,6 +212,189 @@ def _write_metric_specs(callback) -> None:
     callback.store.write_metrics(specs)
 
 
+# ----------------------------------------------------------------------------------------- candidate scoring
+
+CANDIDATES_DIR = "swift_candidates"
+CANDIDATE_COLUMNS = ["step", "candidate_id", "candidate_task", "eval_set", "mean_relinf", "mean_cosine", "n_scored",
+                     "candidate_tokens", "candidate_sq_norm"]  # fmt: skip
+RANKING_COLUMNS = ["rank", "candidate_id", "candidate_task", "mean_relinf", "mean_cosine", "n_scores"]
+_META = "meta.json"
+_CHUNK = re.compile(r"^chunk-(\d+)\.parquet$")
+
+
+def score_candidates(
+    run_dir: str | os.PathLike,
+    candidates: str | os.PathLike | Sequence[dict],
+    config: TrainConfig | str | os.PathLike | None = None,
+    *,
+    output_dir: str | os.PathLike | None = None,
+    steps: Iterable[int] | None = None,
+    chunk_size: int = 1024,
+    progress: bool = True,
+):
+    """Rank every example of a candidate training set by its mean RelInf (and cosine) on the run's evaluation sets.
+
+    For each checkpoint and each evaluation set of the config's ``influence`` section, a candidate's score is its
+    RelInf averaged over the set's examples (``<∇ℓ(z), ∇ℓ(z0)> / |∇ℓ(z0)|²``, evaluation examples whose gradient
+    norm is zero left out), computed by the same engine and options as the history (``--set
+    influence.engine.score=projection`` for the approximate variant). The ranking averages over checkpoints and
+    evaluation sets. Candidates are processed in chunks of ``chunk_size``; each finished chunk is written at once
+    (``OUT/step-N/chunk-K.parquet``), so an interrupted run continues where it stopped.
+
+    Args:
+        run_dir: The training ``output_dir`` holding ``checkpoint-N`` folders.
+        candidates: The candidate set: a JSONL/JSON/Parquet path or rows, in any TRL format (optional ``id``,
+            ``task``); tokenized as training tokenizes.
+        config: The training config (see :func:`score_run`).
+        output_dir: Where the scores go (default ``run_dir/swift_candidates``); it must not hold the scores of
+            another candidate set, other evaluation sets or other engine options.
+        steps: Score only these checkpoint steps.
+        chunk_size: Candidates per written chunk.
+        progress: Show a progress bar per checkpoint.
+
+    Returns:
+        The ranking (``RANKING_COLUMNS``, best first), also written to ``OUT/ranking.csv``; every per-checkpoint
+        score is in ``OUT/scores.parquet`` (``CANDIDATE_COLUMNS``).
+
+    Raises:
+        ConfigError: No config or influence section, a bad chunk size, or ``output_dir`` holding another set-up.
+        FileNotFoundError: ``run_dir`` has no checkpoint (of the requested steps).
+        SetError: The candidate set is empty or malformed (the message names the example).
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from .files import write_atomic
+
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ConfigError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    run = Path(run_dir)
+    config = _resolve_config(run, config)
+    if config.influence is None:
+        raise ConfigError("influence: the config has no influence section, so there are no evaluation sets")
+    out = Path(output_dir) if output_dir is not None else run / CANDIDATES_DIR
+    checkpoints = _select_checkpoints(run, steps)
+    trainer, callback = _scoring_trainer(config, checkpoints[0][1], out)
+    cands = callback.prepare_set("candidates", candidates)
+    evals = [ex for s in callback.eval_sets for ex in s.examples]
+    _claim_output(out, _candidate_meta(cands, callback, chunk_size))
+    n_chunks = -(-len(cands) // chunk_size)
+    for index, (step, checkpoint) in enumerate(checkpoints):
+        folder = out / f"step-{step}"
+        done = _chunks_done(folder)
+        todo = [k for k in range(n_chunks) if k not in done]
+        if not todo:
+            continue
+        if index:
+            _load_weights(trainer.model, checkpoint, checkpoints[0][1], config)
+        finished = sum(len(cands.examples[k * chunk_size : (k + 1) * chunk_size]) for k in done)
+        bar = tqdm(total=len(cands), initial=finished, desc=f"candidates at step {step}", unit="example",
+                   disable=not progress, dynamic_ncols=True)  # fmt: skip
+        with bar:
+            for k in todo:
+                start = k * chunk_size
+                chunk = cands.examples[start : start + chunk_size]
+                result = callback.engine.compute(chunk, evals)
+                frame = _candidate_frame(step, cands, start, result, callback.eval_sets)
+                write_atomic(folder / f"chunk-{k:06d}.parquet", frame.to_parquet(index=False))
+                bar.update(len(chunk))
+    steps_wanted = [s for s, _ in checkpoints]
+    scores = pd.concat([pd.read_parquet(folder / f"chunk-{k:06d}.parquet") for s in steps_wanted
+                        for folder in [out / f"step-{s}"] for k in range(n_chunks)], ignore_index=True)  # fmt: skip
+    ranking = rank_candidates(scores)
+    write_atomic(out / "scores.parquet", scores.to_parquet(index=False))
+    write_atomic(out / "ranking.csv", ranking.to_csv(index=False))
+    return ranking
+
+
+def rank_candidates(scores):
+    """The ranking of a candidate score table: mean RelInf and cosine over checkpoints and evaluation sets."""
+    grouped = scores.groupby(["candidate_id"], sort=False)
+    ranking = grouped.agg(
+        candidate_task=("candidate_task", "first"),
+        mean_relinf=("mean_relinf", "mean"),
+        mean_cosine=("mean_cosine", "mean"),
+        n_scores=("mean_relinf", "count"),
+    ).reset_index()
+    ranking = ranking.sort_values("mean_relinf", ascending=False, kind="stable", na_position="last")
+    ranking.insert(0, "rank", range(1, len(ranking) + 1))
+    return ranking[RANKING_COLUMNS].reset_index(drop=True)
+
+
+def _candidate_frame(step: int, cands, offset: int, result, eval_sets):
+    """One row per (candidate of the chunk, evaluation set): its mean RelInf and cosine over the set."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    dot, e_norm, p_norm = result.dot, result.eval_sq_norm, result.probe_sq_norm
+    usable = torch.isfinite(e_norm) & (e_norm > 0)
+    rel = torch.where(usable, dot / e_norm, torch.nan)
+    cos = torch.where(usable, dot / (p_norm.sqrt().unsqueeze(1) * e_norm.sqrt()), torch.nan)
+    rows, col = [], 0
+    n = len(dot)
+    for s in eval_sets:
+        part = slice(col, col + len(s))
+        col += len(s)
+        r, c = rel[:, part].numpy(), cos[:, part].numpy()
+        counts = np.isfinite(r).sum(1)
+        with np.errstate(invalid="ignore"):
+            mean_r = np.where(counts > 0, np.nansum(r, 1) / np.maximum(counts, 1), np.nan)
+            mean_c = np.where(counts > 0, np.nansum(c, 1) / np.maximum(counts, 1), np.nan)
+        rows.append(pd.DataFrame({
+            "step": step, "candidate_id": cands.ids[offset : offset + n], "candidate_task":
+            cands.tasks[offset : offset + n], "eval_set": s.name, "mean_relinf": mean_r, "mean_cosine": mean_c,
+            "n_scored": counts, "candidate_tokens": result.probe_tokens.numpy(),
+            "candidate_sq_norm": p_norm.numpy(),
+        }))  # fmt: skip
+    return pd.concat(rows, ignore_index=True)[CANDIDATE_COLUMNS]
+
+
+def _candidate_meta(cands, callback, chunk_size: int) -> dict:
+    """What the scores in an output folder depend on: the tokenized candidates and evaluation examples (by
+    content), the engine options and the chunking."""
+    import hashlib
+
+    def digest(sets) -> str:
+        h = hashlib.sha256()
+        for s in sets:
+            h.update(json.dumps([s.name, s.ids, s.tasks, s.examples], sort_keys=True).encode())
+        return h.hexdigest()
+
+    args = callback.influence_args
+    return {"candidates": digest([cands]), "n_candidates": len(cands), "eval_sets": digest(callback.eval_sets),
+            "eval_set_names": [s.name for s in callback.eval_sets], "score": callback.engine.variant.label,
+            "param_filter": str(args.param_filter), "precision": args.precision, "chunk_size": chunk_size}  # fmt: skip
+
+
+def _claim_output(out: Path, meta: dict) -> None:
+    """Write ``meta`` into a new output folder, or check that an existing one was made with the same set-up."""
+    from .files import write_atomic
+
+    path = out / _META
+    if path.exists():
+        try:
+            held = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{path} is unreadable ({err}); delete {out} or choose another --output-dir") from None
+        changed = sorted(k for k in meta if held.get(k) != meta[k])
+        if changed:
+            raise ConfigError(
+                f"{out} holds candidate scores of another set-up (it differs in {', '.join(changed)}); delete it or "
+                "choose another --output-dir"
+            )
+        return
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty and holds no {_META}; choose another --output-dir")
+    write_atomic(path, json.dumps(meta, indent=1))
+
+
+def _chunks_done(folder: Path) -> set[int]:
+    if not folder.is_dir():
+        return set()
+    return {int(m.group(1)) for p in folder.iterdir() if (m := _CHUNK.match(p.name))}
+
+
 # --------------------------------------------------------------------------------------------- command line
 
 
@@ -217,6 +407,12 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     add_override_argument(parser, "influence.engine.micro_batch_size=4")
     parser.add_argument("--output-dir", default=None, help="write the history here instead of into RUN")
     parser.add_argument("--steps", type=int, nargs="+", default=None, help="score only these checkpoint steps")
+    parser.add_argument(
+        "--candidates", default=None, metavar="FILE",
+        help="rank every example of this candidate training set (JSONL/JSON/Parquet, any TRL format) by its mean "
+             "RelInf on the config's evaluation sets, instead of writing the history",
+    )  # fmt: skip
+    parser.add_argument("--chunk-size", type=int, default=1024, help="candidates per written (resumable) chunk")
 
 
 def add_score_parser(subparsers) -> argparse.ArgumentParser:
@@ -237,6 +433,13 @@ def score_command(args: argparse.Namespace) -> int:
         from .training.train import CONFIG_FILE
 
         config = load_config(args.config or Path(args.run) / CONFIG_FILE, args.overrides)
+    if args.candidates is not None:
+        out = Path(args.output_dir) if args.output_dir else Path(args.run) / CANDIDATES_DIR
+        ranking = score_candidates(args.run, args.candidates, config if config is not None else None,
+                                   output_dir=out, steps=args.steps, chunk_size=args.chunk_size)  # fmt: skip
+        print(ranking.head(10).to_string(index=False))
+        print(f"ranked {len(ranking)} candidates: {out / 'ranking.csv'} (per checkpoint: {out / 'scores.parquet'})")
+        return 0
     scored = score_run(args.run, config, output_dir=args.output_dir, steps=args.steps)
     print(f"scored steps {scored}" if scored else "nothing to score: every checkpoint is already in the history")
     return 0

@@ -6,6 +6,7 @@ fine-tuning checkpoints.
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import yaml
 from helpers import torch_threads
@@ -106,3 +107,55 @@ def test_model_from_a_local_folder(tmp_path):
     assert score_run(tmp_path / "run", config, output_dir=tmp_path / "posthoc") == CHECKPOINT_STEPS
     expected = load_pairs(tmp_path / "run")
     assert_same_history(load_pairs(tmp_path / "posthoc"), expected[expected.step.isin(CHECKPOINT_STEPS)], rtol=1e-5)
+
+
+def test_candidate_scores_are_the_inline_histories_means(clarify_runs, tmp_path):
+    """Scoring the config's own probe set as candidates gives, per checkpoint and evaluation set, the mean over the
+    evaluation examples of the RelInf (and cosine) the callback recorded inline for those probes; the ranking is
+    their mean over checkpoints and sets."""
+    import numpy as np
+
+    from swift_callbacks.scoring import score_candidates
+
+    inline, plain = clarify_runs
+    candidates = recipe("clarify").parent / "data" / "z_clarify.jsonl"
+    ranking = score_candidates(plain, candidates, recipe("clarify"), output_dir=tmp_path / "c", chunk_size=3,
+                               progress=False)  # fmt: skip
+    scores = pd.read_parquet(tmp_path / "c" / "scores.parquet")
+    pairs = load_pairs(inline)
+    pairs = pairs[(pairs.probe_set == "clarify") & pairs.step.isin(CHECKPOINT_STEPS)]
+    expected = pairs.groupby(["step", "probe_id", "eval_set"])[["relinf", "cosine"]].mean().reset_index()
+    got = scores.set_index(["step", "candidate_id", "eval_set"]).sort_index()
+    want = expected.set_index(["step", "probe_id", "eval_set"]).sort_index()
+    assert len(got) == len(want) == len(CHECKPOINT_STEPS) * 4 * 2  # 4 candidates, 2 evaluation sets
+    assert np.isfinite(got[["mean_relinf", "mean_cosine"]].to_numpy()).all() and (got["n_scored"] > 0).all()
+    np.testing.assert_allclose(got["mean_relinf"].to_numpy(), want["relinf"].to_numpy(), rtol=1e-5)
+    np.testing.assert_allclose(got["mean_cosine"].to_numpy(), want["cosine"].to_numpy(), rtol=1e-5)
+    means = want.groupby(level="probe_id")["relinf"].mean().sort_values(ascending=False)
+    assert list(ranking.candidate_id) == list(means.index) and list(ranking["rank"]) == [1, 2, 3, 4]
+    np.testing.assert_allclose(ranking["mean_relinf"].to_numpy(), means.to_numpy(), rtol=1e-5)
+
+
+def test_candidate_scoring_resumes_and_refuses_another_set_up(clarify_runs, tmp_path, capsys):
+    _, plain = clarify_runs
+    data = recipe("clarify").parent / "data"
+    out = tmp_path / "c"
+    argv = ["--run", str(plain), "--config", str(recipe("clarify")), "--candidates", str(data / "z_pos.jsonl"),
+            "--output-dir", str(out), "--chunk-size", "2"]  # fmt: skip
+    assert score_main(argv) == 0
+    assert "ranked 4 candidates" in capsys.readouterr().out
+    chunks = sorted((out / "step-4").iterdir())
+    assert [c.name for c in chunks] == ["chunk-000000.parquet", "chunk-000001.parquet"]
+    kept = chunks[0].stat().st_mtime_ns
+    first = pd.read_csv(out / "ranking.csv")
+    chunks[1].unlink()  # as if killed before the last chunk of the last checkpoint
+    assert score_main(argv) == 0
+    assert chunks[0].stat().st_mtime_ns == kept and chunks[1].exists()  # only the missing chunk was computed
+    pd.testing.assert_frame_equal(pd.read_csv(out / "ranking.csv"), first)
+    capsys.readouterr()
+    other = [*argv[:5], str(data / "z_clarify.jsonl"), *argv[6:]]
+    assert score_main(other) == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds candidate scores of another set-up (it differs in candidates)" in err
+    assert score_main([*argv[:5], str(tmp_path / "missing.jsonl"), *argv[6:]]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
