@@ -45,6 +45,8 @@ _EXPORTS = {
     "clarify_study": "studies",
     "cot_study": "studies",
     "evaluation_study": "studies",
+    "score_candidates": "scoring",
+    "score_run": "scoring",
 }
 
 __all__ = [
@@ -74,6 +76,8 @@ __all__ = [
     "load_set",
     "load_tokenizer",
     "register_variant",
+    "score_candidates",
+    "score_run",
 ]
 
 if TYPE_CHECKING:
@@ -84,6 +88,7 @@ if TYPE_CHECKING:
     from .models import ModelConfig, load_model, load_model_and_tokenizer, load_tokenizer
     from .sets import ExampleSet, SetError, load_set
     from .store import HistoryError, load_failures, load_metrics, load_pairs, load_scores
+    from .scoring import score_candidates, score_run
     from .studies import Metric, Study, clarify_study, cot_study, evaluation_study
 
 
