@@ -123,7 +123,9 @@ def test_engine_two_processes_equals_single_process(tmp_path):
         for rank in (0, 1):  # every rank returns the full result
             got = torch.load(tmp_path / f"engine-rank{rank}.pt")[name]
             for field in RESULT_FIELDS:
-                assert_close_rel(got[field], getattr(expected, field), 1e-5, f"{name}/{field}/rank{rank}")
+                # 1e-4, the engine's bound against brute force: the ranks' micro-batches (and so the shapes of the
+                # float32 products) differ from one process's, which changes the rounding (2.8e-5 seen).
+                assert_close_rel(got[field], getattr(expected, field), 1e-4, f"{name}/{field}/rank{rank}")
             assert torch.equal(got["probe_tokens"], expected.probe_tokens)
             assert torch.equal(got["eval_tokens"], expected.eval_tokens)
 

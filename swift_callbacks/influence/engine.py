@@ -33,7 +33,7 @@ from . import sharding
 from . import verify as verify_lib
 from .arguments import InfluenceArguments
 from .capture import Capture, make_inputs_require_grad
-from .features import ACC, Feature, Materialized, block_feature, concat, pairwise, select, sq_norms
+from .features import ACC, Feature, block_feature, pairwise, sq_norms
 from .modules import Block, UnsupportedModelError, find_blocks, get_path
 from .variants import make_variant
 
@@ -57,13 +57,19 @@ class InfluenceResult:
 
 @dataclass
 class _Side:
-    """Per-example results of one side (probe or evaluation), rows in example order."""
+    """Per-example results of one side (probe or evaluation), rows in the order they were computed.
 
-    features: list[Feature] | None
-    dot: torch.Tensor | None
+    Features stay in the micro-batch parts they were built in (written once, never concatenated or re-ordered);
+    ``order`` gives the example index of each row, and only the small per-example tensors and the dot matrix are
+    put in example order at the end (``_in_order``).
+    """
+
+    features: list[list[Feature]] | None  # per block, the micro-batch parts (evaluation side only)
+    dot: torch.Tensor | None  # (rows, evaluation rows in their computed order) (probe side only)
     sq_norm: torch.Tensor
     loss: torch.Tensor
     tokens: torch.Tensor
+    order: list[int]
 
 
 class InfluenceEngine:
@@ -166,17 +172,22 @@ class InfluenceEngine:
         starts = range(0, len(evals), chunk)
         total = sum(_share(min(chunk, len(evals) - start)) + _share(len(probes)) for start in starts)
         self._progress = _Counter(progress, total)
-        evals_done, probe_sides = [], []
+        dots, eval_sides, pr = [], [], None
         with self._tracking(), contextlib.ExitStack() as stack:
             stack.callback(setattr, self, "_progress", _Counter(None, 0))
             self._verify_state([*probes, *evals])
             for start in starts:
                 ev = self._side(evals[start : start + chunk])
-                probe_sides.append(self._side(probes, ev.features))
-                evals_done.append(dataclasses.replace(ev, features=None))
-        ev, pr = _merge(evals_done), probe_sides[0]
+                pr = self._side(probes, ev.features)
+                columns = _positions(ev.order, min(chunk, len(evals) - start))
+                dots.append(pr.dot[:, columns.to(pr.dot.device)])  # evaluation columns in example order
+                eval_sides.append(_in_order(dataclasses.replace(ev, features=None), columns))
+                del ev  # this chunk's features
+        rows = _positions(pr.order, len(probes))
+        pr = _in_order(pr, rows)
+        ev = _concat_small(eval_sides)
         return InfluenceResult(
-            dot=torch.cat([p.dot for p in probe_sides], dim=1).double().cpu(),
+            dot=torch.cat(dots, dim=1)[rows.to(dots[0].device)].double().cpu(),
             probe_sq_norm=pr.sq_norm.double().cpu(),
             eval_sq_norm=ev.sq_norm.double().cpu(),
             probe_loss=pr.loss.double().cpu(),
@@ -295,8 +306,9 @@ class InfluenceEngine:
         # the features of all of it.
         return max(1, min(n_eval, self.max_feature_bytes // self._example_bytes(t_max)))
 
-    def _side(self, examples: Sequence[Example], eval_features: list[Feature] | None = None) -> _Side:
-        """Process ``examples`` split over ranks and gather the results, in example order, on every rank.
+    def _side(self, examples: Sequence[Example], eval_features: list[list[Feature]] | None = None) -> _Side:
+        """Process ``examples`` split over ranks and gather the results on every rank (rows in computed order,
+        ``order`` naming each row's example; under distributed runs the padded shards repeat an example).
 
         Without ``eval_features`` the side keeps per-example features (the evaluation side); with them it keeps
         only the dot products against them (the probe side), so probe features never accumulate.
@@ -305,17 +317,16 @@ class InfluenceEngine:
             return self._local(examples, eval_features)
         index = dist_utils.shard(len(examples), dist_utils.world_size(), dist_utils.rank())
         local = self._local([examples[i] for i in index], eval_features)
-        parts = dist_utils.all_gather_cpu((index, local))
-        order = [i for idx, _ in parts for i in idx]
-        merged = _merge([part for _, part in parts])
+        local.order = [index[i] for i in local.order]
+        gathered = dist_utils.all_gather_cpu(local)
         device = local.sq_norm.device  # the compute device (not the parameters' under CPU offload)
-        return dist_utils.map_tensors(
-            _select(merged, dist_utils.first_positions(order, len(examples))), lambda t: t.to(device)
-        )
+        return dist_utils.map_tensors(_join(gathered), lambda t: t.to(device))
 
-    def _local(self, examples: Sequence[Example], eval_features: list[Feature] | None) -> _Side:
-        """This rank's examples, one forward/backward per micro-batch, results in ``examples`` order."""
-        order, parts = [], []
+    def _local(self, examples: Sequence[Example], eval_features: list[list[Feature]] | None) -> _Side:
+        """This rank's examples, one forward/backward per micro-batch, rows in computed order."""
+        order: list[int] = []
+        parts: list[list[Feature]] = [[] for _ in self.blocks]
+        dots, norms, losses, counts = [], [], [], []
         for batch in self._micro_batches(examples):
             checked = self.verify in (True, "every_save") and not self._sharded
             feats, norm, loss, tokens, sums = self._forward_backward([examples[i] for i in batch], reference=checked)
@@ -324,19 +335,20 @@ class InfluenceEngine:
             if not self.variant.exact:  # scores from the variant's features (checked above on the exact ones)
                 feats = self.variant.transform(self.blocks, feats, "probe" if eval_features is not None else "eval")
                 norm = sum((sq_norms(f) for f in feats), torch.zeros_like(norm))
-            dot = None
             if eval_features is not None:
-                dot = torch.zeros(len(batch), len(eval_features[0]), dtype=ACC, device=norm.device)
-                for probe_f, eval_f in zip(feats, eval_features, strict=True):
-                    dot += pairwise(probe_f, eval_f)
-                feats = None
+                dots.append(_dots(feats, eval_features, norm.device))
+            else:
+                for k, f in enumerate(feats):
+                    parts[k].append(f)
+            del feats
             order.extend(batch)
-            parts.append(_Side(feats, dot, norm, loss, tokens))
+            norms.append(norm), losses.append(loss), counts.append(tokens)
             self._progress.advance(len(batch))
-        merged = parts[0] if len(parts) == 1 else _merge(parts)
-        if order == list(range(len(examples))):
-            return merged
-        return _select(merged, dist_utils.first_positions(order, len(examples)))
+        return _Side(
+            features=parts if eval_features is None else None,
+            dot=torch.cat(dots) if dots else None,
+            sq_norm=torch.cat(norms), loss=torch.cat(losses), tokens=torch.cat(counts), order=order,
+        )  # fmt: skip
 
     def _micro_batches(self, examples: Sequence[Example]) -> Iterator[list[int]]:
         """Index lists of micro-batches, sorted by length so little compute is spent on padding."""
@@ -586,35 +598,52 @@ def _share(n: int) -> int:
     return len(dist_utils.shard(n, dist_utils.world_size(), dist_utils.rank()))
 
 
-def _merge(parts: Sequence[_Side]) -> _Side:
-    """Concatenate sides along the example axis."""
-    first = parts[0]
+def _dots(probe: list[Feature], evals: list[list[Feature]], device: torch.device) -> torch.Tensor:
+    """Inner products of a probe micro-batch with every evaluation part, summed over blocks: ``(rows, columns)``
+    with the evaluation rows in their computed order."""
+    columns = []
+    for j in range(len(evals[0])):
+        block_sum = None
+        for probe_f, eval_parts in zip(probe, evals, strict=True):
+            d = pairwise(probe_f, eval_parts[j])
+            block_sum = d if block_sum is None else block_sum + d
+        columns.append(block_sum.to(device))
+    return torch.cat(columns, dim=1)
+
+
+def _join(sides: Sequence[_Side]) -> _Side:
+    """Ranks' sides as one: feature parts listed one after another, small tensors and dots concatenated."""
+    first = sides[0]
     features = None
     if first.features is not None:
-        features = [concat([p.features[k] for p in parts]) for k in range(len(first.features))]
+        features = [[f for s in sides for f in s.features[k]] for k in range(len(first.features))]
     return _Side(
         features=features,
-        dot=None if first.dot is None else torch.cat([p.dot for p in parts]),
-        sq_norm=torch.cat([p.sq_norm for p in parts]),
-        loss=torch.cat([p.loss for p in parts]),
-        tokens=torch.cat([p.tokens for p in parts]),
+        dot=None if first.dot is None else torch.cat([s.dot for s in sides]),
+        sq_norm=torch.cat([s.sq_norm for s in sides]),
+        loss=torch.cat([s.loss for s in sides]),
+        tokens=torch.cat([s.tokens for s in sides]),
+        order=[i for s in sides for i in s.order],
     )
 
 
-def _select(side: _Side, rows: torch.Tensor) -> _Side:
-    """Rows ``rows`` of every per-example field."""
+def _positions(order: Sequence[int], n: int) -> torch.Tensor:
+    """For each example index ``0..n-1``, the first row that holds it."""
+    return torch.as_tensor(dist_utils.first_positions(list(order), n), dtype=torch.long)
+
+
+def _in_order(side: _Side, rows: torch.Tensor) -> _Side:
+    """The small per-example tensors (and dot rows) of ``side`` at ``rows``, i.e. in example order."""
     pick = lambda t: t[rows.to(t.device)]  # noqa: E731
     return _Side(
-        features=None if side.features is None else [select(f, rows.to(_device_of(f))) for f in side.features],
-        dot=None if side.dot is None else pick(side.dot),
-        sq_norm=pick(side.sq_norm),
-        loss=pick(side.loss),
-        tokens=pick(side.tokens),
-    )
+        features=None, dot=None if side.dot is None else pick(side.dot), sq_norm=pick(side.sq_norm),
+        loss=pick(side.loss), tokens=pick(side.tokens), order=list(range(len(rows))),
+    )  # fmt: skip
 
 
-def _device_of(feature: Feature) -> torch.device:
-    return feature.vec.device if isinstance(feature, Materialized) else feature.g.device
+def _concat_small(sides: Sequence[_Side]) -> _Side:
+    """Evaluation chunks (already in example order) one after another."""
+    return _join([dataclasses.replace(s, features=None) for s in sides])
 
 
 def collate(examples: Sequence[Example], pad_token_id: int, device: torch.device | str = "cpu", min_width: int = 0):
