@@ -86,9 +86,9 @@ if TYPE_CHECKING:
     from .errors import UserError
     from .influence import InfluenceArguments, InfluenceEngine, InfluenceResult, ScoreVariant, register_variant
     from .models import ModelConfig, load_model, load_model_and_tokenizer, load_tokenizer
+    from .scoring import score_candidates, score_run
     from .sets import ExampleSet, SetError, load_set
     from .store import HistoryError, load_failures, load_metrics, load_pairs, load_scores
-    from .scoring import score_candidates, score_run
     from .studies import Metric, Study, clarify_study, cot_study, evaluation_study
 
 
