@@ -243,6 +243,7 @@ ENGINE_CONFIGS: dict[str, dict[str, Any]] = {
     "auto": {"micro_batch_size": 3},
     "ghost_chunked": {"route": "ghost", "micro_batch_size": 2, "max_feature_bytes": 1},
     "materialize": {"route": "materialize", "micro_batch_size": 4},
+    "auto_budget": {"max_feature_bytes": "auto", "micro_batch_size": 3},  # ranks agree on the free memory's chunks
 }
 ENGINE_N_PROBE, ENGINE_N_EVAL = 7, 5
 

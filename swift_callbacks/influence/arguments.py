@@ -19,6 +19,7 @@ from ..configuration import ConfigError, build, join, parse_bytes, suggest
 ROUTES = ("auto", "ghost", "materialize")
 VERIFY = (True, False, "once", "every_save")
 PRECISIONS = ("auto", "fp32")
+AUTO = "auto"  # max_feature_bytes that follows the free memory
 
 
 @dataclass
@@ -33,8 +34,9 @@ class InfluenceArguments:
         "gradients) or 'materialize' (per-example gradients) forces one.")})  # fmt: skip
     micro_batch_size: int = field(default=8, metadata={"help": "Examples per tracking forward/backward."})
     max_feature_bytes: int | str = field(default=2 << 30, metadata={"help": (
-        "Budget for stored evaluation features per process, in bytes or as '2GiB' / '500MB'; beyond it "
-        "evaluation examples are processed in chunks.")})  # fmt: skip
+        "Budget for stored evaluation features per process, in bytes or as '2GiB' / '500MB', or 'auto' (half "
+        "the memory free on the compute device at each computation, shared by the processes of a host, the "
+        "smallest over ranks); beyond it evaluation examples are processed in chunks.")})  # fmt: skip
     verify: bool | Literal["once", "every_save"] = field(default=True, metadata={"help": (
         "True: check the engine against autograd on the live model when training starts and whenever the model "
         "changes, and every micro-batch's gradient sum at every computation; 'once': the start check only; "
@@ -64,7 +66,8 @@ class InfluenceArguments:
             raise ConfigError(f"{where('verify')}: must be true, false, 'once' or 'every_save', got {self.verify!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"{where('precision')}: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        self.max_feature_bytes = parse_bytes(self.max_feature_bytes, where("max_feature_bytes"))
+        if self.max_feature_bytes != AUTO:
+            self.max_feature_bytes = parse_bytes(self.max_feature_bytes, where("max_feature_bytes"))
         if isinstance(self.param_filter, str):
             try:
                 re.compile(self.param_filter)

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import operator
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from ..configuration import ConfigError
 from . import distributed as dist_utils
 from . import sharding
 from . import verify as verify_lib
-from .arguments import InfluenceArguments
+from .arguments import AUTO, InfluenceArguments
 from .capture import Capture, make_inputs_require_grad
 from .features import ACC, Feature, block_feature, pairwise, sq_norms
 from .modules import Block, UnsupportedModelError, find_blocks, get_path
@@ -304,7 +305,22 @@ class InfluenceEngine:
     def _eval_chunk_size(self, n_eval: int, t_max: int) -> int:
         # Not multiplied by the world size: each rank computes 1/world of a chunk but, after the all-gather, holds
         # the features of all of it.
-        return max(1, min(n_eval, self.max_feature_bytes // self._example_bytes(t_max)))
+        return max(1, min(n_eval, self._budget() // self._example_bytes(t_max)))
+
+    def _budget(self) -> int:
+        """``max_feature_bytes``, or with ``"auto"`` half the memory free now on the compute device (divided among
+        the processes of this host), the smallest over ranks: every rank must cut the same chunks."""
+        if self.max_feature_bytes != AUTO:
+            return self.max_feature_bytes
+        device = self._device()
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+        else:
+            free = _available_host_memory() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        budget = max(1, free // 2)
+        if dist_utils.is_distributed():
+            budget = min(dist_utils.all_gather_cpu(budget))
+        return budget
 
     def _side(self, examples: Sequence[Example], eval_features: list[list[Feature]] | None = None) -> _Side:
         """Process ``examples`` split over ranks and gather the results on every rank (rows in computed order,
@@ -589,6 +605,24 @@ class _Counter:
         self.done += n
         if self.report is not None:
             self.report(self.done, self.total)
+
+
+def _available_host_memory() -> int:
+    """Bytes of host memory available now (Linux ``MemAvailable``; elsewhere psutil's, or 4 GiB with a warning)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        logger.warning("max_feature_bytes='auto': cannot read the free memory here; using 4 GiB.")
+        return 4 << 30
 
 
 def _share(n: int) -> int:
