@@ -98,7 +98,9 @@ def test_truncated_completion_is_detected_not_dropped(tmp_path):
     long_prompt = "What is " + " plus ".join(str(i) for i in range(60)) + "?"
     rows = [*GOOD, {"id": "too-long", "prompt": long_prompt, "completion": " 7"}]
     with pytest.raises(SetError, match=r"Set 'p': examples \['too-long'\] have no completion tokens left"):
-        InfluenceCallback(trainer(tmp_path, max_length=32), probe_sets={"p": rows}, eval_sets={"e": GOOD})
+        InfluenceCallback(
+            trainer(tmp_path, max_length=32), probe_sets={"p": rows}, eval_sets={"e": [*GOOD, GOOD[0] | {"id": "c"}]}
+        )  # equal sizes: position pairing is checked first, at construction
 
 
 def test_set_name_used_twice(tmp_path):
