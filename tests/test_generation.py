@@ -101,19 +101,27 @@ def test_identical_requests_are_sent_once(tmp_path):
     assert results["k1"].texts == results["k2"].texts == ["echo: same"] and results["k2"].key == "k2"
 
 
-def test_each_success_is_committed_before_the_next_arrives(tmp_path):
+def test_each_success_is_committed_while_the_backend_is_still_answering(tmp_path):
+    """The writer thread commits an answer within moments, without waiting for the build to end: while the backend
+    holds back the next answer, a separate connection sees every earlier one."""
     seen_on_disk = []
+
+    def count() -> int:
+        with sqlite3.connect(tmp_path / CACHE_FILENAME) as conn:
+            return conn.execute("SELECT COUNT(*) FROM generations").fetchone()[0]
 
     class Watching(ScriptedBackend):
         def generate(self, requests):
             for i, res in enumerate(super().generate(requests)):
-                if i:  # before yielding the next result, look at the file from a separate connection
-                    with sqlite3.connect(tmp_path / CACHE_FILENAME) as conn:
-                        seen_on_disk.append(conn.execute("SELECT COUNT(*) FROM generations").fetchone()[0])
+                deadline = time.monotonic() + 10
+                while i and count() < i and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                if i:
+                    seen_on_disk.append(count())
                 yield res
 
     Generator(Watching(echo), tmp_path, progress=False).run([ask(c) for c in "abcd"])
-    assert seen_on_disk == [1, 2, 3]
+    assert seen_on_disk == [1, 2, 3] and count() == 4
 
 
 def test_backend_contract_breaches_become_errors(tmp_path):
@@ -198,6 +206,28 @@ def test_cache_commits_in_the_background_and_a_failed_write_is_not_lost(tmp_path
         cache.close()
     with pytest.raises(sqlite3.OperationalError):
         cache.close()
+
+
+def test_a_cache_inherited_through_fork_refuses_to_write(tmp_path):
+    """A forked child has no writer thread: writing to the parent's cache there is an error (not a flush that
+    waits forever, nor answers silently lost)."""
+    import os
+
+    cache = GenerationCache(tmp_path)
+    cache.put("parent", GenerationResult("k", texts=["p"]))
+    cache.flush()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            cache.put("child", GenerationResult("k", texts=["c"]))
+            os._exit(1)
+        except RuntimeError as err:
+            cache.close()
+            os._exit(0 if "opened in another process" in str(err) else 2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert cache.get("parent").texts == ["p"] and cache.get("child") is None
+    cache.close()
 
 
 def test_finish_reasons_are_recorded_and_cached(tmp_path):

@@ -55,6 +55,7 @@ class GenerationCache:
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="generation-cache", daemon=True)
         self._writer.start()
+        self._pid = os.getpid()  # a forked child has no writer thread: it must open its own cache
 
     def __repr__(self) -> str:
         return f"GenerationCache({str(self.path)!r})"
@@ -130,6 +131,7 @@ class GenerationCache:
         Raises:
             OSError, sqlite3.Error: A write failed; the answers it carried are not stored.
         """
+        self._raise_write_error()  # first: in a forked child the join below would wait forever
         if not self._closed:
             self._queue.join()
         self._raise_write_error()
@@ -140,6 +142,9 @@ class GenerationCache:
         Raises:
             OSError, sqlite3.Error: A write failed; the answers it carried are not stored.
         """
+        if os.getpid() != self._pid:  # a forked child's copy: the parent's connection and writer are not its own
+            self._closed = True
+            return
         if not self._closed:
             self._closed = True
             self._queue.put(None)
@@ -182,6 +187,8 @@ class GenerationCache:
                 return
 
     def _raise_write_error(self) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError(f"{self!r} was opened in another process (before a fork); open a new one here")
         if self._error is not None:
             raise self._error
 
