@@ -176,8 +176,8 @@ def broken_gradients(monkeypatch, eval_index: int, probe_index: int) -> None:
     """The engine reports a zero gradient for one evaluation example and a non-finite one for one probe."""
     real = InfluenceEngine.compute
 
-    def compute(self, probes, evals):
-        result = real(self, probes, evals)
+    def compute(self, probes, evals, **kwargs):
+        result = real(self, probes, evals, **kwargs)
         result.eval_sq_norm[eval_index] = 0.0
         result.dot[:, eval_index] = 0.0
         result.probe_sq_norm[probe_index] = math.inf
