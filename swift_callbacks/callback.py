@@ -184,9 +184,8 @@ class InfluenceCallback(TrainerCallback):
         except ValueError as err:
             raise ConfigError(str(err)) from None
         _check_training_layout(trainer, (*self.probe_sets, *self.eval_sets), self.allow_packing)
-        vocab = vocab_size(trainer.model)
         for s in (*self.probe_sets, *self.eval_sets):
-            tokenize_set(s, _preparer(trainer, s.name), vocab_size=vocab)
+            _tokenize(trainer, s)
         self.trainer = trainer
         self.store = InfluenceStore(trainer.args.output_dir)
         self._watch_resume(trainer)
@@ -214,7 +213,7 @@ class InfluenceCallback(TrainerCallback):
         if self.trainer is None:
             raise ConfigError("prepare_set needs the callback bound to its trainer (see bind)")
         example_set = load_set(name, source)
-        tokenize_set(example_set, _preparer(self.trainer, name), vocab_size=vocab_size(self.trainer.model))
+        _tokenize(self.trainer, example_set)
         return example_set
 
     @property
@@ -639,6 +638,11 @@ def _check_training_layout(trainer: Trainer, sets: Sequence[ExampleSet], allow_p
             "the influence would score each example on its own while training sees packed sequences. Disable "
             "packing, or pass allow_packing=True to accept per-example scoring."
         )
+
+
+def _tokenize(trainer: Trainer, example_set: ExampleSet) -> None:
+    """Tokenize ``example_set`` by ``trainer``'s own preparation, token ids checked against its vocabulary."""
+    tokenize_set(example_set, _preparer(trainer, example_set.name), vocab_size=vocab_size(trainer.model))
 
 
 def _preparer(trainer: Trainer, name: str):

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .configuration import ConfigError, add_override_argument
 from .errors import run_command
+from .files import write_atomic
 from .training.config import TrainConfig, load_config
 
 logger = logging.getLogger(__name__)
@@ -264,8 +265,6 @@ def score_candidates(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from .files import write_atomic
-
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ConfigError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     run = Path(run_dir)
@@ -302,6 +301,12 @@ def score_candidates(
     scores = pd.concat([pd.read_parquet(folder / f"chunk-{k:06d}.parquet") for s in steps_wanted
                         for folder in [out / f"step-{s}"] for k in range(n_chunks)], ignore_index=True)  # fmt: skip
     ranking = rank_candidates(scores)
+    unscored = ranking[ranking["n_scores"] == 0]["candidate_id"].tolist()
+    if unscored:  # kept, last in the ranking with NaN scores; said, not silent
+        logger.warning(
+            "%d candidates have no score (a non-finite gradient, or every evaluation gradient zero): %s%s",
+            len(unscored), unscored[:5], " ..." if len(unscored) > 5 else "",
+        )  # fmt: skip
     write_atomic(out / "scores.parquet", scores.to_parquet(index=False))
     write_atomic(out / "ranking.csv", ranking.to_csv(index=False))
     return ranking
@@ -369,8 +374,6 @@ def _candidate_meta(cands, callback, chunk_size: int) -> dict:
 
 def _claim_output(out: Path, meta: dict) -> None:
     """Write ``meta`` into a new output folder, or check that an existing one was made with the same set-up."""
-    from .files import write_atomic
-
     path = out / _META
     if path.exists():
         try:
@@ -435,8 +438,8 @@ def score_command(args: argparse.Namespace) -> int:
         config = load_config(args.config or Path(args.run) / CONFIG_FILE, args.overrides)
     if args.candidates is not None:
         out = Path(args.output_dir) if args.output_dir else Path(args.run) / CANDIDATES_DIR
-        ranking = score_candidates(args.run, args.candidates, config if config is not None else None,
-                                   output_dir=out, steps=args.steps, chunk_size=args.chunk_size)  # fmt: skip
+        ranking = score_candidates(args.run, args.candidates, config, output_dir=out, steps=args.steps,
+                                   chunk_size=args.chunk_size)  # fmt: skip
         print(ranking.head(10).to_string(index=False))
         print(f"ranked {len(ranking)} candidates: {out / 'ranking.csv'} (per checkpoint: {out / 'scores.parquet'})")
         return 0

@@ -122,6 +122,7 @@ def make_trainer(
     *,
     callback_kwargs: Mapping[str, Any] | None = None,
     extra_callbacks: Sequence[TrainerCallback] = (),
+    callbacks: Sequence[TrainerCallback] | None = None,
     n_train: int | None = 160,
     lora_dropout: float = 0.1,
     model_seed: int = 0,
@@ -134,6 +135,7 @@ def make_trainer(
         callback: Attach an ``InfluenceCallback``.
         callback_kwargs: Keyword arguments of the callback (default: the demo probe and evaluation sets).
         extra_callbacks: Further callbacks, added after the influence callback.
+        callbacks: Callbacks given to the trainer's constructor (``SFTTrainer(callbacks=...)``).
         n_train: Size of the training set (the first rows of ``base``); ``None`` for all.
         lora_dropout: LoRA dropout.
         model_seed: Seed of the base model.
@@ -150,6 +152,7 @@ def make_trainer(
         train_dataset=train_dataset(n_train),
         processing_class=tokenizer(),
         peft_config=lora_config(lora_dropout),
+        callbacks=callbacks,
     )
     cb = None
     if callback:

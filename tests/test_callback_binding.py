@@ -9,12 +9,9 @@ from helpers import (
     engine_examples,
     engine_on,
     eval_sets,
-    lora_config,
+    make_trainer,
     probe_sets,
-    sft_config,
-    tokenizer,
     torch_threads,
-    train_dataset,
 )
 
 from swift_callbacks import ConfigError, InfluenceCallback, load_pairs
@@ -27,13 +24,9 @@ def _one_thread():
 
 
 def _sft(out, callbacks=None, **overrides):
-    from trl import SFTTrainer
-
-    args = sft_config(out, **{"max_steps": 2, "save_steps": 2, **overrides})
-    return SFTTrainer(
-        model=build_model(0), args=args, train_dataset=train_dataset(16), processing_class=tokenizer(),
-        peft_config=lora_config(0.0), callbacks=callbacks,
-    )  # fmt: skip
+    """A 2-step LoRA SFTTrainer on 16 rows, the given callbacks passed to its constructor."""
+    overrides = {"max_steps": 2, "save_steps": 2, **overrides}
+    return make_trainer(out, callback=False, callbacks=callbacks, n_train=16, lora_dropout=0.0, **overrides)[0]
 
 
 def _sets():

@@ -159,3 +159,30 @@ def test_candidate_scoring_resumes_and_refuses_another_set_up(clarify_runs, tmp_
     assert f"{out} holds candidate scores of another set-up (it differs in candidates)" in err
     assert score_main([*argv[:5], str(tmp_path / "missing.jsonl"), *argv[6:]]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_a_candidate_without_a_score_is_named_not_dropped(clarify_runs, tmp_path, monkeypatch, caplog):
+    import logging
+    import math
+
+    from swift_callbacks.influence import InfluenceEngine
+    from swift_callbacks.scoring import score_candidates
+
+    real = InfluenceEngine.compute
+
+    def compute(self, probes, evals, **kwargs):  # the first candidate's gradient is non-finite
+        result = real(self, probes, evals, **kwargs)
+        result.dot[0] = math.nan
+        result.probe_sq_norm[0] = math.inf
+        return result
+
+    monkeypatch.setattr(InfluenceEngine, "compute", compute)
+    _, plain = clarify_runs
+    candidates = recipe("clarify").parent / "data" / "z_clarify.jsonl"
+    with caplog.at_level(logging.WARNING, logger="swift_callbacks.scoring"):
+        ranking = score_candidates(plain, candidates, recipe("clarify"), output_dir=tmp_path / "c", progress=False)
+    assert len(ranking) == 4 and ranking["mean_relinf"].isna().tolist() == [False, False, False, True]
+    first = pd.read_json(candidates, lines=True)["id"][0]
+    assert f"1 candidates have no score (a non-finite gradient, or every evaluation gradient zero): ['{first}']" in (
+        caplog.text
+    )

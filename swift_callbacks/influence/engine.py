@@ -180,13 +180,13 @@ class InfluenceEngine:
             for start in starts:
                 ev = self._side(evals[start : start + chunk])
                 pr = self._side(probes, ev.features)
-                columns = _positions(ev.order, min(chunk, len(evals) - start))
+                columns = dist_utils.first_positions(ev.order, min(chunk, len(evals) - start))
                 dots.append(pr.dot[:, columns.to(pr.dot.device)])  # evaluation columns in example order
                 eval_sides.append(_in_order(dataclasses.replace(ev, features=None), columns))
                 del ev  # this chunk's features
-        rows = _positions(pr.order, len(probes))
+        rows = dist_utils.first_positions(pr.order, len(probes))
         pr = _in_order(pr, rows)
-        ev = _concat_small(eval_sides)
+        ev = _join(eval_sides)  # chunks, each already in example order
         return InfluenceResult(
             dot=torch.cat(dots, dim=1)[rows.to(dots[0].device)].double().cpu(),
             probe_sq_norm=pr.sq_norm.double().cpu(),
@@ -661,11 +661,6 @@ def _join(sides: Sequence[_Side]) -> _Side:
     )
 
 
-def _positions(order: Sequence[int], n: int) -> torch.Tensor:
-    """For each example index ``0..n-1``, the first row that holds it."""
-    return torch.as_tensor(dist_utils.first_positions(list(order), n), dtype=torch.long)
-
-
 def _in_order(side: _Side, rows: torch.Tensor) -> _Side:
     """The small per-example tensors (and dot rows) of ``side`` at ``rows``, i.e. in example order."""
     pick = lambda t: t[rows.to(t.device)]  # noqa: E731
@@ -673,11 +668,6 @@ def _in_order(side: _Side, rows: torch.Tensor) -> _Side:
         features=None, dot=None if side.dot is None else pick(side.dot), sq_norm=pick(side.sq_norm),
         loss=pick(side.loss), tokens=pick(side.tokens), order=list(range(len(rows))),
     )  # fmt: skip
-
-
-def _concat_small(sides: Sequence[_Side]) -> _Side:
-    """Evaluation chunks (already in example order) one after another."""
-    return _join([dataclasses.replace(s, features=None) for s in sides])
 
 
 def collate(examples: Sequence[Example], pad_token_id: int, device: torch.device | str = "cpu", min_width: int = 0):

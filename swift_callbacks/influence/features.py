@@ -270,13 +270,6 @@ def _pad_t(x: torch.Tensor, t: int) -> torch.Tensor:
     return F.pad(x, pad)
 
 
-def select(feature: Feature, index: torch.Tensor) -> Feature:
-    """Rows ``index`` of a feature."""
-    if isinstance(feature, Materialized):
-        return Materialized(feature.vec[index])
-    return Ghost(feature.a[index], feature.g[index])
-
-
 def to(feature: Feature, device: torch.device | str) -> Feature:
     if isinstance(feature, Materialized):
         return Materialized(feature.vec.to(device))
