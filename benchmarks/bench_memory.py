@@ -42,7 +42,7 @@ def child(n_eval: int, score: str, budget: str) -> None:
                              micro_batch_size=8, **options)  # fmt: skip
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     lengths = [len(e["input_ids"]) for e in (*probes, *evals)]
-    engine._choose_routes(len(probes), len(evals), sum(lengths) / len(lengths))
+    engine._choose_routes(len(probes), len(evals), sum(lengths) / len(lengths), max(lengths))
     engine.variant.setup(model, engine.blocks)
     chunk = engine._eval_chunk_size(len(evals), max(lengths))
     start = time.perf_counter()

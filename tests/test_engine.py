@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from swift_callbacks.configuration import ConfigError
 from swift_callbacks.influence import InfluenceEngine
 from swift_callbacks.influence.capture import Capture
 
@@ -225,3 +226,110 @@ def test_a_verified_computation_costs_one_backward_per_micro_batch(monkeypatch):
     engine.compute(PROBES, EVALS)
     assert len(calls) == -(-len(PROBES) // 2) + -(-len(EVALS) // 2)
     assert engine.sum_check_error > 0  # the check did run
+
+
+class MeanScaledNorm(torch.nn.Module):
+    """A norm whose scale also enters through its mean: a batched replay with one weight copy per example would
+    average the copies and mix the examples' gradients (the per-example replay must be kept)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return x * self.weight * self.weight.mean()
+
+
+def test_batched_replay_of_norms_only_where_it_agrees_with_the_per_example_replay():
+    from swift_callbacks.influence import features
+
+    model = tiny_model(seed=7)
+    layers = model.model.layers
+    with torch.no_grad():
+        for p in model.parameters():  # norm weights start at one; make every one distinct
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    layers[0].input_layernorm = MeanScaledNorm(layers[0].input_layernorm.weight)
+    engine = InfluenceEngine(model, micro_batch_size=3, param_filter="norm")  # the norms' products alone
+    params = [p for n, p in model.named_parameters() if "norm" in n]
+    for _ in range(2):  # the first computation judges each module, the second uses the verdicts
+        check(model, engine, params=params)
+    assert features._BROADCAST[layers[0].input_layernorm][1] is False
+    assert features._BROADCAST[layers[0].post_attention_layernorm][1] is True
+    assert features._BROADCAST[model.model.norm][1] is True
+
+
+@pytest.mark.parametrize("group_bytes", [1, 1 << 40])
+def test_probe_groups_of_any_size_give_the_same_products(monkeypatch, group_bytes):
+    """Probe features are multiplied with the evaluation side a group at a time: one micro-batch per group (tiny
+    limit) or all probes in one group (huge limit), on materialized and ghost blocks."""
+    from swift_callbacks.influence import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_PROBE_GROUP_BYTES", group_bytes)
+    model = model_for("full-qwen2-biases-untied")
+    for route in ("materialize", "ghost"):
+        engine = InfluenceEngine(model, route=route, micro_batch_size=2, verify=False)
+        assert engine._probe_group(PROBES) == (2 if group_bytes == 1 else len(PROBES))
+        check(model, engine)
+
+
+def test_routes_count_bytes_so_the_evaluation_side_fits_one_chunk():
+    """With a budget that holds the evaluation side only in ghost form, ``auto`` moves the blocks that save the
+    most bytes to the ghost route (FLOPs alone chose materialize) instead of cutting the evaluation examples into
+    chunks that each re-run every probe; the products stay exact."""
+    model = model_for("full-qwen2-biases-untied")
+    t_max = max(len(e["input_ids"]) for e in (*PROBES, *EVALS))
+    roomy = InfluenceEngine(model, max_feature_bytes=1 << 40)
+    roomy._choose_routes(len(PROBES), len(EVALS), 9.0, t_max)
+    flops_only = {b.name: b.route for b in roomy.blocks}
+    assert "materialize" in {flops_only[b.name] for b in roomy.blocks if b.kind == "linear"}
+    ghost_bytes = sum(roomy._block_bytes(b, "ghost" if b.kind == "linear" else b.route, t_max) for b in roomy.blocks)
+    engine = InfluenceEngine(model, max_feature_bytes=len(EVALS) * ghost_bytes)
+    check(model, engine)
+    moved = [b for b in engine.blocks if b.route != flops_only[b.name]]
+    assert moved and all(b.route == "ghost" for b in moved)
+    assert engine._eval_chunk_size(len(EVALS), t_max) == len(EVALS)
+
+
+def test_token_budget_micro_batches():
+    """``micro_batch_tokens`` caps examples x longest length per micro-batch (one long example may exceed it);
+    the products are those of any other batching."""
+    model = model_for("full-llama-tied")
+    engine = InfluenceEngine(model, micro_batch_size=8, micro_batch_tokens=20)
+    batches = list(engine._micro_batches(PROBES))  # lengths 7, 12, 5, 9, 16
+    widths = [[len(PROBES[i]["input_ids"]) for i in b] for b in batches]
+    assert widths == [[5, 7], [9], [12], [16]]
+    assert all(len(w) * max(w) <= 20 for w in widths)
+    check(model, engine)
+    engine.micro_batch_tokens = 1  # below every length: one example per micro-batch
+    assert [len(b) for b in engine._micro_batches(PROBES)] == [1] * len(PROBES)
+    with pytest.raises(ConfigError, match="micro_batch_tokens"):
+        engine.micro_batch_tokens = 0
+
+
+def test_embedding_products_by_matched_rows_equal_the_dense_gradients():
+    """Token-id features (repeated ids, padding positions with zero gradient, an id shared by no other example)
+    against the dense per-example embedding gradients they stand for."""
+    from swift_callbacks.influence.features import Ghost, pairwise, sq_norms
+
+    g = torch.Generator().manual_seed(3)
+    vocab, d = 11, 5
+    ids = torch.randint(0, vocab, (4, 9), generator=g)
+    ids[0, :4] = 7  # one id four times
+    grads = torch.randn(4, 9, d, generator=g)
+    grads[1, 6:] = 0.0  # padding
+    ids[1, 6:] = 0
+    other = Ghost(torch.randint(0, vocab, (3, 6), generator=g), torch.randn(3, 6, d, generator=g))
+    x = Ghost(ids, grads)
+
+    def dense(f):
+        out = torch.zeros(len(f), vocab, d, dtype=torch.float64)
+        out.scatter_add_(1, f.a.unsqueeze(-1).expand(-1, -1, d), f.g.double())
+        return out.reshape(len(f), -1)
+
+    assert torch.allclose(pairwise(x, other).double(), dense(x) @ dense(other).T, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(pairwise(x, x).double(), dense(x) @ dense(x).T, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(sq_norms(x).double(), (dense(x) ** 2).sum(1), rtol=1e-5, atol=1e-6)
+    empty = Ghost(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, d))
+    assert torch.equal(pairwise(empty, x), torch.zeros(2, 4)) and torch.equal(sq_norms(empty), torch.zeros(2))

@@ -33,6 +33,10 @@ class InfluenceArguments:
         "'auto' picks the cheaper exact route per block; 'ghost' (Gram matrices of layer inputs and output "
         "gradients) or 'materialize' (per-example gradients) forces one.")})  # fmt: skip
     micro_batch_size: int = field(default=8, metadata={"help": "Examples per tracking forward/backward."})
+    micro_batch_tokens: int | None = field(default=None, metadata={"help": (
+        "Padded tokens per tracking forward/backward (examples x the longest one's length): examples are taken in "
+        "length order while a micro-batch stays within this and micro_batch_size (one long example alone may "
+        "exceed it). Bounds activation memory when lengths vary; default: micro_batch_size alone.")})  # fmt: skip
     max_feature_bytes: int | str = field(default=2 << 30, metadata={"help": (
         "Budget for stored evaluation features per process, in bytes or as '2GiB' / '500MB', or 'auto' (half "
         "the memory free on the compute device at each computation, shared by the processes of a host, the "
@@ -62,6 +66,9 @@ class InfluenceArguments:
         if isinstance(self.micro_batch_size, bool) or not isinstance(self.micro_batch_size, int) or (
                 self.micro_batch_size < 1):  # fmt: skip
             raise ConfigError(f"{where('micro_batch_size')}: must be >= 1, got {self.micro_batch_size!r}")
+        if self.micro_batch_tokens is not None and (isinstance(self.micro_batch_tokens, bool) or not isinstance(
+                self.micro_batch_tokens, int) or self.micro_batch_tokens < 1):  # fmt: skip
+            raise ConfigError(f"{where('micro_batch_tokens')}: must be >= 1 or null, got {self.micro_batch_tokens!r}")
         if not isinstance(self.verify, bool | str) or self.verify not in VERIFY:
             raise ConfigError(f"{where('verify')}: must be true, false, 'once' or 'every_save', got {self.verify!r}")
         if self.precision not in PRECISIONS:

@@ -34,13 +34,15 @@ from . import sharding
 from . import verify as verify_lib
 from .arguments import AUTO, InfluenceArguments
 from .capture import Capture, make_inputs_require_grad
-from .features import ACC, Feature, block_feature, pairwise, sq_norms
+from .features import ACC, Feature, Rows, block_feature, pairwise, sq_norms
 from .modules import Block, UnsupportedModelError, find_blocks, get_path
 from .variants import make_variant
 
 Example = Mapping[str, Sequence[int]]
 IGNORE_INDEX = -100
 logger = logging.getLogger(__name__)
+# Probe features held together before their product with the evaluation side (see ``_local``).
+_PROBE_GROUP_BYTES = 64 << 20
 
 
 @dataclass
@@ -110,6 +112,7 @@ class InfluenceEngine:
         self._sharded = False
         self._zero3 = False
         self._progress = _Counter(None, 0)
+        self._kept_probe_rows: Rows | None = None
 
     def _option(name: str) -> property:
         """An engine option read from and written to ``self.args`` (a new value is checked like the others)."""
@@ -130,6 +133,7 @@ class InfluenceEngine:
     param_filter = _option("param_filter")
     route = _option("route")
     micro_batch_size = _option("micro_batch_size")
+    micro_batch_tokens = _option("micro_batch_tokens")
     max_feature_bytes = _option("max_feature_bytes")
     verify = _option("verify")
     precision = _option("precision")
@@ -167,7 +171,7 @@ class InfluenceEngine:
         self._check_examples(evals, "evaluation")
         sharding.check_model(self.model)  # wrapped since set-up (an FSDP1 wrapper applied around it) is an error
         lengths = [len(e["input_ids"]) for e in (*probes, *evals)]
-        self._choose_routes(len(probes), len(evals), sum(lengths) / len(lengths))
+        self._choose_routes(len(probes), len(evals), sum(lengths) / len(lengths), max(lengths))
         self.variant.setup(self.model, self.blocks, optimizer)
         chunk = self._eval_chunk_size(len(evals), max(lengths))
         starts = range(0, len(evals), chunk)
@@ -209,7 +213,7 @@ class InfluenceEngine:
         self._check_examples(examples, "verification")
         if not self._routes_chosen:
             lengths = [len(e["input_ids"]) for e in examples]
-            self._choose_routes(len(examples), len(examples), sum(lengths) / len(lengths))
+            self._choose_routes(len(examples), len(examples), sum(lengths) / len(lengths), max(lengths))
         with self._tracking():
             return self._verify_state(examples, force=True)
 
@@ -269,7 +273,7 @@ class InfluenceEngine:
         params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in self.model.named_parameters())
         return modules, params, tuple(b.route for b in self.blocks), self._sharded, self.precision
 
-    def _choose_routes(self, n_probe: int, n_eval: int, mean_len: float) -> None:
+    def _choose_routes(self, n_probe: int, n_eval: int, mean_len: float, max_len: int) -> None:
         self._routes_chosen = True
         n, pairs, t = n_probe + n_eval, n_probe * n_eval + n_probe + n_eval, mean_len
         for block in self.blocks:
@@ -285,22 +289,46 @@ class InfluenceEngine:
                 ghost = pairs * t * t * (d_in + d_out)
             else:
                 module = block.modules[0][1]
-                materialize = n * t * module.embedding_dim + pairs * block.numel
-                ghost = pairs * t * t * (module.embedding_dim + 1)
+                # Rows matched by id: about one matching row per position for natural text (repeated tokens); its
+                # sorting and indexing run ~8x slower per operation than a matrix product (measured on CPU).
+                d, vocab = module.embedding_dim, module.num_embeddings
+                materialize = n * vocab * d + pairs * block.numel
+                ghost = 8 * (n * t * d + pairs * t * (d + 1))
             block.route = "ghost" if ghost < materialize else "materialize"
+        self._fit_routes(n_eval, max_len)
+
+    def _fit_routes(self, n_eval: int, t_max: int) -> None:
+        """Bytes, not only FLOPs: while the evaluation side would overflow the feature budget (which splits it into
+        chunks, each re-running every probe), move to the ghost route the materialized block that saves the most
+        bytes per example, as long as its ghost form is smaller."""
+        if self.route != "auto" or self.variant.materialized:
+            return
+        budget = self._budget()
+        total = n_eval * self._example_bytes(t_max)
+        candidates = [
+            (self._block_bytes(b, "materialize", t_max) - self._block_bytes(b, "ghost", t_max), i, b)
+            for i, b in enumerate(self.blocks)
+            if b.kind in {"linear", "embedding"} and b.route == "materialize"
+        ]
+        for saving, _, block in sorted(candidates, key=lambda c: (-c[0], c[1])):
+            if total <= budget or saving <= 0:
+                return
+            block.route = "ghost"
+            total -= n_eval * saving
 
     def _example_bytes(self, t: int) -> int:
-        total = 0
-        for block in self.blocks:
-            if (numel := self.variant.feature_numel(block)) is not None:
-                total += numel * 4
-            elif block.route == "materialize":
-                total += block.numel * 4
-            elif block.kind == "linear":
-                total += t * sum(block.linear_dims) * 4
-            else:
-                total += t * (block.modules[0][1].embedding_dim * 4 + 8)
-        return max(total, 1)
+        """Bytes of one example's features (all blocks) at ``t`` tokens."""
+        return max(sum(self._block_bytes(block, block.route, t) for block in self.blocks), 1)
+
+    def _block_bytes(self, block: Block, route: str, t: int) -> int:
+        """Bytes of one example's feature of ``block`` on ``route`` at ``t`` tokens."""
+        if (numel := self.variant.feature_numel(block)) is not None:
+            return numel * 4
+        if route == "materialize":
+            return block.numel * 4
+        if block.kind == "linear":
+            return t * sum(block.linear_dims) * 4
+        return t * (block.modules[0][1].embedding_dim * 4 + 8)
 
     def _eval_chunk_size(self, n_eval: int, t_max: int) -> int:
         # Not multiplied by the world size: each rank computes 1/world of a chunk but, after the all-gather, holds
@@ -339,40 +367,85 @@ class InfluenceEngine:
         return dist_utils.map_tensors(_join(gathered), lambda t: t.to(device))
 
     def _local(self, examples: Sequence[Example], eval_features: list[list[Feature]] | None) -> _Side:
-        """This rank's examples, one forward/backward per micro-batch, rows in computed order."""
+        """This rank's examples, one forward/backward per micro-batch, rows in computed order.
+
+        Evaluation features are built into one :class:`Rows` for the whole side; probe features into a smaller
+        one whose rows are multiplied with the evaluation side whenever it is full, so one product covers many
+        probes (a matrix product reads the evaluation features once per group, not once per micro-batch).
+        """
+        if self._sharded and self.micro_batch_tokens is not None:
+            # Sharded modules gather their parameters collectively: every rank must run as many forwards.
+            raise ConfigError(
+                "micro_batch_tokens cannot be used with a sharded model (FSDP / ZeRO-3): ranks would run different "
+                "numbers of forward passes. Use micro_batch_size alone."
+            )
         order: list[int] = []
-        parts: list[list[Feature]] = [[] for _ in self.blocks]
         dots, norms, losses, counts = [], [], [], []
+        probe_side = eval_features is not None
+        if probe_side:
+            rows = self._probe_rows(self._probe_group(examples))
+        else:
+            rows = Rows(self.blocks, len(examples), in_place=self.variant.exact)
         for batch in self._micro_batches(examples):
+            if probe_side and len(batch) > rows.room():
+                dots.append(_dots(rows.features(), eval_features))
+                rows.clear()
             checked = self.verify in (True, "every_save") and not self._sharded
-            feats, norm, loss, tokens, sums = self._forward_backward([examples[i] for i in batch], reference=checked)
+            feats, norm, loss, tokens, sums = self._forward_backward(
+                [examples[i] for i in batch], reference=checked, rows=rows
+            )
             if sums is not None:
                 self.sum_check_error = max(self.sum_check_error, verify_lib.check_sums(self.blocks, sums))
             if not self.variant.exact:  # scores from the variant's features (checked above on the exact ones)
-                feats = self.variant.transform(self.blocks, feats, "probe" if eval_features is not None else "eval")
+                feats = self.variant.transform(self.blocks, feats, "probe" if probe_side else "eval")
                 norm = sum((sq_norms(f) for f in feats), torch.zeros_like(norm))
-            if eval_features is not None:
-                dots.append(_dots(feats, eval_features, norm.device))
-            else:
-                for k, f in enumerate(feats):
-                    parts[k].append(f)
+            rows.add(feats)
             del feats
             order.extend(batch)
             norms.append(norm), losses.append(loss), counts.append(tokens)
             self._progress.advance(len(batch))
+        if probe_side and rows.filled:
+            dots.append(_dots(rows.features(), eval_features))
         return _Side(
-            features=parts if eval_features is None else None,
-            dot=torch.cat(dots) if dots else None,
+            features=None if probe_side else rows.features(),
+            dot=torch.cat(dots).to(norms[0].device) if dots else None,
             sq_norm=torch.cat(norms), loss=torch.cat(losses), tokens=torch.cat(counts), order=order,
         )  # fmt: skip
 
-    def _micro_batches(self, examples: Sequence[Example]) -> Iterator[list[int]]:
-        """Index lists of micro-batches, sorted by length so little compute is spent on padding."""
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-        for start in range(0, len(order), self.micro_batch_size):
-            yield order[start : start + self.micro_batch_size]
+    def _probe_rows(self, capacity: int) -> Rows:
+        """The probe side's feature rows, kept from one computation to the next (at most ``_PROBE_GROUP_BYTES``)."""
+        rows, exact = self._kept_probe_rows, self.variant.exact
+        if rows is None or rows.capacity != capacity or rows.in_place != exact or rows.blocks is not self.blocks:
+            rows = self._kept_probe_rows = Rows(self.blocks, capacity, in_place=exact)
+        rows.clear()
+        return rows
 
-    def _forward_backward(self, examples: Sequence[Example], reference: bool = False, grams: bool = False):
+    def _probe_group(self, examples: Sequence[Example]) -> int:
+        """Probes whose features are held together before their product with the evaluation side: at least one
+        micro-batch, at most ``_PROBE_GROUP_BYTES`` of features (beyond one micro-batch's)."""
+        per_example = self._example_bytes(max(len(e["input_ids"]) for e in examples))
+        return min(len(examples), max(self.micro_batch_size, _PROBE_GROUP_BYTES // per_example))
+
+    def _micro_batches(self, examples: Sequence[Example]) -> Iterator[list[int]]:
+        """Index lists of micro-batches, sorted by length so little compute is spent on padding; each at most
+        ``micro_batch_size`` examples and, with ``micro_batch_tokens``, that many padded tokens."""
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+        batch: list[int] = []
+        for i in order:
+            width = len(examples[i]["input_ids"])  # the longest so far: lengths ascend
+            full = len(batch) == self.micro_batch_size or (
+                self.micro_batch_tokens is not None and (len(batch) + 1) * width > self.micro_batch_tokens
+            )
+            if batch and full:
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
+    def _forward_backward(
+        self, examples: Sequence[Example], reference: bool = False, grams: bool = False, rows: Rows | None = None
+    ):
         """One micro-batch: features per block, squared norms, losses and token counts; with ``reference`` also
         a ``verify.Pass`` holding autograd's gradient of the summed loss w.r.t. every tracked tensor, and with
         ``grams`` the Gram matrices of autograd's per-example gradients (one more backward per example: the
@@ -420,7 +493,10 @@ class InfluenceEngine:
             )
             capture.set_output_grads(grads[: len(outputs)], length=int(attention_mask.sum(1).max()))
             batch, width = input_ids.shape
-            feats = [block_feature(b, capture.calls, batch, width) for b in self.blocks]
+            outs = rows.slots(batch, device) if rows is not None else [None] * len(self.blocks)
+            feats = [
+                block_feature(b, capture.calls, batch, width, out) for b, out in zip(self.blocks, outs, strict=True)
+            ]
             check = None
             if reference:
                 refs = self._reference_grads(targets, grads[len(grads) - len(targets) :], device)
@@ -632,17 +708,18 @@ def _share(n: int) -> int:
     return len(dist_utils.shard(n, dist_utils.world_size(), dist_utils.rank()))
 
 
-def _dots(probe: list[Feature], evals: list[list[Feature]], device: torch.device) -> torch.Tensor:
-    """Inner products of a probe micro-batch with every evaluation part, summed over blocks: ``(rows, columns)``
-    with the evaluation rows in their computed order."""
-    columns = []
-    for j in range(len(evals[0])):
-        block_sum = None
-        for probe_f, eval_parts in zip(probe, evals, strict=True):
-            d = pairwise(probe_f, eval_parts[j])
-            block_sum = d if block_sum is None else block_sum + d
-        columns.append(block_sum.to(device))
-    return torch.cat(columns, dim=1)
+def _dots(probe: list[list[Feature]], evals: list[list[Feature]]) -> torch.Tensor:
+    """Inner products of the probe rows with every evaluation row, summed over blocks: ``(probe rows, evaluation
+    rows)``, both in their computed order (each block's parts taken one after another)."""
+    total = None
+    for probe_parts, eval_parts in zip(probe, evals, strict=True):
+        block = _cat([_cat([pairwise(p, e) for e in eval_parts], dim=1) for p in probe_parts], dim=0)
+        total = block if total is None else total + block
+    return total
+
+
+def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
 def _join(sides: Sequence[_Side]) -> _Side:
