@@ -251,8 +251,11 @@ def test_batched_replay_of_norms_only_where_it_agrees_with_the_per_example_repla
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
     layers[0].input_layernorm = MeanScaledNorm(layers[0].input_layernorm.weight)
-    engine = InfluenceEngine(model, micro_batch_size=3, param_filter="norm")  # the norms' products alone
     params = [p for n, p in model.named_parameters() if "norm" in n]
+    # Single examples first (no verification, whose batch would judge first): one example cannot show mixing.
+    check(model, InfluenceEngine(model, micro_batch_size=1, param_filter="norm", verify=False), params=params)
+    assert layers[0].input_layernorm not in features._BROADCAST
+    engine = InfluenceEngine(model, micro_batch_size=3, param_filter="norm")  # the norms' products alone
     for _ in range(2):  # the first computation judges each module, the second uses the verdicts
         check(model, engine, params=params)
     assert features._BROADCAST[layers[0].input_layernorm][1] is False
@@ -270,7 +273,7 @@ def test_probe_groups_of_any_size_give_the_same_products(monkeypatch, group_byte
     model = model_for("full-qwen2-biases-untied")
     for route in ("materialize", "ghost"):
         engine = InfluenceEngine(model, route=route, micro_batch_size=2, verify=False)
-        assert engine._probe_group(PROBES) == (2 if group_bytes == 1 else len(PROBES))
+        assert engine._probe_group(len(PROBES), 4) == (2 if group_bytes == 1 else len(PROBES))
         check(model, engine)
 
 

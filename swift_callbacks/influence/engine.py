@@ -383,7 +383,8 @@ class InfluenceEngine:
         dots, norms, losses, counts = [], [], [], []
         probe_side = eval_features is not None
         if probe_side:
-            rows = self._probe_rows(self._probe_group(examples))
+            per_example = self._example_bytes(max(len(e["input_ids"]) for e in examples))
+            rows = self._probe_rows(self._probe_group(len(examples), per_example), per_example)
         else:
             rows = Rows(self.blocks, len(examples), in_place=self.variant.exact)
         for batch in self._micro_batches(examples):
@@ -412,19 +413,20 @@ class InfluenceEngine:
             sq_norm=torch.cat(norms), loss=torch.cat(losses), tokens=torch.cat(counts), order=order,
         )  # fmt: skip
 
-    def _probe_rows(self, capacity: int) -> Rows:
-        """The probe side's feature rows, kept from one computation to the next (at most ``_PROBE_GROUP_BYTES``)."""
+    def _probe_rows(self, capacity: int, example_bytes: int) -> Rows:
+        """The probe side's feature rows, kept from one computation to the next when they fit in
+        ``_PROBE_GROUP_BYTES`` (a group of one micro-batch of large features is not held between computations)."""
         rows, exact = self._kept_probe_rows, self.variant.exact
         if rows is None or rows.capacity != capacity or rows.in_place != exact or rows.blocks is not self.blocks:
-            rows = self._kept_probe_rows = Rows(self.blocks, capacity, in_place=exact)
+            rows = Rows(self.blocks, capacity, in_place=exact)
+        self._kept_probe_rows = rows if capacity * example_bytes <= _PROBE_GROUP_BYTES else None
         rows.clear()
         return rows
 
-    def _probe_group(self, examples: Sequence[Example]) -> int:
+    def _probe_group(self, n: int, example_bytes: int) -> int:
         """Probes whose features are held together before their product with the evaluation side: at least one
         micro-batch, at most ``_PROBE_GROUP_BYTES`` of features (beyond one micro-batch's)."""
-        per_example = self._example_bytes(max(len(e["input_ids"]) for e in examples))
-        return min(len(examples), max(self.micro_batch_size, _PROBE_GROUP_BYTES // per_example))
+        return min(n, max(self.micro_batch_size, _PROBE_GROUP_BYTES // example_bytes))
 
     def _micro_batches(self, examples: Sequence[Example]) -> Iterator[list[int]]:
         """Index lists of micro-batches, sorted by length so little compute is spent on padding; each at most
