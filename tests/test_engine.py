@@ -13,6 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from swift_callbacks.configuration import ConfigError
 from swift_callbacks.influence import InfluenceEngine
 from swift_callbacks.influence.capture import Capture
+from swift_callbacks.influence.features import Rows
+from swift_callbacks.influence.modules import UnsupportedModelError
 
 VOCAB = 97
 TOL = 1e-4
@@ -229,38 +231,76 @@ def test_a_verified_computation_costs_one_backward_per_micro_batch(monkeypatch):
 
 
 class MeanScaledNorm(torch.nn.Module):
-    """A norm whose scale also enters through its mean: a batched replay with one weight copy per example would
-    average the copies and mix the examples' gradients (the per-example replay must be kept)."""
+    """A norm whose scale also enters through its mean (when ``reduce``): a batched replay with one weight copy per
+    example would average the copies and mix the examples' gradients (the per-example replay must be kept)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(weight.detach().clone())
+        self.reduce = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return x * self.weight * self.weight.mean()
+        return x * self.weight * self.weight.mean() if self.reduce else x * self.weight
 
 
-def test_batched_replay_of_norms_only_where_it_agrees_with_the_per_example_replay():
-    from swift_callbacks.influence import features
-
-    model = tiny_model(seed=7)
-    layers = model.model.layers
+def _norm_model(seed: int = 7):
+    model = tiny_model(seed=seed)
     with torch.no_grad():
         for p in model.parameters():  # norm weights start at one; make every one distinct
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
+    layers = model.model.layers
     layers[0].input_layernorm = MeanScaledNorm(layers[0].input_layernorm.weight)
-    params = [p for n, p in model.named_parameters() if "norm" in n]
-    # Single examples first (no verification, whose batch would judge first): one example cannot show mixing.
-    check(model, InfluenceEngine(model, micro_batch_size=1, param_filter="norm", verify=False), params=params)
-    assert layers[0].input_layernorm not in features._BROADCAST
-    engine = InfluenceEngine(model, micro_batch_size=3, param_filter="norm")  # the norms' products alone
-    for _ in range(2):  # the first computation judges each module, the second uses the verdicts
-        check(model, engine, params=params)
-    assert features._BROADCAST[layers[0].input_layernorm][1] is False
-    assert features._BROADCAST[layers[0].post_attention_layernorm][1] is True
-    assert features._BROADCAST[model.model.norm][1] is True
+    return model, [p for n, p in model.named_parameters() if "norm" in n]
+
+
+def test_batched_replay_of_norms_only_where_it_agrees_with_the_per_example_replay():
+    model, params = _norm_model()
+    layers = model.model.layers
+    # Single examples first (no verification, whose batch would be judged first): one example cannot show mixing.
+    single = InfluenceEngine(model, micro_batch_size=1, param_filter="norm", verify=False)
+    check(model, single, params=params)  # the norms' products alone
+    assert single._replay_verdicts.get(layers[0].input_layernorm, {"weight"}) is None
+    engine = InfluenceEngine(model, micro_batch_size=3, param_filter="norm")
+    check(model, engine, params=params)
+    assert engine._replay_verdicts.get(layers[0].input_layernorm, {"weight"}) is False
+    assert engine._replay_verdicts.get(layers[0].post_attention_layernorm, {"weight"}) is True
+    assert engine._replay_verdicts.get(model.model.norm, {"weight"}) is True
+    # The module's behaviour changes without a change the engine could see: judged again in the next computation.
+    layers[0].input_layernorm.reduce = False
+    check(model, engine, params=params)
+    assert engine._replay_verdicts.get(layers[0].input_layernorm, {"weight"}) is True
+    layers[0].input_layernorm.reduce = True
+    check(model, engine, params=params)
+    assert engine._replay_verdicts.get(layers[0].input_layernorm, {"weight"}) is False
+
+
+def test_batched_replay_is_not_judged_on_examples_that_cannot_tell():
+    """Identical examples (mixed gradients equal the true ones) and examples without supervised tokens (zero
+    gradients) leave the module unjudged until a micro-batch that can tell."""
+    model, params = _norm_model(seed=8)
+    module = model.model.layers[0].input_layernorm
+    twins = [dict(EVALS[0]), dict(EVALS[0])]
+    unsupervised = [{"input_ids": e["input_ids"], "labels": [-100] * len(e["input_ids"])} for e in EVALS[1:]]
+    engine = InfluenceEngine(model, micro_batch_size=2, param_filter="norm", verify=False)
+    engine._replay_verdicts.clear()
+    engine._choose_routes(2, 2, 8.0, 16)
+    with engine._tracking():
+        for batch in (twins, unsupervised):
+            engine._forward_backward(batch, rows=Rows(engine.blocks, 2))
+            assert engine._replay_verdicts.get(module, {"weight"}) is None
+    evals = [*twins, *unsupervised, *EVALS]  # length-sorted micro-batches put the twins together
+    check(model, engine, evals=evals, params=params)
+    assert engine._replay_verdicts.get(module, {"weight"}) is False
+
+
+def test_an_embedding_scaled_by_token_frequency_is_refused():
+    model = tiny_model(tie=False, seed=9)
+    model.model.embed_tokens.scale_grad_by_freq = True
+    with pytest.raises(UnsupportedModelError, match="scale_grad_by_freq"):
+        InfluenceEngine(model)
+    InfluenceEngine(model, param_filter=r"^(?!.*embed_tokens)")  # excluded: fine
 
 
 @pytest.mark.parametrize("group_bytes", [1, 1 << 40])

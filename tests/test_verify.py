@@ -98,8 +98,8 @@ def test_a_wrong_rule_is_caught_before_any_number(monkeypatch):
     model = lora(tiny_model(seed=7))
     original = features._materialize_call
 
-    def off_by_one_percent(module, call, tracked, batch_size, width):
-        return {k: v * 1.01 for k, v in original(module, call, tracked, batch_size, width).items()}
+    def off_by_one_percent(*args, **kwargs):
+        return {k: v * 1.01 for k, v in original(*args, **kwargs).items()}
 
     monkeypatch.setattr(features, "_materialize_call", off_by_one_percent)
     engine = InfluenceEngine(model, route="materialize", micro_batch_size=3)

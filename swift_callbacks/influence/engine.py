@@ -34,7 +34,7 @@ from . import sharding
 from . import verify as verify_lib
 from .arguments import AUTO, InfluenceArguments
 from .capture import Capture, make_inputs_require_grad
-from .features import ACC, Feature, Rows, block_feature, pairwise, sq_norms
+from .features import ACC, Feature, ReplayVerdicts, Rows, block_feature, pairwise, sq_norms
 from .modules import Block, UnsupportedModelError, find_blocks, get_path
 from .variants import make_variant
 
@@ -113,6 +113,7 @@ class InfluenceEngine:
         self._zero3 = False
         self._progress = _Counter(None, 0)
         self._kept_probe_rows: Rows | None = None
+        self._replay_verdicts = ReplayVerdicts()  # judged afresh in every computation
 
     def _option(name: str) -> property:
         """An engine option read from and written to ``self.args`` (a new value is checked like the others)."""
@@ -173,6 +174,7 @@ class InfluenceEngine:
         lengths = [len(e["input_ids"]) for e in (*probes, *evals)]
         self._choose_routes(len(probes), len(evals), sum(lengths) / len(lengths), max(lengths))
         self.variant.setup(self.model, self.blocks, optimizer)
+        self._replay_verdicts.clear()
         chunk = self._eval_chunk_size(len(evals), max(lengths))
         starts = range(0, len(evals), chunk)
         total = sum(_share(min(chunk, len(evals) - start)) + _share(len(probes)) for start in starts)
@@ -496,8 +498,11 @@ class InfluenceEngine:
             capture.set_output_grads(grads[: len(outputs)], length=int(attention_mask.sum(1).max()))
             batch, width = input_ids.shape
             outs = rows.slots(batch, device) if rows is not None else [None] * len(self.blocks)
+            # The verification (rows=None) checks the per-example replay; computations may use the batched one.
+            verdicts = self._replay_verdicts if rows is not None else None
             feats = [
-                block_feature(b, capture.calls, batch, width, out) for b, out in zip(self.blocks, outs, strict=True)
+                block_feature(b, capture.calls, batch, width, o, verdicts)
+                for b, o in zip(self.blocks, outs, strict=True)
             ]
             check = None
             if reference:

@@ -13,7 +13,6 @@ Everything here is computed in float32 whatever the model dtype.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -63,7 +62,12 @@ Feature = Materialized | Ghost
 
 
 def block_feature(
-    block: Block, calls: dict[int, list[Call]], batch_size: int, width: int, out: torch.Tensor | None = None
+    block: Block,
+    calls: dict[int, list[Call]],
+    batch_size: int,
+    width: int,
+    out: torch.Tensor | None = None,
+    verdicts: ReplayVerdicts | None = None,
 ) -> Feature:
     """Build the per-example representation of ``block`` from recorded calls (with their output gradients set).
 
@@ -74,6 +78,8 @@ def block_feature(
         width: Padded width of the micro-batch.
         out: For a materialized block, a contiguous ``(batch_size, block.numel)`` float32 tensor to build the
             feature in (the rows of a :class:`Rows` buffer), so it is written once into its final place.
+        verdicts: Where generic modules may use the batched replay (None: the per-example replay always, as the
+            verification uses it).
     """
     if block.route == "ghost":
         return _ghost(block, calls, batch_size, width)
@@ -82,14 +88,14 @@ def block_feature(
         # The common case (one parameter, one call): the closed form writes straight into ``out``.
         module, call = block_calls[0]
         (attr,) = block.slots[id(module)]
-        grad = _materialize_call(module, call, {attr}, batch_size, width, out=out)[attr]
+        grad = _materialize_call(module, call, {attr}, batch_size, width, out, verdicts)[attr]
         if grad.data_ptr() != out.data_ptr():
             out.copy_(grad.reshape(batch_size, -1))
         return Materialized(out)
     sums: dict[int, torch.Tensor] = {}
     for module, call in block_calls:
         slots = block.slots[id(module)]
-        for attr, grad in _materialize_call(module, call, set(slots), batch_size, width).items():
+        for attr, grad in _materialize_call(module, call, set(slots), batch_size, width, None, verdicts).items():
             k = slots[attr]
             sums[k] = grad if k not in sums else sums[k] + grad
     device = block_calls[0][1].grads[0].device if block_calls else _any_device(calls)
@@ -137,13 +143,19 @@ def _ghost(block: Block, calls: dict[int, list[Call]], batch_size: int, width: i
 
 
 def _materialize_call(
-    module: nn.Module, call: Call, tracked: set[str], batch_size: int, width: int, out: torch.Tensor | None = None
+    module: nn.Module,
+    call: Call,
+    tracked: set[str],
+    batch_size: int,
+    width: int,
+    out: torch.Tensor | None = None,
+    verdicts: ReplayVerdicts | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-example gradients of ``module``'s tracked parameters (by attribute name) for one call, each of shape
     ``(B, *param.shape)`` (a linear weight written into ``out`` when given)."""
     module_rule = rule(module)
     if module_rule == "generic":
-        return _materialize_generic(module, call, tracked, batch_size)
+        return _materialize_generic(module, call, tracked, batch_size, verdicts)
     grads: dict[str, torch.Tensor] = {}
     g = call.grads[0].to(ACC)
     inputs = call.per_example_input(batch_size, width)
@@ -169,7 +181,9 @@ def _materialize_call(
     return grads
 
 
-def _materialize_generic(module: nn.Module, call: Call, tracked: set[str], batch_size: int) -> dict[str, torch.Tensor]:
+def _materialize_generic(
+    module: nn.Module, call: Call, tracked: set[str], batch_size: int, verdicts: ReplayVerdicts | None = None
+) -> dict[str, torch.Tensor]:
     """Any module: a vector-Jacobian product of the module alone, per example.
 
     The module's forward is replayed on its recorded arguments, example by example, with the parameter values
@@ -231,9 +245,10 @@ def _materialize_generic(module: nn.Module, call: Call, tracked: set[str], batch
 
     xs = [leaves[i].reshape(batch_size, -1, *leaves[i].shape[1:]) if i in flat_in else leaves[i] for i in per_example]
     gs = list(call.grads)
-    fast = _broadcast_trusted(module, call, params, batch_size)
-    if fast is not None:
-        return fast
+    if verdicts is not None and verdicts.get(module, tracked):
+        fast = _broadcast_replay(module, call, params, batch_size)
+        if fast is not None:
+            return fast
     with torch.enable_grad():
         try:
             grads = torch.func.vmap(vjp_one)(xs, gs)
@@ -243,40 +258,58 @@ def _materialize_generic(module: nn.Module, call: Call, tracked: set[str], batch
             rows = [autograd_one([x[i] for x in xs], [g[i] for g in gs]) for i in range(batch_size)]
             grads = {n: torch.stack([r[n] for r in rows]) for n in names}
     slow = {n: grads[n].to(ACC) for n in names}
-    _judge_broadcast(module, call, params, batch_size, slow)
+    if verdicts is not None:
+        verdicts.judge(module, call, params, batch_size, slow)
     return slow
 
 
-# A module whose parameters enter its output elementwise (norm scales and biases, ...) gets its per-example
+# A module whose parameters enter its output elementwise (norm scales and biases, ...) can get its per-example
 # gradients from ONE batched replay in which each parameter is expanded to one copy per example, ``(B, 1.., *S)``:
-# autograd's gradient w.r.t. copy b is example b's gradient. Whether this holds for a module is not assumed from
-# its type: its first replay also runs the per-example VJP, and only a module whose two results agree uses the
-# batched replay from then on (a forward that reduces over its parameter, e.g. ``w.mean()``, would mix examples).
-# Verdicts are per module and forward function; the engine's verification checks the result like any other rule.
-_BROADCAST: weakref.WeakKeyDictionary[nn.Module, tuple[object, bool]] = weakref.WeakKeyDictionary()
+# autograd's gradient w.r.t. copy b is example b's gradient. Whether this holds is not assumed from the module's
+# type: in every computation, the module's first micro-batch that can tell (two or more examples whose per-example
+# gradients differ) runs both replays, and only if they agree does the batched one serve the rest of that
+# computation. A forward that reduces over its parameter (``w.mean()``) mixes examples and fails the comparison.
 _BROADCAST_RTOL = 1e-4
 
 
-def _forward_key(module: nn.Module) -> object:
-    return module.__dict__.get("forward", type(module).forward)
+class ReplayVerdicts:
+    """Which generic modules may use the batched replay, judged afresh in every computation (an engine clears it
+    when a computation starts): a verdict never outlives the data, the tracked parameters or the module state it
+    was judged on. Keyed by module identity, its forward and the tracked parameter names."""
+
+    def __init__(self) -> None:
+        self._verdicts: dict[tuple[int, object, frozenset[str]], bool] = {}
+
+    def clear(self) -> None:
+        self._verdicts.clear()
+
+    @staticmethod
+    def _key(module: nn.Module, tracked: set[str]) -> tuple[int, object, frozenset[str]]:
+        return id(module), module.__dict__.get("forward", type(module).forward), frozenset(tracked)
+
+    def get(self, module: nn.Module, tracked: set[str]) -> bool | None:
+        return self._verdicts.get(self._key(module, tracked))
+
+    def judge(self, module: nn.Module, call: Call, params: dict, batch_size: int, reference: dict) -> None:
+        """Record whether the batched replay reproduces ``reference`` (the per-example VJP), if this batch can
+        tell: at least two examples with different, non-zero gradients."""
+        key = self._key(module, set(reference))
+        if key in self._verdicts or not _informative(reference, batch_size):
+            return
+        fast = _broadcast_replay(module, call, params, batch_size)
+        self._verdicts[key] = fast is not None and all(_close(fast[n], reference[n]) for n in reference)
 
 
-def _broadcast_trusted(module: nn.Module, call: Call, params: dict, batch_size: int) -> dict | None:
-    """The batched replay's per-example gradients, if this module passed the comparison; else None."""
-    verdict = _BROADCAST.get(module)
-    if verdict is None or verdict[0] is not _forward_key(module) or not verdict[1]:
-        return None
-    return _broadcast_replay(module, call, params, batch_size)
-
-
-def _judge_broadcast(module: nn.Module, call: Call, params: dict, batch_size: int, reference: dict) -> None:
-    """Record whether the batched replay reproduces ``reference`` (the per-example VJP) for ``module``."""
-    verdict = _BROADCAST.get(module)
-    if batch_size < 2 or (verdict is not None and verdict[0] is _forward_key(module)):
-        return  # one example cannot show a mixing of examples: judge on a real batch
-    fast = _broadcast_replay(module, call, params, batch_size)
-    agrees = fast is not None and all(_close(fast[n], reference[n]) for n in reference)
-    _BROADCAST[module] = (_forward_key(module), agrees)
+def _informative(reference: dict[str, torch.Tensor], batch_size: int) -> bool:
+    """Whether per-example gradients would expose a replay that mixes examples: two or more examples, every
+    parameter's gradient non-zero, and at least two examples whose gradients differ."""
+    if batch_size < 2:
+        return False
+    rows = torch.cat([g.reshape(batch_size, -1) for g in reference.values()], dim=1)
+    scale = rows.abs().max().item()
+    if not scale > 0 or any(not g.abs().max().item() > 0 for g in reference.values()):
+        return False
+    return bool((rows - rows[:1]).abs().max().item() > 1e-3 * scale)
 
 
 def _close(x: torch.Tensor, y: torch.Tensor) -> bool:

@@ -35,7 +35,8 @@ def rule(module: nn.Module) -> Rule:
     """How the per-example gradients of ``module``'s own parameters are computed.
 
     Decided by what the module *runs*, not by its type: only a module whose forward is exactly
-    ``nn.Linear.forward`` (``y = x Wᵀ + b``) or ``nn.Embedding.forward`` without ``max_norm`` (a row lookup) gets
+    ``nn.Linear.forward`` (``y = x Wᵀ + b``) or ``nn.Embedding.forward`` without ``max_norm`` or
+    ``scale_grad_by_freq`` (a plain row lookup) gets
     the closed-form rules (and the ghost route). Every other module, including subclasses that override
     ``forward`` (Gemma's scaled word embeddings, OPT's learned positions, GPT-2's ``Conv1D``) or instances whose
     ``forward`` was replaced, is replayed on its recorded arguments (a vector-Jacobian product per example).
@@ -44,7 +45,13 @@ def rule(module: nn.Module) -> Rule:
     forward = type(module).forward
     if isinstance(module, nn.Linear) and forward is nn.Linear.forward and not patched:
         return "linear"
-    if isinstance(module, nn.Embedding) and forward is nn.Embedding.forward and not patched and not module.max_norm:
+    if (
+        isinstance(module, nn.Embedding)
+        and forward is nn.Embedding.forward
+        and not patched
+        and not module.max_norm
+        and not module.scale_grad_by_freq  # its gradient is rescaled by each id's count in the whole batch
+    ):
         return "embedding"
     return "generic"
 
@@ -255,6 +262,16 @@ def _reject_unsupported(model: nn.Module, users: dict, names: dict) -> None:
                     "its adapter weights directly, without calling a module, so their per-example gradients cannot "
                     "be captured. Use target_modules instead, or exclude these adapters with param_filter."
                 )
+        if (
+            isinstance(module, nn.Embedding)
+            and module.scale_grad_by_freq
+            and any(p.requires_grad and id(p) in users for p in module.parameters(recurse=False))
+        ):
+            raise UnsupportedModelError(
+                f"Embedding {sharding.clean_name(name)!r} has scale_grad_by_freq=True: its gradient is divided by "
+                "each token's count over the whole batch, so examples' gradients are not separable. Exclude it with "
+                "param_filter, or set scale_grad_by_freq=False."
+            )
         magnitude = getattr(module, "lora_magnitude_vector", None)
         if isinstance(magnitude, nn.ModuleDict) and len(magnitude) > 0:
             raise UnsupportedModelError(
