@@ -198,7 +198,8 @@ class InfluenceCallback(TrainerCallback):
 
         ``Trainer`` keeps no record of the ``resume_from_checkpoint`` path, and the history must be restored from
         that checkpoint's sidecar: ``output_dir/checkpoint-N`` may be another run's, or absent. The wrapper is a
-        method bound to the trainer, so a copy of the trainer (``copy.deepcopy``) trains itself.
+        method bound to the trainer. (A ``copy.deepcopy`` of a TRL trainer is not supported for tracking: its model
+        forward may stay bound to the original modules; the engine refuses it with one clear line.)
         """
         if not getattr(trainer.train, "_swift_watched", False):
             trainer.train = types.MethodType(_watched_train, trainer)

@@ -84,6 +84,7 @@ def score_run(
     # Every rank lists the history before any rank can write to it (writing waits for all ranks' share of the
     # first computation), so under a multi-process launch all ranks agree on the pending steps.
     done = set(InfluenceStore(out).steps())
+    _refuse_stale_history(out, [(s, p) for s, p in checkpoints if s in done])
     pending = [(s, p) for s, p in checkpoints if s not in done]
     skipped = [s for s, _ in checkpoints if s in done]
     if skipped:
@@ -101,6 +102,42 @@ def score_run(
         logger.info("Scored %s (step %d) in %.1fs", checkpoint.name, step, time.perf_counter() - start)
         scored.append(step)
     return scored
+
+
+def _refuse_stale_history(out: Path, recorded: list[tuple[int, Path]]) -> None:
+    """A history step is written after its checkpoint (at the save, or by scoring it); a checkpoint newer than its
+    history step was written by another training run into the same folder, so the history is not of these weights.
+    """
+    from .store import step_path, store_dir
+
+    for step, checkpoint in recorded:
+        history = step_path(store_dir(out), step)
+        weights = _weight_files(checkpoint)
+        if history.exists() and weights and max(f.stat().st_mtime for f in weights) > history.stat().st_mtime + 1:
+            raise ConfigError(
+                f"{checkpoint} is newer than the influence history's step {step} in {store_dir(out)}: the folder was "
+                "trained again, so that history is not of these weights. Move the history away (or score into "
+                "another --output-dir) and score again."
+            )
+
+
+def _weight_files(checkpoint: Path) -> list[Path]:
+    """The files holding a checkpoint's model or adapter weights (not the optimizer, scheduler or RNG state)."""
+    prefixes = ("model", "adapter_model", "pytorch_model")
+    return sorted(f for f in checkpoint.iterdir() if f.is_file() and f.name.startswith(prefixes))
+
+
+def _checkpoint_digest(checkpoint: Path) -> str:
+    """SHA-256 over a checkpoint's weight files (names and contents)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in _weight_files(checkpoint):
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _select_checkpoints(run: Path, steps: Iterable[int] | None) -> list[tuple[int, Path]]:
@@ -276,10 +313,11 @@ def score_candidates(
     trainer, callback = _scoring_trainer(config, checkpoints[0][1], out)
     cands = callback.prepare_set("candidates", candidates)
     evals = [ex for s in callback.eval_sets for ex in s.examples]
-    _claim_output(out, _candidate_meta(cands, callback, chunk_size))
+    _claim_output(out, {**_candidate_meta(cands, callback, chunk_size), "model": repr(config.model)})
     n_chunks = -(-len(cands) // chunk_size)
     for index, (step, checkpoint) in enumerate(checkpoints):
         folder = out / f"step-{step}"
+        _claim_step(folder, checkpoint)
         done = _chunks_done(folder)
         todo = [k for k in range(n_chunks) if k not in done]
         if not todo:
@@ -392,10 +430,44 @@ def _claim_output(out: Path, meta: dict) -> None:
     write_atomic(path, json.dumps(meta, indent=1))
 
 
+def _claim_step(folder: Path, checkpoint: Path) -> None:
+    """Record which weights a step folder's scores come from, or check that its scores come from these weights
+    (a run trained again into the same folder, or another run's output reused, has other weights)."""
+    digest = _checkpoint_digest(checkpoint)
+    path = folder / "checkpoint.json"
+    if path.exists():
+        try:
+            held = json.loads(path.read_text(encoding="utf-8")).get("weights")
+        except (OSError, ValueError, AttributeError):
+            held = None
+        if held != digest:
+            raise ConfigError(
+                f"{folder} holds scores of other weights than {checkpoint} (trained again, or another run's "
+                "output); delete it or choose another --output-dir"
+            )
+        return
+    if _chunks_done(folder):
+        raise ConfigError(f"{folder} holds scores of unknown weights (no checkpoint.json); delete it or choose "
+                          "another --output-dir")  # fmt: skip
+    write_atomic(path, json.dumps({"checkpoint": str(checkpoint), "weights": digest}, indent=1))
+
+
 def _chunks_done(folder: Path) -> set[int]:
+    """Chunks written completely (readable Parquet); an unreadable one is computed again."""
+    import pyarrow.parquet as pq
+
     if not folder.is_dir():
         return set()
-    return {int(m.group(1)) for p in folder.iterdir() if (m := _CHUNK.match(p.name))}
+    done = set()
+    for p in folder.iterdir():
+        if m := _CHUNK.match(p.name):
+            try:
+                pq.read_metadata(p)
+            except Exception:  # truncated or corrupt: not done
+                logger.warning("%s is unreadable; computing that chunk again.", p)
+                continue
+            done.add(int(m.group(1)))
+    return done
 
 
 # --------------------------------------------------------------------------------------------- command line

@@ -376,3 +376,17 @@ def test_embedding_products_by_matched_rows_equal_the_dense_gradients():
     assert torch.allclose(sq_norms(x).double(), (dense(x) ** 2).sum(1), rtol=1e-5, atol=1e-6)
     empty = Ghost(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, d))
     assert torch.equal(pairwise(empty, x), torch.zeros(2, 4)) and torch.equal(sq_norms(empty), torch.zeros(2))
+
+
+def test_a_model_whose_forward_runs_other_modules_is_refused_not_zero():
+    """A copy whose forward is still bound to the original model (as with a deep-copied TRL trainer) runs none of
+    its own modules: every gradient would read as zero. The engine says so instead."""
+    import copy
+
+    original = tiny_model(seed=10)
+    twin = copy.deepcopy(original)
+    twin.forward = original.forward
+    with pytest.raises(UnsupportedModelError, match="called none of the tracked modules"):
+        InfluenceEngine(twin, verify=False).compute(PROBES, EVALS)
+    with pytest.raises(UnsupportedModelError, match="called none of the tracked modules"):
+        InfluenceEngine(twin).compute(PROBES, EVALS)

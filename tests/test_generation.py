@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -28,7 +30,7 @@ from swift_callbacks.generation import (
     backend_from_args,
     sampling_from_args,
 )
-from swift_callbacks.generation.cache import CACHE_FILENAME
+from swift_callbacks.generation.cache import CACHE_FILENAME, CacheError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,14 +200,40 @@ def test_cache_commits_in_the_background_and_a_failed_write_is_not_lost(tmp_path
         assert conn.execute("SELECT COUNT(*) FROM generations").fetchone()[0] == 50
         conn.execute("DROP TABLE generations")
     cache.put("lost", GenerationResult("k", texts=["x"]))
-    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+    with pytest.raises(CacheError, match="no such table") as caught:
         cache.flush()
-    with pytest.raises(sqlite3.OperationalError):
+    assert str(tmp_path) in str(caught.value) and isinstance(caught.value.__cause__, sqlite3.OperationalError)
+    with pytest.raises(CacheError):
         cache.put("later", GenerationResult("k", texts=["y"]))
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(CacheError):
         cache.close()
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(CacheError):
         cache.close()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "directory"])
+def test_a_damaged_cache_is_one_clear_error(tmp_path, damage):
+    path = tmp_path / CACHE_FILENAME
+    if damage == "garbage":
+        path.write_bytes(os.urandom(4096))
+    else:
+        path.mkdir()
+    with pytest.raises(CacheError, match=f"generation cache {re.escape(str(path))}: .*--cache-dir"):
+        GenerationCache(tmp_path)
+
+
+def test_a_cache_never_closed_is_committed_at_exit(tmp_path):
+    script = (
+        "import sys\n"
+        "from swift_callbacks.generation.cache import GenerationCache\n"
+        "from swift_callbacks.generation.base import GenerationResult\n"
+        "cache = GenerationCache(sys.argv[1])\n"
+        "for i in range(2000):\n"
+        "    cache.put(f'k{i}', GenerationResult('k', texts=[str(i)]))\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=120)
+    with sqlite3.connect(tmp_path / CACHE_FILENAME) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM generations").fetchone()[0] == 2000
 
 
 def test_a_cache_inherited_through_fork_refuses_to_write(tmp_path):

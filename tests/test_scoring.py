@@ -6,6 +6,10 @@ fine-tuning checkpoints.
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
+
 import pandas as pd
 import pytest
 import yaml
@@ -144,7 +148,7 @@ def test_candidate_scoring_resumes_and_refuses_another_set_up(clarify_runs, tmp_
             "--output-dir", str(out), "--chunk-size", "2"]  # fmt: skip
     assert score_main(argv) == 0
     assert "ranked 4 candidates" in capsys.readouterr().out
-    chunks = sorted((out / "step-4").iterdir())
+    chunks = sorted((out / "step-4").glob("chunk-*"))
     assert [c.name for c in chunks] == ["chunk-000000.parquet", "chunk-000001.parquet"]
     kept = chunks[0].stat().st_mtime_ns
     first = pd.read_csv(out / "ranking.csv")
@@ -186,3 +190,39 @@ def test_a_candidate_without_a_score_is_named_not_dropped(clarify_runs, tmp_path
     assert f"1 candidates have no score (a non-finite gradient, or every evaluation gradient zero): ['{first}']" in (
         caplog.text
     )
+
+
+def test_candidate_scores_are_tied_to_the_checkpoint_weights(clarify_runs, tmp_path, capsys):
+    """A truncated chunk is computed again; scores of other weights (the folder trained again, another run's
+    output) are refused, not reused."""
+    _, plain = clarify_runs
+    run = tmp_path / "run"
+    shutil.copytree(plain, run, ignore=shutil.ignore_patterns(STORE_DIR))
+    data = recipe("clarify").parent / "data"
+    out = tmp_path / "c"
+    argv = ["--run", str(run), "--config", str(recipe("clarify")), "--candidates", str(data / "z_pos.jsonl"),
+            "--output-dir", str(out), "--chunk-size", "2"]  # fmt: skip
+    assert score_main(argv) == 0
+    first = pd.read_csv(out / "ranking.csv")
+    chunk = out / "step-4" / "chunk-000001.parquet"
+    chunk.write_bytes(chunk.read_bytes()[:200])  # killed mid-write by something that bypassed the atomic write
+    assert score_main(argv) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "ranking.csv"), first)
+    capsys.readouterr()
+    weights = run / "checkpoint-4" / "adapter_model.safetensors"
+    weights.write_bytes((run / "checkpoint-2" / "adapter_model.safetensors").read_bytes())  # other weights
+    assert score_main(argv) == 2
+    assert "holds scores of other weights" in capsys.readouterr().err
+
+
+def test_a_history_older_than_its_checkpoint_is_refused(clarify_runs, tmp_path):
+    """Training again into a scored folder (without the callback) leaves the old history; scoring says so."""
+    _, plain = clarify_runs
+    run = tmp_path / "run"
+    shutil.copytree(plain, run, ignore=shutil.ignore_patterns(STORE_DIR))
+    assert score_run(run, recipe("clarify"), steps=[2]) == [2]
+    weights = run / "checkpoint-2" / "adapter_model.safetensors"
+    later = time.time() + 60
+    os.utime(weights, (later, later))  # as if written by a later training run
+    with pytest.raises(ConfigError, match="is newer than the influence history's step 2"):
+        score_run(run, recipe("clarify"))

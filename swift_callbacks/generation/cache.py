@@ -8,21 +8,38 @@ cut may lose the last few answers, which a rerun asks again). Failures are never
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import os
 import queue
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..errors import UserError
 from .base import GenerationResult
+
+logger = logging.getLogger(__name__)
 
 CACHE_FILENAME = "generations.sqlite"
 _SCHEMA = "CREATE TABLE IF NOT EXISTS generations (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 _LOOKUP_CHUNK = 500  # stays under SQLite's limit on bound parameters in one statement
 _INSERT = "INSERT OR REPLACE INTO generations (key, value) VALUES (?, ?)"
+
+
+class CacheError(UserError):
+    """The cache database cannot be opened, read or written (a damaged file, a full disk, no permission)."""
+
+
+def _cache_error(path: Path, err: BaseException) -> CacheError:
+    return CacheError(
+        f"generation cache {path}: {err}. Free space or fix its permissions, delete the file if it is damaged, or "
+        "use another cache directory (--cache-dir)."
+    )
 
 
 class GenerationCache:
@@ -43,19 +60,24 @@ class GenerationCache:
         self.path = Path(cache_dir) / CACHE_FILENAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # one statement at a time on the shared connection
-        self._conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL under WAL: a commit is in the operating system's hands when it returns, so a killed process keeps
-        # every committed answer; only a power cut or an OS crash can lose the latest commits (never corrupting
-        # the file). FULL would fsync every commit.
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute(_SCHEMA)
+        try:
+            self._conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL under WAL: a commit is in the operating system's hands when it returns, so a killed process
+            # keeps every committed answer; only a power cut or an OS crash can lose the latest commits (never
+            # corrupting the file). FULL would fsync every commit.
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute(_SCHEMA)
+        except (sqlite3.Error, OSError) as err:
+            raise _cache_error(self.path, err) from err
         self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._error: BaseException | None = None
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="generation-cache", daemon=True)
         self._writer.start()
         self._pid = os.getpid()  # a forked child has no writer thread: it must open its own cache
+        # A script that never closes the cache still gets what it put: committed when the interpreter exits.
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     def __repr__(self) -> str:
         return f"GenerationCache({str(self.path)!r})"
@@ -90,11 +112,14 @@ class GenerationCache:
         keys = list(dict.fromkeys(cache_keys))
         hits: dict[str, GenerationResult] = {}
         with self._lock:
-            for start in range(0, len(keys), _LOOKUP_CHUNK):
-                chunk = keys[start : start + _LOOKUP_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                rows = self._conn.execute(f"SELECT key, value FROM generations WHERE key IN ({marks})", chunk)
-                hits.update((key, _decode(value)) for key, value in rows)
+            try:
+                for start in range(0, len(keys), _LOOKUP_CHUNK):
+                    chunk = keys[start : start + _LOOKUP_CHUNK]
+                    marks = ",".join("?" * len(chunk))
+                    rows = self._conn.execute(f"SELECT key, value FROM generations WHERE key IN ({marks})", chunk)
+                    hits.update((key, _decode(value)) for key, value in rows)
+            except sqlite3.Error as err:
+                raise _cache_error(self.path, err) from err
         return hits
 
     def put(self, cache_key: str, result: GenerationResult) -> None:
@@ -106,7 +131,7 @@ class GenerationCache:
 
         Raises:
             ValueError: If ``result`` is a failure; failures must be retried, not remembered.
-            OSError, sqlite3.Error: An earlier write failed (a full disk, say); nothing more is accepted.
+            CacheError: An earlier write failed (a full disk, say); nothing more is accepted.
         """
         if not result.ok:
             raise ValueError("failed results are not cached")
@@ -129,7 +154,7 @@ class GenerationCache:
         """Waits until every queued answer is committed.
 
         Raises:
-            OSError, sqlite3.Error: A write failed; the answers it carried are not stored.
+            CacheError: A write failed; the answers it carried are not stored.
         """
         self._raise_write_error()  # first: in a forked child the join below would wait forever
         if not self._closed:
@@ -140,7 +165,7 @@ class GenerationCache:
         """Commits what is queued, stops the writer and closes the database (idempotent).
 
         Raises:
-            OSError, sqlite3.Error: A write failed; the answers it carried are not stored.
+            CacheError: A write failed; the answers it carried are not stored.
         """
         if os.getpid() != self._pid:  # a forked child's copy: the parent's connection and writer are not its own
             self._closed = True
@@ -190,7 +215,18 @@ class GenerationCache:
         if os.getpid() != self._pid:
             raise RuntimeError(f"{self!r} was opened in another process (before a fork); open a new one here")
         if self._error is not None:
+            if isinstance(self._error, sqlite3.Error | OSError):
+                raise _cache_error(self.path, self._error) from self._error
             raise self._error
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    cache = ref()
+    if cache is not None and not cache._closed and os.getpid() == cache._pid:
+        try:
+            cache.close()
+        except Exception as err:  # at exit: say it, do not mask the exit status
+            logger.error("%s: answers queued at exit were not stored: %s", cache.path, err)
 
 
 def _decode(value: str) -> GenerationResult:

@@ -477,6 +477,14 @@ class InfluenceEngine:
                     f"{err}). Track fewer parameters with param_filter, or {verify_lib.ISSUES}."
                 ) from err
             capture.recording = False
+            if not capture.calls and not self._embedding_ran(input_ids, attention_mask):
+                # Nothing of this model ran: every gradient would read as zero. Seen with a deep copy of a TRL
+                # trainer, whose model forward stays bound to the original model's modules.
+                raise UnsupportedModelError(
+                    "The model's forward called none of the tracked modules (e.g. a copied model or trainer whose "
+                    "forward is still bound to the original modules), so no gradient can be attributed. Track the "
+                    "model that really runs: build the trainer again rather than copying it."
+                )
             if logits.shape[:2] != input_ids.shape:
                 raise UnsupportedModelError(
                     f"The model returned logits of shape {tuple(logits.shape)} for inputs of shape "
@@ -535,6 +543,19 @@ class InfluenceEngine:
                 problem = f"has labels outside the vocabulary [0, {vocab}) other than {IGNORE_INDEX}"
             if problem:
                 raise ValueError(f"The {side} example at position {i} {problem}.")
+
+    def _embedding_ran(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+        """Whether a forward of the model runs its own input embedding (asked only when no tracked module ran: a
+        routed expert may legitimately sit out a micro-batch, the embedding never does)."""
+        ran = []
+        embedding = self.model.get_input_embeddings()
+        handle = embedding.register_forward_hook(lambda *_: ran.append(True))
+        try:
+            with torch.no_grad():
+                self._logits(input_ids[:1], attention_mask[:1])
+        finally:
+            handle.remove()
+        return bool(ran)
 
     def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
