@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import logging
 import math
@@ -128,8 +129,13 @@ class InfluenceCallback(TrainerCallback):
         check_unique_names(probe_sets, eval_sets)
         if not probe_sets or not eval_sets:
             raise SetError("InfluenceCallback needs at least one probe set and one evaluation set.")
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if every_n_steps is not None and (
+            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
+        ):
+            raise ConfigError(f"every_n_steps must be an integer >= 1 or None, got {every_n_steps!r}")
+        for name, flag in (("strict", strict), ("at_step_zero", at_step_zero), ("allow_packing", allow_packing)):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{name} must be True or False, got {flag!r}")
         if isinstance(influence_args, Mapping):
             influence_args = InfluenceArguments.from_options(influence_args, "influence_args")
         if influence_args is not None and not isinstance(influence_args, InfluenceArguments):
@@ -725,13 +731,25 @@ def _check_some_task_in_common(probes: Sequence[ExampleSet], evals: Sequence[Exa
         )
 
 
-def _watched_train(trainer: Trainer, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any):
-    """``Trainer.train`` that first tells the trainer's influence callbacks which checkpoint it resumes from."""
-    callbacks = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, InfluenceCallback)]
-    for cb in callbacks:
-        cb._resumed_from = _resolve_checkpoint(trainer.args.output_dir, resume_from_checkpoint)
+def _watched_train(trainer: Trainer, *args: Any, **kwargs: Any):
+    """``Trainer.train`` that first tells the trainer's influence callbacks which checkpoint it resumes from.
+
+    The call goes on exactly as made (a subclass's ``train`` may name its parameters otherwise); the checkpoint is
+    read from the argument the class's signature calls ``resume_from_checkpoint``, when it has one.
+    """
+    train = type(trainer).train
     try:
-        return type(trainer).train(trainer, resume_from_checkpoint, *args, **kwargs)
+        bound = inspect.signature(train).bind(trainer, *args, **kwargs)
+        known = "resume_from_checkpoint" in bound.signature.parameters
+    except TypeError:  # the class's own train will say what is wrong with the call
+        bound, known = None, False
+    callbacks = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, InfluenceCallback)]
+    if known:
+        resume = bound.arguments.get("resume_from_checkpoint")
+        for cb in callbacks:
+            cb._resumed_from = _resolve_checkpoint(trainer.args.output_dir, resume)
+    try:
+        return train(trainer, *args, **kwargs)
     finally:
         for cb in callbacks:
             cb._resumed_from = _UNSEEN

@@ -153,6 +153,8 @@ def _select_checkpoints(run: Path, steps: Iterable[int] | None) -> list[tuple[in
 
 
 def _resolve_config(run: Path, config: TrainConfig | str | os.PathLike | None) -> TrainConfig:
+    if not run.is_dir():
+        raise ConfigError(f"--run {run}: no such folder (give the training output_dir holding checkpoint-N folders)")
     if isinstance(config, TrainConfig):
         return config
     if config is None:

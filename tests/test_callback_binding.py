@@ -88,7 +88,8 @@ def test_engine_reports_progress_to_the_last_example():
     engine.compute(probes, evals, progress=lambda done, total: seen.append((done, total)))
     assert seen[-1] == (len(probes) + len(evals), len(probes) + len(evals))
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
-    engine.max_feature_bytes = engine._example_bytes(max(len(e["input_ids"]) for e in evals)) * 2  # 2 evals/chunk
+    engine.route = "materialize"  # (auto would move blocks to the ghost route to fit one chunk)
+    engine.max_feature_bytes = sum(b.numel for b in engine.blocks) * 4 * 2  # 2 materialized evals per chunk
     seen.clear()
     engine.compute(probes, evals, progress=lambda done, total: seen.append((done, total)))
     chunks = -(-len(evals) // 2)
@@ -102,3 +103,24 @@ def test_progress_bar_during_the_save(tmp_path, capsys):
     quiet = _sft(tmp_path / "quiet", callbacks=[InfluenceCallback(**_sets())], disable_tqdm=True)
     quiet.train()
     assert "swift influence" not in capsys.readouterr().err
+
+
+def test_a_trainer_subclass_whose_train_names_its_parameters_otherwise(tmp_path):
+    """The resume watcher passes the call on as made: a subclass's ``train(resume=...)`` keeps working."""
+    from trl import SFTTrainer
+
+    class Renamed(SFTTrainer):
+        def train(self, resume=None, **kwargs):
+            return super().train(resume_from_checkpoint=resume, **kwargs)
+
+    cb = InfluenceCallback(**_sets())
+    trainer = _sft(tmp_path, callbacks=[cb])
+    trainer.__class__ = Renamed  # the same trainer, seen through the subclass
+    trainer.train(resume=None)
+    assert sorted(load_pairs(tmp_path)["step"].unique()) == [2]
+
+
+@pytest.mark.parametrize(("option", "value"), [("strict", "false"), ("every_n_steps", 1.5), ("at_step_zero", 1)])
+def test_options_of_the_wrong_type_are_one_clear_line(option, value):
+    with pytest.raises(ConfigError, match=option):
+        InfluenceCallback(**_sets(), **{option: value})
