@@ -218,6 +218,10 @@ def _check_messages(fail: Callable[[str], None], messages: Any, field_name: str,
     for k, msg in enumerate(messages):
         if not isinstance(msg, Mapping) or role not in msg or content not in msg:
             fail(f"message {k} of field {field_name!r} needs {role!r} and {content!r} keys.")
+        if not isinstance(msg[role], str):
+            fail(f"message {k} of field {field_name!r}: {role!r} must be a string, got {msg[role]!r}.")
+        if not isinstance(msg[content], str | list):  # text, or a list of content parts
+            fail(f"message {k} of field {field_name!r}: {content!r} must be text, got {msg[content]!r}.")
 
 
 def check_unique_names(*groups: Mapping[str, Any]) -> None:
