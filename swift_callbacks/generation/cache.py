@@ -9,6 +9,7 @@ cut may lose the last few answers, which a rerun asks again). Failures are never
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
@@ -77,7 +78,8 @@ class GenerationCache:
         self._writer.start()
         self._pid = os.getpid()  # a forked child has no writer thread: it must open its own cache
         # A script that never closes the cache still gets what it put: committed when the interpreter exits.
-        atexit.register(_close_at_exit, weakref.ref(self))
+        self._at_exit = functools.partial(_close_at_exit, weakref.ref(self))
+        atexit.register(self._at_exit)
 
     def __repr__(self) -> str:
         return f"GenerationCache({str(self.path)!r})"
@@ -172,6 +174,7 @@ class GenerationCache:
             return
         if not self._closed:
             self._closed = True
+            atexit.unregister(self._at_exit)  # (many caches in one process leave no exit handlers behind)
             self._queue.put(None)
             self._writer.join()
             with self._lock:

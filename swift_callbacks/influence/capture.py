@@ -96,6 +96,10 @@ class Capture:
     used_params: dict[tuple[int, str], list[torch.Tensor]] = field(default_factory=dict)
     expanded: list[str] = field(default_factory=list)  # modules whose shared output was expanded per example
     recording: bool = False
+    # Set when ``watch`` (the model's input embedding) runs while recording: a forward that runs none of the
+    # tracked modules and not even that one is not this model's (see the engine).
+    watch: nn.Module | None = None
+    embedding_ran: bool = False
     batch_size: int = 0  # examples in the micro-batch being recorded, and its padded width
     width: int = 0
     _names: dict[int, str] = field(default_factory=dict)
@@ -123,7 +127,12 @@ class Capture:
             self._handles.append(module.register_forward_hook(self._hook, with_kwargs=True))
         if self.embedding is not None:
             self._handles.append(self.embedding.register_forward_hook(self._embedding_hook))
+        if self.watch is not None:
+            self._handles.append(self.watch.register_forward_hook(self._watch_hook))
         return self
+
+    def _watch_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.embedding_ran = self.embedding_ran or self.recording
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:

@@ -291,8 +291,10 @@ class InfluenceEngine:
                 ghost = pairs * t * t * (d_in + d_out)
             else:
                 module = block.modules[0][1]
-                # Rows matched by id: about one matching row per position for natural text (repeated tokens); its
-                # sorting and indexing run ~8x slower per operation than a matrix product (measured on CPU).
+                # Rows matched by id: about one matching row per position for natural text (repeated tokens). The
+                # factor 8 weighs its sorting and indexing against dense products: at vocab 512 (the benchmark's
+                # tiny model) the matched rows took ~5x the dense route's time, at vocab 151,936 a third of the
+                # position-pair kernel's (CPU, 2026-11-28).
                 d, vocab = module.embedding_dim, module.num_embeddings
                 materialize = n * vocab * d + pairs * block.numel
                 ghost = 8 * (n * t * d + pairs * t * (d + 1))
@@ -463,8 +465,9 @@ class InfluenceEngine:
         # wrapped around the module's outputs and inputs. A backward that stops at the tracked outputs leaves the
         # modules around the earliest ones gathered and marked active; carrying it down to the input embeddings
         # (as a training backward goes) runs every release.
-        embedding = self.model.get_input_embeddings() if self._zero3 else None
-        with Capture(self.blocks, embedding, copy_weights=self._sharded, keep_params=reference) as capture:
+        watch = self.model.get_input_embeddings()
+        embedding = watch if self._zero3 else None
+        with Capture(self.blocks, embedding, copy_weights=self._sharded, keep_params=reference, watch=watch) as capture:
             capture.batch_size, capture.width = input_ids.shape
             capture.recording = True
             try:
@@ -477,7 +480,7 @@ class InfluenceEngine:
                     f"{err}). Track fewer parameters with param_filter, or {verify_lib.ISSUES}."
                 ) from err
             capture.recording = False
-            if not capture.calls and not self._embedding_ran(input_ids, attention_mask):
+            if not capture.calls and not capture.embedding_ran:
                 # Nothing of this model ran: every gradient would read as zero. Seen with a deep copy of a TRL
                 # trainer, whose model forward stays bound to the original model's modules.
                 raise UnsupportedModelError(
@@ -543,19 +546,6 @@ class InfluenceEngine:
                 problem = f"has labels outside the vocabulary [0, {vocab}) other than {IGNORE_INDEX}"
             if problem:
                 raise ValueError(f"The {side} example at position {i} {problem}.")
-
-    def _embedding_ran(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
-        """Whether a forward of the model runs its own input embedding (asked only when no tracked module ran: a
-        routed expert may legitimately sit out a micro-batch, the embedding never does)."""
-        ran = []
-        embedding = self.model.get_input_embeddings()
-        handle = embedding.register_forward_hook(lambda *_: ran.append(True))
-        try:
-            with torch.no_grad():
-                self._logits(input_ids[:1], attention_mask[:1])
-        finally:
-            handle.remove()
-        return bool(ran)
 
     def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

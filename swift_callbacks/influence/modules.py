@@ -35,9 +35,9 @@ def rule(module: nn.Module) -> Rule:
     """How the per-example gradients of ``module``'s own parameters are computed.
 
     Decided by what the module *runs*, not by its type: only a module whose forward is exactly
-    ``nn.Linear.forward`` (``y = x Wᵀ + b``) or ``nn.Embedding.forward`` without ``max_norm`` or
-    ``scale_grad_by_freq`` (a plain row lookup) gets
-    the closed-form rules (and the ghost route). Every other module, including subclasses that override
+    ``nn.Linear.forward`` (``y = x Wᵀ + b``) or ``nn.Embedding.forward`` without ``max_norm`` (a row lookup; one
+    with ``scale_grad_by_freq`` is refused when blocks are found) gets the closed-form rules (and the ghost
+    route). Every other module, including subclasses that override
     ``forward`` (Gemma's scaled word embeddings, OPT's learned positions, GPT-2's ``Conv1D``) or instances whose
     ``forward`` was replaced, is replayed on its recorded arguments (a vector-Jacobian product per example).
     """
@@ -45,13 +45,7 @@ def rule(module: nn.Module) -> Rule:
     forward = type(module).forward
     if isinstance(module, nn.Linear) and forward is nn.Linear.forward and not patched:
         return "linear"
-    if (
-        isinstance(module, nn.Embedding)
-        and forward is nn.Embedding.forward
-        and not patched
-        and not module.max_norm
-        and not module.scale_grad_by_freq  # its gradient is rescaled by each id's count in the whole batch
-    ):
+    if isinstance(module, nn.Embedding) and forward is nn.Embedding.forward and not patched and not module.max_norm:
         return "embedding"
     return "generic"
 
