@@ -6,7 +6,7 @@ Each size runs in a fresh process (so its peak resident memory is its own): the 
 (Llama h256 L4, LoRA r=8 on every linear map; 156,160 tracked parameters, 0.62 MB of evaluation features per
 example when materialized), 64 probes, N evaluation examples of 20-120 tokens, ``max_feature_bytes`` = the
 budget, one thread. Prints the peak RSS, the RSS after building the model (the baseline), their difference, the
-wall time, and how many evaluation chunks the budget made.
+wall time, which side's features were held (the other is streamed past them) and in how many chunks.
 """
 
 from __future__ import annotations
@@ -41,17 +41,16 @@ def child(n_eval: int, score: str, budget: str) -> None:
     engine = InfluenceEngine(model, pad_token_id=tok.eos_token_id, verify=False, max_feature_bytes=budget,
                              micro_batch_size=8, **options)  # fmt: skip
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    lengths = [len(e["input_ids"]) for e in (*probes, *evals)]
-    engine._choose_routes(len(probes), len(evals), sum(lengths) / len(lengths), max(lengths))
-    engine.variant.setup(model, engine.blocks)
-    chunk = engine._eval_chunk_size(len(evals), max(lengths))
+    plan = engine._plan(probes, evals)
     start = time.perf_counter()
     result = engine.compute(probes, evals)
     seconds = time.perf_counter() - start
     assert result.dot.shape == (64, n_eval) and bool(result.dot.isfinite().all())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    n_held = n_eval if plan.hold_evals else len(probes)
     print(json.dumps({"n_eval": n_eval, "base_gib": base, "peak_gib": peak, "seconds": seconds,
-                      "chunks": -(-n_eval // chunk)}))  # fmt: skip
+                      "held": "evaluations" if plan.hold_evals else "probes",
+                      "chunks": -(-n_held // plan.chunk)}))  # fmt: skip
 
 
 def main() -> None:
@@ -65,14 +64,14 @@ def main() -> None:
         child(args.child, args.score, args.budget)
         return
     print(f"score {args.score}, max_feature_bytes {args.budget}")
-    print("| evaluation examples | peak RSS GiB | baseline GiB | peak - baseline GiB | seconds | chunks |")
-    print("|---|---|---|---|---|---|")
+    print("| evaluation examples | peak RSS GiB | baseline GiB | peak - baseline GiB | seconds | held side | chunks |")
+    print("|---|---|---|---|---|---|---|")
     for n in args.evals:
         cmd = [sys.executable, __file__, "--child", str(n), "--score", args.score, "--budget", args.budget]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         r = json.loads(out)
         print(f"| {n} | {r['peak_gib']:.2f} | {r['base_gib']:.2f} | {r['peak_gib'] - r['base_gib']:.2f} | "
-              f"{r['seconds']:.1f} | {r['chunks']} |", flush=True)  # fmt: skip
+              f"{r['seconds']:.1f} | {r['held']} | {r['chunks']} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

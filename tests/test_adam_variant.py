@@ -37,23 +37,28 @@ def preconditioner(model, opt, name: str, eps: float | None = None) -> torch.Ten
     return 1.0 / (v_hat.sqrt() + (group["eps"] if eps is None else eps))
 
 
+@pytest.mark.parametrize("held", ["evals", "probes"])
 @pytest.mark.parametrize("kind", ["lora", "full"])
-def test_adam_scores_are_preconditioned_probe_gradients_dotted_with_plain_eval_gradients(kind):
+def test_adam_scores_are_preconditioned_probe_gradients_dotted_with_plain_eval_gradients(kind, held):
+    """Only the probe side is preconditioned, whichever side's features the engine holds (with a budget of one
+    example, two probes against three evaluation examples hold the probes: 2 + 2 x 3 passes, not 3 + 3 x 2)."""
     torch.manual_seed(0)
     model = lora(tiny_model(seed=2), dropout=0.0) if kind == "lora" else tiny_model("qwen2", tie=False, seed=2)
     opt = trained_adam(model, betas=(0.9, 0.95), eps=1e-6)
-    engine = InfluenceEngine(model, score="adam")
-    result = engine.compute(PROBES, EVALS, optimizer=opt)
+    engine = InfluenceEngine(model, score="adam", max_feature_bytes=1 if held == "probes" else "2GiB")
+    probes = PROBES[:2] if held == "probes" else PROBES
+    assert engine._plan(probes, EVALS).hold_evals == (held == "evals")
+    result = engine.compute(probes, EVALS, optimizer=opt)
     assert {b.route for b in engine.blocks} == {"materialize"}
     names = [n for b in engine.blocks for n in b.param_names]
-    probe, evals = per_param_grads(model, PROBES), per_param_grads(model, EVALS)
-    p = torch.cat([(probe[n] * preconditioner(model, opt, n)).reshape(len(PROBES), -1) for n in names], dim=1)
+    probe, evals = per_param_grads(model, probes), per_param_grads(model, EVALS)
+    p = torch.cat([(probe[n] * preconditioner(model, opt, n)).reshape(len(probes), -1) for n in names], dim=1)
     e = torch.cat([evals[n].reshape(len(EVALS), -1) for n in names], dim=1)
     assert rel_err(result.dot, p @ e.T) <= 1e-4
     assert rel_err(result.eval_sq_norm, (e * e).sum(1)) <= 1e-4  # the RelInf denominator stays plain
     assert rel_err(result.probe_sq_norm, (p * p).sum(1)) <= 1e-4
-    custom = InfluenceEngine(model, score="adam", score_options={"eps": 1e-3}).compute(PROBES, EVALS, optimizer=opt)
-    p3 = torch.cat([(probe[n] * preconditioner(model, opt, n, 1e-3)).reshape(len(PROBES), -1) for n in names], 1)
+    custom = InfluenceEngine(model, score="adam", score_options={"eps": 1e-3}).compute(probes, EVALS, optimizer=opt)
+    p3 = torch.cat([(probe[n] * preconditioner(model, opt, n, 1e-3)).reshape(len(probes), -1) for n in names], 1)
     assert rel_err(custom.dot, p3 @ e.T) <= 1e-4
     assert all(int(opt.state[model.get_parameter(n)]["step"]) == 3 for n in names)  # the state is only read
 

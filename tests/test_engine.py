@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from swift_callbacks.configuration import ConfigError
 from swift_callbacks.influence import InfluenceEngine
 from swift_callbacks.influence.capture import Capture
+from swift_callbacks.influence.engine import _Plan
 from swift_callbacks.influence.features import Rows
 from swift_callbacks.influence.modules import UnsupportedModelError
 
@@ -131,8 +132,8 @@ def test_padding_and_batching_do_not_change_results():
 def test_eval_chunking_under_memory_budget():
     model = model_for("lora-llama")
     full = InfluenceEngine(model).compute(PROBES, EVALS)
-    tiny_budget = InfluenceEngine(model, max_feature_bytes=1)  # one evaluation example per chunk
-    assert tiny_budget._eval_chunk_size(len(EVALS), 16) == 1
+    tiny_budget = InfluenceEngine(model, max_feature_bytes=1)  # one held example per chunk
+    assert tiny_budget._plan(PROBES, EVALS).chunk == 1
     assert rel_err(tiny_budget.compute(PROBES, EVALS).dot, full.dot) <= 1e-6
 
 
@@ -285,7 +286,7 @@ def test_batched_replay_is_not_judged_on_examples_that_cannot_tell():
     unsupervised = [{"input_ids": e["input_ids"], "labels": [-100] * len(e["input_ids"])} for e in EVALS[1:]]
     engine = InfluenceEngine(model, micro_batch_size=2, param_filter="norm", verify=False)
     engine._replay_verdicts.clear()
-    engine._choose_routes(2, 2, 8.0, 16)
+    engine._choose_routes(2, 2, 8.0)
     with engine._tracking():
         for batch in (twins, unsupervised):
             engine._forward_backward(batch, rows=Rows(engine.blocks, 2))
@@ -309,11 +310,11 @@ def test_probe_groups_of_any_size_give_the_same_products(monkeypatch, group_byte
     limit) or all probes in one group (huge limit), on materialized and ghost blocks."""
     from swift_callbacks.influence import engine as engine_module
 
-    monkeypatch.setattr(engine_module, "_PROBE_GROUP_BYTES", group_bytes)
+    monkeypatch.setattr(engine_module, "_STREAM_GROUP_BYTES", group_bytes)
     model = model_for("full-qwen2-biases-untied")
     for route in ("materialize", "ghost"):
         engine = InfluenceEngine(model, route=route, micro_batch_size=2, verify=False)
-        assert engine._probe_group(len(PROBES), 4) == (2 if group_bytes == 1 else len(PROBES))
+        assert engine._stream_group(len(PROBES), 4) == (2 if group_bytes == 1 else len(PROBES))
         check(model, engine)
 
 
@@ -322,9 +323,9 @@ def test_routes_count_bytes_so_the_evaluation_side_fits_one_chunk():
     most bytes to the ghost route (FLOPs alone chose materialize) instead of cutting the evaluation examples into
     chunks that each re-run every probe; the products stay exact."""
     model = model_for("full-qwen2-biases-untied")
-    t_max = max(len(e["input_ids"]) for e in (*PROBES, *EVALS))
+    t_max = max(len(e["input_ids"]) for e in EVALS)  # the held side's longest
     roomy = InfluenceEngine(model, max_feature_bytes=1 << 40)
-    roomy._choose_routes(len(PROBES), len(EVALS), 9.0, t_max)
+    roomy._choose_routes(len(PROBES), len(EVALS), 9.0)
     flops_only = {b.name: b.route for b in roomy.blocks}
     assert "materialize" in {flops_only[b.name] for b in roomy.blocks if b.kind == "linear"}
     ghost_bytes = sum(roomy._block_bytes(b, "ghost" if b.kind == "linear" else b.route, t_max) for b in roomy.blocks)
@@ -332,7 +333,26 @@ def test_routes_count_bytes_so_the_evaluation_side_fits_one_chunk():
     check(model, engine)
     moved = [b for b in engine.blocks if b.route != flops_only[b.name]]
     assert moved and all(b.route == "ghost" for b in moved)
-    assert engine._eval_chunk_size(len(EVALS), t_max) == len(EVALS)
+    assert engine._plan(PROBES, EVALS) == _Plan(hold_evals=True, chunk=len(EVALS))
+
+
+@pytest.mark.parametrize("many", ["evals", "probes"])
+def test_the_side_that_costs_fewer_passes_is_held(many):
+    """With a budget of two examples' features, the two probes are held and the nine evaluation examples are
+    streamed past them once (11 forward/backward passes, not 9 + 5 chunks x 2), and the other way round; the
+    products and norms are those of brute force either way. When both sides fit, the smaller one is held."""
+    model = model_for("full-qwen2-biases-untied")
+    few, lots = [PROBES[0], PROBES[2]], [*EVALS, *EVALS, *EVALS]
+    probes, evals = (few, lots) if many == "evals" else (lots, few)
+    engine = InfluenceEngine(model, route="materialize", micro_batch_size=2, verify=False)
+    engine.max_feature_bytes = 2 * engine._example_bytes(16)
+    assert engine._plan(probes, evals) == _Plan(hold_evals=many == "probes", chunk=2)
+    seen = []
+    engine.compute = functools.partial(engine.compute, progress=lambda done, total: seen.append((done, total)))
+    check(model, engine, probes=probes, evals=evals)
+    assert seen[-1] == (11, 11)
+    engine.max_feature_bytes = 1 << 40  # both fit: the same passes either way, the fewer bytes are held
+    assert engine._plan(probes, evals) == _Plan(hold_evals=many == "probes", chunk=2)
 
 
 def test_token_budget_micro_batches():

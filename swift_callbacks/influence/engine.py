@@ -41,8 +41,8 @@ from .variants import make_variant
 Example = Mapping[str, Sequence[int]]
 IGNORE_INDEX = -100
 logger = logging.getLogger(__name__)
-# Probe features held together before their product with the evaluation side (see ``_local``).
-_PROBE_GROUP_BYTES = 64 << 20
+# Streamed-side features held together before their product with the held side (see ``_local``).
+_STREAM_GROUP_BYTES = 64 << 20
 
 
 @dataclass
@@ -58,17 +58,25 @@ class InfluenceResult:
     eval_tokens: torch.Tensor
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How one ``compute`` runs: which side's features are held, and how many of its examples per chunk."""
+
+    hold_evals: bool
+    chunk: int
+
+
 @dataclass
 class _Side:
-    """Per-example results of one side (probe or evaluation), rows in the order they were computed.
+    """Per-example results of one side (held or streamed), rows in the order they were computed.
 
     Features stay in the micro-batch parts they were built in (written once, never concatenated or re-ordered);
     ``order`` gives the example index of each row, and only the small per-example tensors and the dot matrix are
     put in example order at the end (``_in_order``).
     """
 
-    features: list[list[Feature]] | None  # per block, the micro-batch parts (evaluation side only)
-    dot: torch.Tensor | None  # (rows, evaluation rows in their computed order) (probe side only)
+    features: list[list[Feature]] | None  # per block, the micro-batch parts (held side only)
+    dot: torch.Tensor | None  # (rows, held rows in their computed order) (streamed side only)
     sq_norm: torch.Tensor
     loss: torch.Tensor
     tokens: torch.Tensor
@@ -112,7 +120,7 @@ class InfluenceEngine:
         self._sharded = False
         self._zero3 = False
         self._progress = _Counter(None, 0)
-        self._kept_probe_rows: Rows | None = None
+        self._kept_stream_rows: Rows | None = None
         self._replay_verdicts = ReplayVerdicts()  # judged afresh in every computation
 
     def _option(name: str) -> property:
@@ -155,6 +163,11 @@ class InfluenceEngine:
     ) -> InfluenceResult:
         """Inner products of every probe gradient with every evaluation gradient, plus squared norms.
 
+        One side's features are held (in chunks when they exceed ``max_feature_bytes``) while the other side is
+        streamed past them a micro-batch at a time; :meth:`_plan` holds the side that runs fewer forward/backward
+        passes in all (usually the smaller one), so a large evaluation set against a few probes needs only the
+        probes' features in memory.
+
         Under ``torch.distributed`` every rank must call this with the same examples; each rank processes an
         equal share and every rank returns the full result.
 
@@ -162,8 +175,8 @@ class InfluenceEngine:
             probes: Tokenized probe examples (``input_ids`` and ``labels``).
             evals: Tokenized evaluation examples.
             progress: Called as ``progress(done, total)`` after every micro-batch, with the number of examples
-                this rank has run forward/backward so far and will run in all (a probe counts once per
-                evaluation chunk).
+                this rank has run forward/backward so far and will run in all (an example of the streamed side
+                counts once per chunk of the held side, see :meth:`_plan`).
             optimizer: The training's optimizer, for score variants that read its state (``"adam"``).
         """
         if not probes or not evals:
@@ -171,30 +184,32 @@ class InfluenceEngine:
         self._check_examples(probes, "probe")
         self._check_examples(evals, "evaluation")
         sharding.check_model(self.model)  # wrapped since set-up (an FSDP1 wrapper applied around it) is an error
-        lengths = [len(e["input_ids"]) for e in (*probes, *evals)]
-        self._choose_routes(len(probes), len(evals), sum(lengths) / len(lengths), max(lengths))
+        plan = self._plan(probes, evals)
         self.variant.setup(self.model, self.blocks, optimizer)
         self._replay_verdicts.clear()
-        chunk = self._eval_chunk_size(len(evals), max(lengths))
-        starts = range(0, len(evals), chunk)
-        total = sum(_share(min(chunk, len(evals) - start)) + _share(len(probes)) for start in starts)
+        held, streamed = (evals, probes) if plan.hold_evals else (probes, evals)
+        roles = ("eval", "probe") if plan.hold_evals else ("probe", "eval")
+        starts = range(0, len(held), plan.chunk)
+        total = sum(_share(min(plan.chunk, len(held) - start)) + _share(len(streamed)) for start in starts)
         self._progress = _Counter(progress, total)
-        dots, eval_sides, pr = [], [], None
+        dots, held_sides, st = [], [], None
         with self._tracking(), contextlib.ExitStack() as stack:
             stack.callback(setattr, self, "_progress", _Counter(None, 0))
             self._verify_state([*probes, *evals])
             for start in starts:
-                ev = self._side(evals[start : start + chunk])
-                pr = self._side(probes, ev.features)
-                columns = dist_utils.first_positions(ev.order, min(chunk, len(evals) - start))
-                dots.append(pr.dot[:, columns.to(pr.dot.device)])  # evaluation columns in example order
-                eval_sides.append(_in_order(dataclasses.replace(ev, features=None), columns))
-                del ev  # this chunk's features
-        rows = dist_utils.first_positions(pr.order, len(probes))
-        pr = _in_order(pr, rows)
-        ev = _join(eval_sides)  # chunks, each already in example order
+                hd = self._side(held[start : start + plan.chunk], roles[0])
+                st = self._side(streamed, roles[1], hd.features)
+                columns = dist_utils.first_positions(hd.order, min(plan.chunk, len(held) - start))
+                dots.append(st.dot[:, columns.to(st.dot.device)])  # held columns in example order
+                held_sides.append(_in_order(dataclasses.replace(hd, features=None), columns))
+                del hd  # this chunk's features
+        rows = dist_utils.first_positions(st.order, len(streamed))
+        st = _in_order(st, rows)
+        hd = _join(held_sides)  # chunks, each already in example order
+        dot = torch.cat(dots, dim=1)[rows.to(dots[0].device)]
+        pr, ev = (st, hd) if plan.hold_evals else (hd, st)
         return InfluenceResult(
-            dot=torch.cat(dots, dim=1)[rows.to(dots[0].device)].double().cpu(),
+            dot=(dot if plan.hold_evals else dot.T).double().cpu(),
             probe_sq_norm=pr.sq_norm.double().cpu(),
             eval_sq_norm=ev.sq_norm.double().cpu(),
             probe_loss=pr.loss.double().cpu(),
@@ -215,7 +230,7 @@ class InfluenceEngine:
         self._check_examples(examples, "verification")
         if not self._routes_chosen:
             lengths = [len(e["input_ids"]) for e in examples]
-            self._choose_routes(len(examples), len(examples), sum(lengths) / len(lengths), max(lengths))
+            self._choose_routes(len(examples), len(examples), sum(lengths) / len(lengths))
         with self._tracking():
             return self._verify_state(examples, force=True)
 
@@ -275,7 +290,30 @@ class InfluenceEngine:
         params = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in self.model.named_parameters())
         return modules, params, tuple(b.route for b in self.blocks), self._sharded, self.precision
 
-    def _choose_routes(self, n_probe: int, n_eval: int, mean_len: float, max_len: int) -> None:
+    def _plan(self, probes: Sequence[Example], evals: Sequence[Example]) -> _Plan:
+        """Routes, the side whose features are held and its chunk size, from counts, lengths and the budget.
+
+        Holding side A (``n_A`` examples, ``c_A`` chunks within the budget) and streaming side B costs
+        ``n_A + c_A * n_B`` forward/backward passes; the cheaper way is taken, and on a tie (both fit) the side
+        with fewer feature bytes is held (then the evaluation side).
+        Then, if the held side would still be chunked, blocks move to the ghost route where that saves bytes.
+        Every rank computes the same plan (same examples, the smallest budget over ranks).
+        """
+        p_max, e_max = (max(len(e["input_ids"]) for e in side) for side in (probes, evals))
+        lengths = [len(e["input_ids"]) for e in (*probes, *evals)]
+        self._choose_routes(len(probes), len(evals), sum(lengths) / len(lengths))
+        budget = self._budget()
+
+        def cost(n: int, t: int, n_other: int) -> tuple[int, int]:  # (passes, bytes held)
+            return n + -(-n // self._chunk_size(n, t, budget)) * n_other, n * self._example_bytes(t)
+
+        hold_evals = cost(len(evals), e_max, len(probes)) <= cost(len(probes), p_max, len(evals))
+        n, t = (len(evals), e_max) if hold_evals else (len(probes), p_max)
+        self._fit_routes(n, t, budget)
+        return _Plan(hold_evals=hold_evals, chunk=self._chunk_size(n, t, budget))
+
+    def _choose_routes(self, n_probe: int, n_eval: int, mean_len: float) -> None:
+        """Each linear or embedding block's route by FLOPs (see :meth:`_plan` for bytes)."""
         self._routes_chosen = True
         n, pairs, t = n_probe + n_eval, n_probe * n_eval + n_probe + n_eval, mean_len
         for block in self.blocks:
@@ -299,16 +337,14 @@ class InfluenceEngine:
                 materialize = n * vocab * d + pairs * block.numel
                 ghost = 8 * (n * t * d + pairs * t * (d + 1))
             block.route = "ghost" if ghost < materialize else "materialize"
-        self._fit_routes(n_eval, max_len)
 
-    def _fit_routes(self, n_eval: int, t_max: int) -> None:
-        """Bytes, not only FLOPs: while the evaluation side would overflow the feature budget (which splits it into
-        chunks, each re-running every probe), move to the ghost route the materialized block that saves the most
-        bytes per example, as long as its ghost form is smaller."""
+    def _fit_routes(self, n_held: int, t_max: int, budget: int) -> None:
+        """Bytes, not only FLOPs: while the held side would overflow the feature budget (which splits it into
+        chunks, each re-running the streamed side), move to the ghost route the materialized block that saves the
+        most bytes per example, as long as its ghost form is smaller."""
         if self.route != "auto" or self.variant.materialized:
             return
-        budget = self._budget()
-        total = n_eval * self._example_bytes(t_max)
+        total = n_held * self._example_bytes(t_max)
         candidates = [
             (self._block_bytes(b, "materialize", t_max) - self._block_bytes(b, "ghost", t_max), i, b)
             for i, b in enumerate(self.blocks)
@@ -318,7 +354,7 @@ class InfluenceEngine:
             if total <= budget or saving <= 0:
                 return
             block.route = "ghost"
-            total -= n_eval * saving
+            total -= n_held * saving
 
     def _example_bytes(self, t: int) -> int:
         """Bytes of one example's features (all blocks) at ``t`` tokens."""
@@ -334,10 +370,10 @@ class InfluenceEngine:
             return t * sum(block.linear_dims) * 4
         return t * (block.modules[0][1].embedding_dim * 4 + 8)
 
-    def _eval_chunk_size(self, n_eval: int, t_max: int) -> int:
-        # Not multiplied by the world size: each rank computes 1/world of a chunk but, after the all-gather, holds
-        # the features of all of it.
-        return max(1, min(n_eval, self._budget() // self._example_bytes(t_max)))
+    def _chunk_size(self, n_held: int, t_max: int, budget: int) -> int:
+        """Held examples per chunk. Not multiplied by the world size: each rank computes 1/world of a chunk but,
+        after the all-gather, holds the features of all of it."""
+        return max(1, min(n_held, budget // self._example_bytes(t_max)))
 
     def _budget(self) -> int:
         """``max_feature_bytes``, or with ``"auto"`` half the memory free now on the compute device (divided among
@@ -354,28 +390,29 @@ class InfluenceEngine:
             budget = min(dist_utils.all_gather_cpu(budget))
         return budget
 
-    def _side(self, examples: Sequence[Example], eval_features: list[list[Feature]] | None = None) -> _Side:
+    def _side(self, examples: Sequence[Example], role: str, held: list[list[Feature]] | None = None) -> _Side:
         """Process ``examples`` split over ranks and gather the results on every rank (rows in computed order,
         ``order`` naming each row's example; under distributed runs the padded shards repeat an example).
 
-        Without ``eval_features`` the side keeps per-example features (the evaluation side); with them it keeps
-        only the dot products against them (the probe side), so probe features never accumulate.
+        Without ``held`` features the side keeps per-example features (the held side); with them it keeps only
+        the dot products against them (the streamed side), so its features never accumulate. ``role`` is
+        ``"probe"`` or ``"eval"``, for score variants that treat the two differently.
         """
         if not dist_utils.is_distributed():
-            return self._local(examples, eval_features)
+            return self._local(examples, role, held)
         index = dist_utils.shard(len(examples), dist_utils.world_size(), dist_utils.rank())
-        local = self._local([examples[i] for i in index], eval_features)
+        local = self._local([examples[i] for i in index], role, held)
         local.order = [index[i] for i in local.order]
         gathered = dist_utils.all_gather_cpu(local)
         device = local.sq_norm.device  # the compute device (not the parameters' under CPU offload)
         return dist_utils.map_tensors(_join(gathered), lambda t: t.to(device))
 
-    def _local(self, examples: Sequence[Example], eval_features: list[list[Feature]] | None) -> _Side:
+    def _local(self, examples: Sequence[Example], role: str, held: list[list[Feature]] | None) -> _Side:
         """This rank's examples, one forward/backward per micro-batch, rows in computed order.
 
-        Evaluation features are built into one :class:`Rows` for the whole side; probe features into a smaller
-        one whose rows are multiplied with the evaluation side whenever it is full, so one product covers many
-        probes (a matrix product reads the evaluation features once per group, not once per micro-batch).
+        The held side's features are built into one :class:`Rows` for the whole side; the streamed side's into a
+        smaller one whose rows are multiplied with the held side whenever it is full, so one product covers many
+        examples (a matrix product reads the held features once per group, not once per micro-batch).
         """
         if self._sharded and self.micro_batch_tokens is not None:
             # Sharded modules gather their parameters collectively: every rank must run as many forwards.
@@ -385,15 +422,15 @@ class InfluenceEngine:
             )
         order: list[int] = []
         dots, norms, losses, counts = [], [], [], []
-        probe_side = eval_features is not None
-        if probe_side:
+        streamed = held is not None
+        if streamed:
             per_example = self._example_bytes(max(len(e["input_ids"]) for e in examples))
-            rows = self._probe_rows(self._probe_group(len(examples), per_example), per_example)
+            rows = self._stream_rows(self._stream_group(len(examples), per_example), per_example)
         else:
             rows = Rows(self.blocks, len(examples), in_place=self.variant.exact)
         for batch in self._micro_batches(examples):
-            if probe_side and len(batch) > rows.room():
-                dots.append(_dots(rows.features(), eval_features))
+            if streamed and len(batch) > rows.room():
+                dots.append(_dots(rows.features(), held))
                 rows.clear()
             checked = self.verify in (True, "every_save") and not self._sharded
             feats, norm, loss, tokens, sums = self._forward_backward(
@@ -402,35 +439,35 @@ class InfluenceEngine:
             if sums is not None:
                 self.sum_check_error = max(self.sum_check_error, verify_lib.check_sums(self.blocks, sums))
             if not self.variant.exact:  # scores from the variant's features (checked above on the exact ones)
-                feats = self.variant.transform(self.blocks, feats, "probe" if probe_side else "eval")
+                feats = self.variant.transform(self.blocks, feats, role)
                 norm = sum((sq_norms(f) for f in feats), torch.zeros_like(norm))
             rows.add(feats)
             del feats
             order.extend(batch)
             norms.append(norm), losses.append(loss), counts.append(tokens)
             self._progress.advance(len(batch))
-        if probe_side and rows.filled:
-            dots.append(_dots(rows.features(), eval_features))
+        if streamed and rows.filled:
+            dots.append(_dots(rows.features(), held))
         return _Side(
-            features=None if probe_side else rows.features(),
+            features=None if streamed else rows.features(),
             dot=torch.cat(dots).to(norms[0].device) if dots else None,
             sq_norm=torch.cat(norms), loss=torch.cat(losses), tokens=torch.cat(counts), order=order,
         )  # fmt: skip
 
-    def _probe_rows(self, capacity: int, example_bytes: int) -> Rows:
-        """The probe side's feature rows, kept from one computation to the next when they fit in
-        ``_PROBE_GROUP_BYTES`` (a group of one micro-batch of large features is not held between computations)."""
-        rows, exact = self._kept_probe_rows, self.variant.exact
+    def _stream_rows(self, capacity: int, example_bytes: int) -> Rows:
+        """The streamed side's feature rows, kept from one computation to the next when they fit in
+        ``_STREAM_GROUP_BYTES`` (a group of one micro-batch of large features is not held between computations)."""
+        rows, exact = self._kept_stream_rows, self.variant.exact
         if rows is None or rows.capacity != capacity or rows.in_place != exact or rows.blocks is not self.blocks:
             rows = Rows(self.blocks, capacity, in_place=exact)
-        self._kept_probe_rows = rows if capacity * example_bytes <= _PROBE_GROUP_BYTES else None
+        self._kept_stream_rows = rows if capacity * example_bytes <= _STREAM_GROUP_BYTES else None
         rows.clear()
         return rows
 
-    def _probe_group(self, n: int, example_bytes: int) -> int:
-        """Probes whose features are held together before their product with the evaluation side: at least one
-        micro-batch, at most ``_PROBE_GROUP_BYTES`` of features (beyond one micro-batch's)."""
-        return min(n, max(self.micro_batch_size, _PROBE_GROUP_BYTES // example_bytes))
+    def _stream_group(self, n: int, example_bytes: int) -> int:
+        """Streamed examples whose features are held together before their product with the held side: at least one
+        micro-batch, at most ``_STREAM_GROUP_BYTES`` of features (beyond one micro-batch's)."""
+        return min(n, max(self.micro_batch_size, _STREAM_GROUP_BYTES // example_bytes))
 
     def _micro_batches(self, examples: Sequence[Example]) -> Iterator[list[int]]:
         """Index lists of micro-batches, sorted by length so little compute is spent on padding; each at most
