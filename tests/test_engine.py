@@ -336,15 +336,16 @@ def test_routes_count_bytes_so_the_evaluation_side_fits_one_chunk():
     assert engine._plan(PROBES, EVALS) == _Plan(hold_evals=True, chunk=len(EVALS))
 
 
+@pytest.mark.parametrize("route", ["materialize", "ghost"])
 @pytest.mark.parametrize("many", ["evals", "probes"])
-def test_the_side_that_costs_fewer_passes_is_held(many):
+def test_the_side_that_costs_fewer_passes_is_held(many, route):
     """With a budget of two examples' features, the two probes are held and the nine evaluation examples are
     streamed past them once (11 forward/backward passes, not 9 + 5 chunks x 2), and the other way round; the
     products and norms are those of brute force either way. When both sides fit, the smaller one is held."""
     model = model_for("full-qwen2-biases-untied")
     few, lots = [PROBES[0], PROBES[2]], [*EVALS, *EVALS, *EVALS]
     probes, evals = (few, lots) if many == "evals" else (lots, few)
-    engine = InfluenceEngine(model, route="materialize", micro_batch_size=2, verify=False)
+    engine = InfluenceEngine(model, route=route, micro_batch_size=2, verify=False)
     engine.max_feature_bytes = 2 * engine._example_bytes(16)
     assert engine._plan(probes, evals) == _Plan(hold_evals=many == "probes", chunk=2)
     seen = []
