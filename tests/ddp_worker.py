@@ -86,11 +86,10 @@ def run_engine(out: Path) -> None:
         rank = dist.get_rank()
         assert dist.get_world_size() == 2
         model = helpers.build_model(seed=0)  # every parameter trainable: embeddings, norms, linears
-        probes, evals = helpers.engine_examples()
-        results = {
-            name: helpers.result_dict(helpers.engine_on(model, **kwargs).compute(probes, evals))
-            for name, kwargs in helpers.ENGINE_CONFIGS.items()
-        }
+        results = {}
+        for name in helpers.ENGINE_CONFIGS:
+            kwargs, probes, evals = helpers.engine_case(name)
+            results[name] = helpers.result_dict(helpers.engine_on(model, **kwargs).compute(probes, evals))
         torch.save(results, out / f"engine-rank{rank}.pt")
         dist.barrier()
     finally:

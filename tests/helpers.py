@@ -247,8 +247,18 @@ ENGINE_CONFIGS: dict[str, dict[str, Any]] = {
     "ghost_chunked": {"route": "ghost", "micro_batch_size": 2, "max_feature_bytes": 1},
     "materialize": {"route": "materialize", "micro_batch_size": 4},
     "auto_budget": {"max_feature_bytes": "auto", "micro_batch_size": 3},  # ranks agree on the free memory's chunks
+    "held_probes": {"micro_batch_size": 2, "max_feature_bytes": 1},  # 3 probes (below): held, evaluations streamed
 }
 ENGINE_N_PROBE, ENGINE_N_EVAL = 7, 5
+# Probes per configuration where not all 7: with a one-byte budget, 3 probes against 5 evaluation examples are held
+# (3 + 3 x 5 passes, not 5 + 5 x 3).
+_ENGINE_PROBES = {"held_probes": 3}
+
+
+def engine_case(name: str) -> tuple[dict[str, Any], list[dict], list[dict]]:
+    """The engine options, probes and evaluation examples of ``ENGINE_CONFIGS[name]``."""
+    probes, evals = engine_examples()
+    return ENGINE_CONFIGS[name], probes[: _ENGINE_PROBES.get(name, len(probes))], evals
 
 
 def engine_examples() -> tuple[list[dict], list[dict]]:

@@ -21,7 +21,7 @@ from helpers import (
     assert_close_rel,
     build_model,
     ddp_callback_kwargs,
-    engine_examples,
+    engine_case,
     engine_on,
     examples_of,
     make_trainer,
@@ -115,11 +115,16 @@ def test_first_positions_and_single_process_helpers():
 @pytest.mark.slow
 def test_engine_two_processes_equals_single_process(tmp_path):
     torchrun("engine", tmp_path)
-    probes, evals = engine_examples()
     model = build_model(seed=0)
-    for name, kwargs in ENGINE_CONFIGS.items():
-        expected = engine_on(model, **kwargs).compute(probes, evals)
-        assert expected.dot.shape == (7, 5)
+    single = {}
+    for name in ENGINE_CONFIGS:
+        kwargs, probes, evals = engine_case(name)
+        engine = engine_on(model, **kwargs)
+        single[name] = expected = engine.compute(probes, evals)
+        assert expected.dot.shape == (len(probes), 5)
+        assert engine._plan(probes, evals).hold_evals == (name != "held_probes")
+        if name == "held_probes":  # the same products as with the evaluation examples held
+            assert_close_rel(expected.dot, single["auto"].dot[: len(probes)], 1e-4, "held_probes/dot")
         for rank in (0, 1):  # every rank returns the full result
             got = torch.load(tmp_path / f"engine-rank{rank}.pt")[name]
             for field in RESULT_FIELDS:
