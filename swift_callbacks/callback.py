@@ -160,6 +160,7 @@ class InfluenceCallback(TrainerCallback):
         self._masks = {(p.name, e.name): _pairing(p, e) for p in self.probe_sets for e in self.eval_sets}
         _check_some_task_in_common(self.probe_sets, self.eval_sets, self._masks)
         self.trainer: Trainer | None = None
+        self._trained = False  # the bound trainer began training: the binding is final
         self.store: InfluenceStore | None = None
         self._engine: InfluenceEngine | None = None
         self._done: set[int] = set()
@@ -174,15 +175,21 @@ class InfluenceCallback(TrainerCallback):
         callback was passed as ``SFTTrainer(..., callbacks=[InfluenceCallback(probe_sets=..., eval_sets=...)])``
         (at the end of the trainer's construction). Call it yourself only when neither applies.
 
+        A callback bound to a trainer that never began training moves to the new one (a notebook cell that builds
+        the trainer run again, or a trainer whose constructor raised after binding); once its trainer has trained,
+        another trainer is refused.
+
         Raises:
-            ConfigError: The callback is bound to another trainer, or an option does not fit this trainer.
+            ConfigError: The callback's trainer has trained and this is another one, or an option does not fit
+                this trainer.
             SetError: A set cannot be prepared by this trainer.
         """
         if self.trainer is trainer:
             return self
-        if self.trainer is not None:
+        if self.trainer is not None and self._trained:
             raise ConfigError(
-                "This InfluenceCallback is already bound to another trainer; construct one callback per trainer."
+                "This InfluenceCallback is already bound to another trainer, which has trained with it; construct one "
+                "callback per trainer."
             )
         _check_schedule(trainer.args, self.every_n_steps, self.at_step_zero)
         try:  # a param_filter that tracks nothing is found now, not at the first save
@@ -253,6 +260,7 @@ class InfluenceCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # Added unbound with trainer.add_callback(InfluenceCallback(probe_sets=...)), or bound to another trainer.
         self._bind_calling_trainer("train()")
+        self._trained = True
         self._check_single_instance()
         self._check_engine()  # before the history is touched or locked: a model it cannot track changes nothing
         self._done = set()  # a later train() on the same trainer (e.g. a resume) starts a new schedule

@@ -68,12 +68,27 @@ def test_trainer_checks_run_when_the_trainer_is_built(tmp_path):
         _sft(tmp_path, callbacks=[InfluenceCallback(**_sets(), param_filter="nowhere")])
 
 
+def test_a_callback_whose_trainer_never_trained_moves_to_the_next_trainer(tmp_path):
+    """A trainer built again (a notebook cell run twice), or one whose construction failed after binding, does not
+    strand the callback; the trainer that trains is the one tracked, and its history holds its checkpoints."""
+    cb = InfluenceCallback(**_sets())
+    first = _sft(tmp_path / "a", callbacks=[cb])
+    assert cb.trainer is first
+    second = _sft(tmp_path / "b", callbacks=[cb])
+    assert cb.trainer is second
+    first.train()  # the first trainer trains after all: the callback follows the trainer whose events it gets
+    assert cb.trainer is first
+    assert sorted(load_pairs(tmp_path / "a")["step"].unique()) == [2]
+    with pytest.raises(ConfigError, match=r"which has trained with it"):
+        second.train()
+
+
 def test_misuse_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"first argument is the trainer .*got dict: pass the sets by keyword"):
         InfluenceCallback(probe_sets(3), eval_sets(3))
     cb = InfluenceCallback(**_sets())
-    _sft(tmp_path / "a", callbacks=[cb])
-    with pytest.raises(ConfigError, match=r"already bound to another trainer; construct one callback per trainer"):
+    _sft(tmp_path / "a", callbacks=[cb]).train()
+    with pytest.raises(ConfigError, match=r"already bound to another trainer, which has trained with it; construct"):
         _sft(tmp_path / "b", callbacks=[cb])
     loose = InfluenceCallback(**_sets())
     with pytest.raises(ConfigError, match=r"could not find it during train\(\).*callback.bind\(trainer\)"):
