@@ -4,6 +4,7 @@ Uses the models and examples of ``bench_tracking.py``::
 
     python benchmarks/profile_tracking.py --config c --route auto
     python benchmarks/profile_tracking.py --config a --route ghost --quick
+    python benchmarks/profile_tracking.py --config c --no-verify     # ends with the ops' floor-vs-tracking table
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--no-verify", action="store_true", help="verify=False: the computation alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -44,7 +46,8 @@ def main() -> int:
     pad = tok.pad_token_id
     probes = make_examples(tok, cfg.n_probe, cfg.min_len, cfg.max_len, seed=1)
     evals = make_examples(tok, cfg.n_eval, cfg.min_len, cfg.max_len, seed=2)
-    engine = InfluenceEngine(model, pad_token_id=pad, route=args.route, micro_batch_size=args.micro_batch_size)
+    engine = InfluenceEngine(model, pad_token_id=pad, route=args.route, micro_batch_size=args.micro_batch_size,
+                             verify=not args.no_verify)  # fmt: skip
 
     def floor():
         return floor_pass(model, params, probes, evals, pad, args.micro_batch_size)
@@ -80,7 +83,28 @@ def main() -> int:
             track()
     print("=== torch.profiler (self CPU time, floor + tracking) ===")
     print(tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+    print_op_comparison(floor, track, args.top)
     return 0
+
+
+def op_times(fn, calls: int = 3) -> dict[str, tuple[float, int]]:
+    """Self CPU milliseconds and call count per op, averaged over ``calls`` calls of ``fn``."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    return {e.key: (e.self_cpu_time_total / 1e3 / calls, e.count // calls) for e in prof.key_averages()}
+
+
+def print_op_comparison(floor, track, top: int) -> None:
+    """The ops where tracking spends more than the floor, largest difference first (what the overhead is made of)."""
+    f, t = op_times(floor), op_times(track)
+    total_f, total_t = sum(v[0] for v in f.values()), sum(v[0] for v in t.values())
+    print(f"=== per op, floor vs tracking (self CPU ms per call, mean of 3): {total_f:.1f} vs {total_t:.1f} ===")
+    print(f"{'op':48s} {'floor ms':>9s} {'calls':>6s} {'tracking ms':>12s} {'calls':>6s} {'difference':>10s}")
+    diff = lambda k: t.get(k, (0.0, 0))[0] - f.get(k, (0.0, 0))[0]  # noqa: E731
+    for key in sorted(set(f) | set(t), key=lambda k: -abs(diff(k)))[:top]:
+        (fm, fn), (tm, tn) = f.get(key, (0.0, 0)), t.get(key, (0.0, 0))
+        print(f"{key[:48]:48s} {fm:9.1f} {fn:6d} {tm:12.1f} {tn:6d} {tm - fm:+10.1f}")
 
 
 if __name__ == "__main__":
