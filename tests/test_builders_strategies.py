@@ -185,6 +185,31 @@ def test_evaluate_positive_and_negative_responses():
     assert result.rows[1]["completion"] == " " + FAIL
 
 
+def test_evaluate_reads_trl_preference_rows():
+    """TRL's preference forms: prompt/chosen/rejected as text or chat, and chosen/rejected conversations that hold
+    the prompt; chosen is judged as meeting the requirements, rejected as not. A text row without a prompt column
+    has no question to judge against and is refused by name."""
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    bot = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    rows = [
+        {"id": "text", "prompt": "What is 38 plus 49?", "chosen": " 87", "rejected": " 88"},
+        {"id": "chat", "prompt": user("What is 38 plus 49?"), "chosen": bot("87"), "rejected": bot("88")},
+        {"id": "implicit", "chosen": [*user("What is 38 plus 49?"), *bot("87")],
+         "rejected": [*user("What is 38 plus 49?"), *bot("88")]},
+        {"id": "no-prompt", "chosen": "What is 38 plus 49? 87", "rejected": "What is 38 plus 49? 88"},
+    ]  # fmt: skip
+    gen = generator(lambda text, _: FAIL if "Reply:\n88" in text else PASS)
+    result = build_evaluate(rows, gen)
+    ids = ["text", "chat", "implicit"]
+    assert [r["id"] for r in result.rows] == [f"{i}/evaluate{s}" for i in ids for s in ("", "/negative")]
+    assert [r["label"] for r in result.rows] == ["pos", "neg"] * 3
+    assert {r["prompt"] for r in result.rows[1::2]} == {result.rows[1]["prompt"]}
+    assert result.rows[1]["prompt"].endswith("[Input]: What is 38 plus 49?\n[Output]: 88")
+    (reject,) = result.rejects
+    assert reasons(result) == {"no-prompt": "missing field"}
+    assert "needs its question in a 'prompt' column" in reject.detail
+
+
 def test_evaluate_rejects_contradicting_or_missing_verdicts():
     rows = [
         {"id": "a", "query": "q1", "response": "r1", "label": "pos"},

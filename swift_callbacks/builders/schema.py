@@ -136,7 +136,7 @@ def _validate(position: int, raw: Any, fields: Sequence[Field], mapping: Mapping
         raise _Invalid("wrong type", f"row is a {type(raw).__name__}, not an object")
     names = {f.name for f in fields}
     source = raw
-    if {"query", "response"} <= names:  # a probe set in TRL's form is read as it is, field by field
+    if {"query", "response"} <= names:  # a set in one of TRL's forms is read as it is, field by field
         given = _given(raw)
         trl = {k: v for k, v in trl_query_response(raw).items() if k not in mapping and k not in given}
         source = {**raw, **trl}
@@ -169,6 +169,9 @@ def _missing(name: str, column: str, raw: Mapping) -> str:
     if column != name:
         return (f"field {name!r} is missing: --map reads it from column {column!r}, which the row lacks or leaves "
                 f"null (the row has {present})")  # fmt: skip
+    if name == "query" and _absent(raw.get("prompt")) and isinstance(raw.get("chosen"), str):
+        return ("field 'query' is missing: a preference row whose chosen answer is plain text needs its question in a "
+                "'prompt' column (prompt/chosen/rejected), or conversations in chosen/rejected")  # fmt: skip
     chat = raw.get("messages") if not _absent(raw.get("messages")) else raw.get("prompt")
     from_chat = isinstance(chat, list | tuple | str) and not isinstance(raw.get("prompt"), str)
     if name in ("query", "response") and from_chat:
@@ -188,25 +191,38 @@ def trl_query_response(raw: Mapping) -> dict[str, str]:
 
     ``prompt``/``completion`` as text, or as chat messages (the prompt's one user message and the completion's
     last assistant message; a system message may precede), or ``messages`` ending with a user then an assistant
-    message. A multi-turn conversation has no single query to rewrite: its query is left out, so the row is
-    rejected as missing one. Returns what it could read (possibly nothing).
+    message. A preference row (``prompt``/``chosen``/``rejected``, or ``chosen``/``rejected`` conversations that
+    hold the prompt) gives ``chosen`` as the response and ``rejected`` as ``negative_response``. A multi-turn
+    conversation has no single query to rewrite: its query is left out, so the row is rejected as missing one.
+    Returns what it could read (possibly nothing).
     """
     if not _absent(raw.get("messages")):  # a Parquet/CSV column of another format's rows is null here
-        turns = _turns(raw.get("messages"))
-        if turns and len(turns) == 2 and [r for r, _ in turns] == ["user", "assistant"]:
-            return {"query": turns[0][1], "response": turns[1][1]}
-        return {}
+        return _exchange(raw.get("messages"))
     found: dict[str, str] = {}
-    prompt, completion = raw.get("prompt"), raw.get("completion")
+    prompt = raw.get("prompt")
+    preference = _absent(raw.get("completion")) and not _absent(raw.get("chosen"))
     if isinstance(prompt, str):
         found["query"] = prompt
     elif (turns := _turns(prompt)) and [r for r, _ in turns] == ["user"]:
         found["query"] = turns[0][1]
-    if isinstance(completion, str):
-        found["response"] = completion.strip()
-    elif (turns := _turns(completion)) and turns[-1][0] == "assistant":
-        found["response"] = turns[-1][1]
+    elif _absent(prompt) and preference:  # implicit prompt: each conversation starts with it
+        found.update({k: v for k, v in _exchange(raw.get("chosen")).items() if k == "query"})
+    answers = {"response": raw.get("chosen"), "negative_response": raw.get("rejected")} if preference else {
+        "response": raw.get("completion")}  # fmt: skip
+    for name, answer in answers.items():
+        if isinstance(answer, str):
+            found[name] = answer.strip()
+        elif (turns := _turns(answer)) and turns[-1][0] == "assistant":
+            found[name] = turns[-1][1]
     return found
+
+
+def _exchange(messages: Any) -> dict[str, str]:
+    """``query`` and ``response`` of a chat that is one user message and its assistant answer, else nothing."""
+    turns = _turns(messages)
+    if turns and len(turns) == 2 and [r for r, _ in turns] == ["user", "assistant"]:
+        return {"query": turns[0][1], "response": turns[1][1]}
+    return {}
 
 
 def _chat_text(name: str, value: Any) -> str | None:
