@@ -421,7 +421,8 @@ class InfluenceEngine:
                 "numbers of forward passes. Use micro_batch_size alone."
             )
         order: list[int] = []
-        dots, norms, losses, counts = [], [], [], []
+        n = len(examples)
+        dots, norms, losses, counts = _Column(n), _Column(n), _Column(n), _Column(n)
         streamed = held is not None
         if streamed:
             per_example = self._example_bytes(max(len(e["input_ids"]) for e in examples))
@@ -430,7 +431,7 @@ class InfluenceEngine:
             rows = Rows(self.blocks, len(examples), in_place=self.variant.exact)
         for batch in self._micro_batches(examples):
             if streamed and len(batch) > rows.room():
-                dots.append(_dots(rows.features(), held))
+                dots.add(_dots(rows.features(), held))
                 rows.clear()
             checked = self.verify in (True, "every_save") and not self._sharded
             feats, norm, loss, tokens, sums = self._forward_backward(
@@ -444,14 +445,14 @@ class InfluenceEngine:
             rows.add(feats)
             del feats
             order.extend(batch)
-            norms.append(norm), losses.append(loss), counts.append(tokens)
+            norms.add(norm), losses.add(loss), counts.add(tokens)
             self._progress.advance(len(batch))
         if streamed and rows.filled:
-            dots.append(_dots(rows.features(), held))
+            dots.add(_dots(rows.features(), held))
         return _Side(
             features=None if streamed else rows.features(),
-            dot=torch.cat(dots).to(norms[0].device) if dots else None,
-            sq_norm=torch.cat(norms), loss=torch.cat(losses), tokens=torch.cat(counts), order=order,
+            dot=dots.data.to(norms.data.device) if streamed else None,
+            sq_norm=norms.data, loss=losses.data, tokens=counts.data, order=order,
         )  # fmt: skip
 
     def _stream_rows(self, capacity: int, example_bytes: int) -> Rows:
@@ -754,6 +755,23 @@ def _available_host_memory() -> int:
     except ImportError:
         logger.warning("max_feature_bytes='auto': cannot read the free memory here; using 4 GiB.")
         return 4 << 30
+
+
+class _Column:
+    """Per-example values of one side (norms, losses, token counts, dot rows), written into one tensor allocated at
+    the first micro-batch. Not one small tensor per micro-batch: thousands of those, each allocated between large
+    temporaries and alive to the end, keep the C allocator from reusing or returning the memory around them (the
+    resident set grew with the number of examples streamed)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.filled = n, 0
+        self.data: torch.Tensor | None = None
+
+    def add(self, values: torch.Tensor) -> None:
+        if self.data is None:
+            self.data = values.new_empty((self.n, *values.shape[1:]))
+        self.data[self.filled : self.filled + len(values)] = values
+        self.filled += len(values)
 
 
 def _share(n: int) -> int:
