@@ -191,6 +191,10 @@ class InfluenceCallback(TrainerCallback):
                 "This InfluenceCallback is already bound to another trainer, which has trained with it; construct one "
                 "callback per trainer."
             )
+        # Unbound until every check and set below passes for ``trainer``: the sets are tokenized in place, so a
+        # failure half-way must not leave the previous trainer bound to sets tokenized this trainer's way (its
+        # train() binds it again, tokenizing them afresh).
+        self.trainer = None
         _check_schedule(trainer.args, self.every_n_steps, self.at_step_zero)
         try:  # a param_filter that tracks nothing is found now, not at the first save
             find_blocks(trainer.model, self.influence_args.param_filter)
@@ -260,7 +264,6 @@ class InfluenceCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # Added unbound with trainer.add_callback(InfluenceCallback(probe_sets=...)), or bound to another trainer.
         self._bind_calling_trainer("train()")
-        self._trained = True
         self._check_single_instance()
         self._check_engine()  # before the history is touched or locked: a model it cannot track changes nothing
         self._done = set()  # a later train() on the same trainer (e.g. a resume) starts a new schedule
@@ -280,6 +283,7 @@ class InfluenceCallback(TrainerCallback):
             raise error
         if message is not None:
             raise HistoryError(message)
+        self._trained = True  # every check passed and training starts: from now on the binding is final
         if missing:
             # The run stopped between writing checkpoint-N and recording its influence (or the checkpoint was
             # made without the callback). The weights just loaded are those of step N: record it now.

@@ -15,6 +15,7 @@ from helpers import (
 )
 
 from swift_callbacks import ConfigError, InfluenceCallback, load_pairs
+from swift_callbacks.sets import SetError
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -81,6 +82,41 @@ def test_a_callback_whose_trainer_never_trained_moves_to_the_next_trainer(tmp_pa
     assert sorted(load_pairs(tmp_path / "a")["step"].unique()) == [2]
     with pytest.raises(ConfigError, match=r"which has trained with it"):
         second.train()
+
+
+def test_a_failed_move_to_another_trainer_leaves_the_sets_of_the_first(tmp_path):
+    """A second trainer that cannot prepare the sets (its max_length leaves a set without completion tokens) fails
+    before binding; the first trainer, trained next, tokenizes the sets its own way again, and its history equals
+    that of a callback that never met the second trainer."""
+
+    def sets():
+        long = [dict(r, id=r["id"] + "L", prompt=r["prompt"] + " filler words here" * 8) for r in probe_sets(3)["z"]]
+        return {"probe_sets": {"short": probe_sets(3)["z"], "long": long}, "eval_sets": eval_sets(3)}
+
+    cb = InfluenceCallback(**sets())
+    first = _sft(tmp_path / "a", callbacks=[cb])
+    with pytest.raises(SetError, match=r"Set 'long'"):
+        _sft(tmp_path / "b", callbacks=[cb], max_length=9)
+    assert cb.trainer is None
+    first.train()
+    fresh = _sft(tmp_path / "fresh", callbacks=[InfluenceCallback(**sets())])
+    fresh.train()
+    got, want = load_pairs(tmp_path / "a"), load_pairs(tmp_path / "fresh")
+    assert len(got) == len(want) > 0
+    assert got["dot"].tolist() == pytest.approx(want["dot"].tolist(), rel=1e-6)
+
+
+def test_a_refused_train_does_not_make_the_binding_final(tmp_path):
+    """train() refused before any step (two callbacks would write one history) leaves the callback free to move to
+    a corrected trainer."""
+    cb = InfluenceCallback(**_sets())
+    wrong = _sft(tmp_path / "a", callbacks=[cb, InfluenceCallback(**_sets())])
+    with pytest.raises(Exception, match=r"Two InfluenceCallbacks would write the same influence history"):
+        wrong.train()
+    right = _sft(tmp_path / "b", callbacks=[cb])
+    assert cb.trainer is right
+    right.train()
+    assert sorted(load_pairs(tmp_path / "b")["step"].unique()) == [2]
 
 
 def test_misuse_is_one_clear_error(tmp_path):

@@ -356,6 +356,21 @@ def test_the_side_that_costs_fewer_passes_is_held(many, route):
     assert engine._plan(probes, evals) == _Plan(hold_evals=many == "probes", chunk=2)
 
 
+def test_each_side_is_costed_with_the_routes_fitted_for_it():
+    """Long probes, short evaluation examples: held, the evaluations fit in chunks of 3 once their linear blocks
+    take the ghost route (9 + 3 x 4 = 21 passes), while the probes would be held one per chunk (4 + 4 x 9 = 40).
+    The plan compares the two with each side's own fitted routes, and the products stay exact."""
+    model = model_for("full-llama-tied")
+    probes, evals = examples((40,) * 4, 1, seed=5), examples((3,) * 9, 1, seed=6)
+    engine = InfluenceEngine(model, max_feature_bytes=80_000, verify=False)  # costed by FLOP routes: 45 vs 40
+    plan = engine._plan(probes, evals)
+    assert plan.hold_evals and plan.chunk == 3
+    seen = []
+    engine.compute = functools.partial(engine.compute, progress=lambda done, total: seen.append(total))
+    check(model, engine, probes=probes, evals=evals)
+    assert seen[-1] == 21
+
+
 def test_token_budget_micro_batches():
     """``micro_batch_tokens`` caps examples x longest length per micro-batch (one long example may exceed it);
     the products are those of any other batching."""

@@ -293,24 +293,33 @@ class InfluenceEngine:
     def _plan(self, probes: Sequence[Example], evals: Sequence[Example]) -> _Plan:
         """Routes, the side whose features are held and its chunk size, from counts, lengths and the budget.
 
-        Holding side A (``n_A`` examples, ``c_A`` chunks within the budget) and streaming side B costs
-        ``n_A + c_A * n_B`` forward/backward passes; the cheaper way is taken, and on a tie (both fit) the side
-        with fewer feature bytes is held (then the evaluation side).
-        Then, if the held side would still be chunked, blocks move to the ghost route where that saves bytes.
-        Every rank computes the same plan (same examples, the smallest budget over ranks).
+        Routes start from FLOPs; for each side, blocks then move to the ghost route where that saves bytes while
+        that side held would be chunked (:meth:`_fit_routes`). Holding side A (``n_A`` examples, ``c_A`` chunks
+        within the budget, with A's fitted routes) and streaming side B costs ``n_A + c_A * n_B``
+        forward/backward passes; the cheaper way is taken, and on a tie (both fit) the side with fewer feature
+        bytes is held (then the evaluation side). Every rank computes the same plan (same examples, the smallest
+        budget over ranks).
         """
         p_max, e_max = (max(len(e["input_ids"]) for e in side) for side in (probes, evals))
         lengths = [len(e["input_ids"]) for e in (*probes, *evals)]
         self._choose_routes(len(probes), len(evals), sum(lengths) / len(lengths))
         budget = self._budget()
+        by_flops = [b.route for b in self.blocks]
 
-        def cost(n: int, t: int, n_other: int) -> tuple[int, int]:  # (passes, bytes held)
-            return n + -(-n // self._chunk_size(n, t, budget)) * n_other, n * self._example_bytes(t)
+        def fitted(n: int, t: int, n_other: int) -> tuple[tuple[int, int], int, list[str]]:
+            for block, route in zip(self.blocks, by_flops, strict=True):
+                block.route = route
+            self._fit_routes(n, t, budget)
+            chunk = self._chunk_size(n, t, budget)
+            cost = (n + -(-n // chunk) * n_other, n * self._example_bytes(t))  # (passes, bytes held)
+            return cost, chunk, [b.route for b in self.blocks]
 
-        hold_evals = cost(len(evals), e_max, len(probes)) <= cost(len(probes), p_max, len(evals))
-        n, t = (len(evals), e_max) if hold_evals else (len(probes), p_max)
-        self._fit_routes(n, t, budget)
-        return _Plan(hold_evals=hold_evals, chunk=self._chunk_size(n, t, budget))
+        with_evals, with_probes = fitted(len(evals), e_max, len(probes)), fitted(len(probes), p_max, len(evals))
+        hold_evals = with_evals[0] <= with_probes[0]
+        _, chunk, routes = with_evals if hold_evals else with_probes
+        for block, route in zip(self.blocks, routes, strict=True):
+            block.route = route
+        return _Plan(hold_evals=hold_evals, chunk=chunk)
 
     def _choose_routes(self, n_probe: int, n_eval: int, mean_len: float) -> None:
         """Each linear or embedding block's route by FLOPs (see :meth:`_plan` for bytes)."""
