@@ -10,6 +10,7 @@ Uses the models and examples of ``bench_tracking.py``::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
@@ -24,7 +25,9 @@ from bench_tracking import build, configs, floor_pass, make_examples, trainable
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from swift_callbacks.assets.tiny import build_tokenizer, demo_corpus
-from swift_callbacks.influence import InfluenceEngine
+from swift_callbacks.influence import InfluenceEngine, features
+from swift_callbacks.influence import engine as engine_module
+from swift_callbacks.influence import verify as verify_lib
 
 
 def main() -> int:
@@ -84,7 +87,54 @@ def main() -> int:
     print("=== torch.profiler (self CPU time, floor + tracking) ===")
     print(tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
     print_op_comparison(floor, track, args.top)
+    print_stages(floor, track)
     return 0
+
+
+# Where a tracked micro-batch spends its time, by the engine function (or torch call) that spends it.
+_STAGES = {
+    "forward": (InfluenceEngine, "_logits"),
+    "backward": (torch.autograd, "grad"),
+    "per-example gradients (all blocks)": (engine_module, "block_feature"),
+    "  of which generic modules (norm replay)": (features, "_materialize_generic"),
+    "products with the held side": (engine_module, "_dots"),
+    "squared norms": (engine_module, "sq_norms"),
+    "batch-sum check (verify)": (verify_lib, "check_sums"),
+}
+
+
+@contextlib.contextmanager
+def stages_recorded():
+    """Wrap each function of ``_STAGES`` in a ``record_function`` region named after its stage."""
+    saved = []
+    for label, (owner, name) in _STAGES.items():
+        original = getattr(owner, name)
+
+        def wrapped(*a, _original=original, _label=label, **k):
+            with record_function(f"## {_label}"):
+                return _original(*a, **k)
+
+        saved.append((owner, name, original))
+        setattr(owner, name, wrapped)
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+def print_stages(floor, track, calls: int = 3) -> None:
+    """CPU milliseconds per call of each stage, floor and tracking (the floor's backward is the same torch call,
+    timed the same way; its forward is most of the rest); the rest of a call is Python and small ops."""
+    print("=== stages, CPU ms per call (mean of 3; the floor's backward includes its weight gradients) ===")
+    for name, fn in (("floor", floor), ("tracking", track)):
+        with stages_recorded(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                fn()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) / 1e3 / calls
+        parts = {e.key[3:]: e.cpu_time_total / 1e3 / calls for e in events if e.key.startswith("## ")}
+        print(f"{name}: total {total:.0f} ms; " + "; ".join(f"{k} {v:.0f}" for k, v in parts.items()))
 
 
 def op_times(fn, calls: int = 3) -> dict[str, tuple[float, int]]:
