@@ -138,7 +138,8 @@ def sorted_micro_batches(examples: Sequence[dict], size: int) -> list[list[dict]
 def floor_pass(model, params, probes, evals, pad_id: int, micro_batch_size: int) -> float:
     """One forward+backward over every probe and eval token, batched exactly as the engine batches them.
 
-    The engine sorts and batches each side (evaluation, then probe) separately, so the floor does too.
+    The engine sorts and batches each side (the held one, then the streamed one) separately, so the floor does
+    too.
     """
     total = 0.0
     with torch.enable_grad():

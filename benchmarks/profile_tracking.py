@@ -106,13 +106,21 @@ _STAGES = {
 @contextlib.contextmanager
 def stages_recorded():
     """Wrap each function of ``_STAGES`` in a ``record_function`` region named after its stage."""
-    saved = []
+    saved, depth = [], [0]
     for label, (owner, name) in _STAGES.items():
         original = getattr(owner, name)
 
         def wrapped(*a, _original=original, _label=label, **k):
-            with record_function(f"## {_label}"):
+            # Nested in another stage (the norm replay's own autograd.grad), a call is that stage's time: recorded
+            # once. Only the indented "of which" stage is a deliberate part of its parent.
+            if depth[0] and not _label.startswith(" "):
                 return _original(*a, **k)
+            depth[0] += 1
+            try:
+                with record_function(f"## {_label}"):
+                    return _original(*a, **k)
+            finally:
+                depth[0] -= 1
 
         saved.append((owner, name, original))
         setattr(owner, name, wrapped)

@@ -194,7 +194,7 @@ class InfluenceCallback(TrainerCallback):
         # Unbound until every check and set below passes for ``trainer``: the sets are tokenized in place, so a
         # failure half-way must not leave the previous trainer bound to sets tokenized this trainer's way (its
         # train() binds it again, tokenizing them afresh).
-        self.trainer = None
+        self.trainer = self.store = None
         _check_schedule(trainer.args, self.every_n_steps, self.at_step_zero)
         try:  # a param_filter that tracks nothing is found now, not at the first save
             find_blocks(trainer.model, self.influence_args.param_filter)
@@ -238,6 +238,8 @@ class InfluenceCallback(TrainerCallback):
     def engine(self) -> InfluenceEngine:
         # trainer.model is the unwrapped model under DDP/DeepSpeed and the FSDP root under FSDP (transformers makes
         # it the wrapped module before on_train_begin): rebuild when it changes, never hold a stale module.
+        if self.trainer is None:
+            raise ConfigError("The InfluenceCallback is not bound to a trainer (see bind): it has no model to track.")
         model = self.trainer.model
         if self._engine is None or self._engine.model is not model:
             self._engine = InfluenceEngine(model, pad_token_id=self._pad_token_id(), args=self.influence_args)
@@ -474,7 +476,8 @@ class InfluenceCallback(TrainerCallback):
         handler = getattr(self.trainer, "callback_handler", None)
         others = [
             cb for cb in getattr(handler, "callbacks", [])
-            if isinstance(cb, InfluenceCallback) and cb is not self and cb.store.root == self.store.root
+            if isinstance(cb, InfluenceCallback) and cb is not self and cb.store is not None
+            and cb.store.root == self.store.root
         ]  # fmt: skip
         if others:
             raise ValueError(

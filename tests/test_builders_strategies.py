@@ -197,17 +197,24 @@ def test_evaluate_reads_trl_preference_rows():
         {"id": "implicit", "chosen": [*user("What is 38 plus 49?"), *bot("87")],
          "rejected": [*user("What is 38 plus 49?"), *bot("88")]},
         {"id": "no-prompt", "chosen": "What is 38 plus 49? 87", "rejected": "What is 38 plus 49? 88"},
+        {"id": "two-prompts", "chosen": [*user("What is 38 plus 49?"), *bot("87")],
+         "rejected": [*user("What is 38 plus 50?"), *bot("88")]},
+        {"id": "own-response", "query": "What is 2 plus 2?", "response": "4", "prompt": "x", "chosen": "y",
+         "rejected": "z"},
     ]  # fmt: skip
     gen = generator(lambda text, _: FAIL if "Reply:\n88" in text else PASS)
     result = build_evaluate(rows, gen)
     ids = ["text", "chat", "implicit"]
-    assert [r["id"] for r in result.rows] == [f"{i}/evaluate{s}" for i in ids for s in ("", "/negative")]
-    assert [r["label"] for r in result.rows] == ["pos", "neg"] * 3
-    assert {r["prompt"] for r in result.rows[1::2]} == {result.rows[1]["prompt"]}
+    assert [r["id"] for r in result.rows] == [*(f"{i}/evaluate{s}" for i in ids for s in ("", "/negative")),
+                                              "own-response/evaluate"]  # fmt: skip
+    assert [r["label"] for r in result.rows] == ["pos", "neg"] * 3 + ["pos"]
+    assert {r["prompt"] for r in result.rows[1:6:2]} == {result.rows[1]["prompt"]}
     assert result.rows[1]["prompt"].endswith("[Input]: What is 38 plus 49?\n[Output]: 88")
-    (reject,) = result.rejects
-    assert reasons(result) == {"no-prompt": "missing field"}
-    assert "needs its question in a 'prompt' column" in reject.detail
+    assert result.rows[-1]["prompt"].endswith("[Input]: What is 2 plus 2?\n[Output]: 4")  # its own, no 'z'
+    assert reasons(result) == {"no-prompt": "missing field", "two-prompts": "bad value"}
+    details = {r.source_id: r.detail for r in result.rejects}
+    assert "without a 'prompt' column needs chosen/rejected conversations" in details["no-prompt"]
+    assert "start with different user messages" in details["two-prompts"]
 
 
 def test_evaluate_rejects_contradicting_or_missing_verdicts():

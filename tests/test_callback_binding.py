@@ -132,7 +132,8 @@ def test_misuse_is_one_clear_error(tmp_path):
 
 
 def test_engine_reports_progress_to_the_last_example():
-    """``progress(done, total)`` ends at total = evals + probes x evaluation chunks, never past it."""
+    """``progress(done, total)`` ends at total = held + streamed x held chunks (here the evaluation examples are
+    held), never past it."""
     probes, evals = engine_examples()
     engine = engine_on(build_model(0), micro_batch_size=2)
     seen: list[tuple[int, int]] = []

@@ -305,9 +305,9 @@ def test_an_embedding_scaled_by_token_frequency_is_refused():
 
 
 @pytest.mark.parametrize("group_bytes", [1, 1 << 40])
-def test_probe_groups_of_any_size_give_the_same_products(monkeypatch, group_bytes):
-    """Probe features are multiplied with the evaluation side a group at a time: one micro-batch per group (tiny
-    limit) or all probes in one group (huge limit), on materialized and ghost blocks."""
+def test_stream_groups_of_any_size_give_the_same_products(monkeypatch, group_bytes):
+    """Streamed features (the probes' here) are multiplied with the held side a group at a time: one micro-batch
+    per group (tiny limit) or all in one group (huge limit), on materialized and ghost blocks."""
     from swift_callbacks.influence import engine as engine_module
 
     monkeypatch.setattr(engine_module, "_STREAM_GROUP_BYTES", group_bytes)

@@ -139,6 +139,8 @@ def _validate(position: int, raw: Any, fields: Sequence[Field], mapping: Mapping
     if {"query", "response"} <= names:  # a set in one of TRL's forms is read as it is, field by field
         given = _given(raw)
         trl = {k: v for k, v in trl_query_response(raw).items() if k not in mapping and k not in given}
+        if "response" not in trl:  # a rejected answer is the negative of the chosen one only
+            trl.pop("negative_response", None)
         source = {**raw, **trl}
     values: dict[str, Any] = {}
     for f in fields:
@@ -169,9 +171,10 @@ def _missing(name: str, column: str, raw: Mapping) -> str:
     if column != name:
         return (f"field {name!r} is missing: --map reads it from column {column!r}, which the row lacks or leaves "
                 f"null (the row has {present})")  # fmt: skip
-    if name == "query" and _absent(raw.get("prompt")) and isinstance(raw.get("chosen"), str):
-        return ("field 'query' is missing: a preference row whose chosen answer is plain text needs its question in a "
-                "'prompt' column (prompt/chosen/rejected), or conversations in chosen/rejected")  # fmt: skip
+    if name == "query" and _absent(raw.get("prompt")) and not _absent(raw.get("chosen")):
+        return ("field 'query' is missing: a preference row without a 'prompt' column needs chosen/rejected "
+                "conversations of one user message and its answer (this row's chosen is plain text or more turns); "
+                "or give prompt/chosen/rejected")  # fmt: skip
     chat = raw.get("messages") if not _absent(raw.get("messages")) else raw.get("prompt")
     from_chat = isinstance(chat, list | tuple | str) and not isinstance(raw.get("prompt"), str)
     if name in ("query", "response") and from_chat:
@@ -187,7 +190,8 @@ def _missing(name: str, column: str, raw: Mapping) -> str:
 
 
 def trl_query_response(raw: Mapping) -> dict[str, str]:
-    """``query`` and ``response`` of a row in one of TRL's forms, as the callback reads probe sets.
+    """``query`` and ``response`` of a row in one of TRL's forms (as the callback reads probe sets, and also
+    preference rows, which the callback's sets do not take).
 
     ``prompt``/``completion`` as text, or as chat messages (the prompt's one user message and the completion's
     last assistant message; a system message may precede), or ``messages`` ending with a user then an assistant
@@ -206,7 +210,11 @@ def trl_query_response(raw: Mapping) -> dict[str, str]:
     elif (turns := _turns(prompt)) and [r for r, _ in turns] == ["user"]:
         found["query"] = turns[0][1]
     elif _absent(prompt) and preference:  # implicit prompt: each conversation starts with it
-        found.update({k: v for k, v in _exchange(raw.get("chosen")).items() if k == "query"})
+        query = _exchange(raw.get("chosen")).get("query")
+        if query is not None and _exchange(raw.get("rejected")).get("query") not in (None, query):
+            raise _Invalid("bad value", "the chosen and rejected conversations start with different user messages")
+        if query is not None:
+            found["query"] = query
     answers = {"response": raw.get("chosen"), "negative_response": raw.get("rejected")} if preference else {
         "response": raw.get("completion")}  # fmt: skip
     for name, answer in answers.items():

@@ -38,9 +38,10 @@ class InfluenceArguments:
         "length order while a micro-batch stays within this and micro_batch_size (one long example alone may "
         "exceed it). Bounds activation memory when lengths vary; default: micro_batch_size alone.")})  # fmt: skip
     max_feature_bytes: int | str = field(default=2 << 30, metadata={"help": (
-        "Budget for stored evaluation features per process, in bytes or as '2GiB' / '500MB', or 'auto' (half "
-        "the memory free on the compute device at each computation, shared by the processes of a host, the "
-        "smallest over ranks); beyond it evaluation examples are processed in chunks.")})  # fmt: skip
+        "Budget for the held side's features per process (the probes' or the evaluation examples', whichever "
+        "costs fewer passes), in bytes or as '2GiB' / '500MB', or 'auto' (half the memory free on the compute "
+        "device at each computation, shared by the processes of a host, the smallest over ranks); beyond it the "
+        "held side is processed in chunks, the other side once per chunk.")})  # fmt: skip
     verify: bool | Literal["once", "every_save"] = field(default=True, metadata={"help": (
         "True: check the engine against autograd on the live model when training starts and whenever the model "
         "changes, and every micro-batch's gradient sum at every computation; 'once': the start check only; "

@@ -184,8 +184,9 @@ class InfluenceEngine:
         self._check_examples(probes, "probe")
         self._check_examples(evals, "evaluation")
         sharding.check_model(self.model)  # wrapped since set-up (an FSDP1 wrapper applied around it) is an error
-        plan = self._plan(probes, evals)
+        # Set up first: a variant's feature sizes, and the memory its set-up takes, enter the plan.
         self.variant.setup(self.model, self.blocks, optimizer)
+        plan = self._plan(probes, evals)
         self._replay_verdicts.clear()
         held, streamed = (evals, probes) if plan.hold_evals else (probes, evals)
         roles = ("eval", "probe") if plan.hold_evals else ("probe", "eval")
@@ -204,12 +205,12 @@ class InfluenceEngine:
                 held_sides.append(_in_order(dataclasses.replace(hd, features=None), columns))
                 del hd  # this chunk's features
         rows = dist_utils.first_positions(st.order, len(streamed))
-        st = _in_order(st, rows)
+        st = _in_order(dataclasses.replace(st, dot=None), rows)  # (the dots of every chunk are in ``dots``)
         hd = _join(held_sides)  # chunks, each already in example order
         dot = torch.cat(dots, dim=1)[rows.to(dots[0].device)]
         pr, ev = (st, hd) if plan.hold_evals else (hd, st)
         return InfluenceResult(
-            dot=(dot if plan.hold_evals else dot.T).double().cpu(),
+            dot=(dot if plan.hold_evals else dot.T.contiguous()).double().cpu(),
             probe_sq_norm=pr.sq_norm.double().cpu(),
             eval_sq_norm=ev.sq_norm.double().cpu(),
             probe_loss=pr.loss.double().cpu(),
@@ -458,10 +459,11 @@ class InfluenceEngine:
             self._progress.advance(len(batch))
         if streamed and rows.filled:
             dots.add(_dots(rows.features(), held))
+        norm = norms.result()
         return _Side(
             features=None if streamed else rows.features(),
-            dot=dots.data.to(norms.data.device) if streamed else None,
-            sq_norm=norms.data, loss=losses.data, tokens=counts.data, order=order,
+            dot=dots.result().to(norm.device) if streamed else None,
+            sq_norm=norm, loss=losses.result(), tokens=counts.result(), order=order,
         )  # fmt: skip
 
     def _stream_rows(self, capacity: int, example_bytes: int) -> Rows:
@@ -773,14 +775,22 @@ class _Column:
     resident set grew with the number of examples streamed)."""
 
     def __init__(self, n: int) -> None:
+        """A column for ``n`` examples (rows); its dtype, device and row shape are those of the first values."""
         self.n, self.filled = n, 0
         self.data: torch.Tensor | None = None
 
     def add(self, values: torch.Tensor) -> None:
+        """Write the next ``len(values)`` rows."""
         if self.data is None:
             self.data = values.new_empty((self.n, *values.shape[1:]))
         self.data[self.filled : self.filled + len(values)] = values
         self.filled += len(values)
+
+    def result(self) -> torch.Tensor:
+        """Every row, once all ``n`` were written (a shortfall would leave uninitialized rows: an error)."""
+        if self.data is None or self.filled != self.n:
+            raise RuntimeError(f"{self.filled} of {self.n} rows were computed; the side is incomplete.")
+        return self.data
 
 
 def _share(n: int) -> int:
@@ -790,12 +800,12 @@ def _share(n: int) -> int:
     return len(dist_utils.shard(n, dist_utils.world_size(), dist_utils.rank()))
 
 
-def _dots(probe: list[list[Feature]], evals: list[list[Feature]]) -> torch.Tensor:
-    """Inner products of the probe rows with every evaluation row, summed over blocks: ``(probe rows, evaluation
-    rows)``, both in their computed order (each block's parts taken one after another)."""
+def _dots(streamed: list[list[Feature]], held: list[list[Feature]]) -> torch.Tensor:
+    """Inner products of the streamed rows with every held row, summed over blocks: ``(streamed rows, held rows)``,
+    both in their computed order (each block's parts taken one after another)."""
     total = None
-    for probe_parts, eval_parts in zip(probe, evals, strict=True):
-        block = _cat([_cat([pairwise(p, e) for e in eval_parts], dim=1) for p in probe_parts], dim=0)
+    for streamed_parts, held_parts in zip(streamed, held, strict=True):
+        block = _cat([_cat([pairwise(s, h) for h in held_parts], dim=1) for s in streamed_parts], dim=0)
         total = block if total is None else total + block
     return total
 

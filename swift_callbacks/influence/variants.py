@@ -63,7 +63,7 @@ class ScoreVariant:
         projections per block)."""
 
     def feature_numel(self, block: Block) -> int | None:
-        """Numbers per example :meth:`transform` keeps for ``block`` (sizes the evaluation chunks); None: as the
+        """Numbers per example :meth:`transform` keeps for ``block`` (sizes the held side's chunks); None: as the
         exact route keeps them."""
         return None
 
