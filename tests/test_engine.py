@@ -371,6 +371,19 @@ def test_each_side_is_costed_with_the_routes_fitted_for_it():
     assert seen[-1] == 21
 
 
+def test_the_plan_sees_the_score_variant_set_up(monkeypatch):
+    """A variant's set-up (projection matrices, Adam's scales) takes memory and fixes its feature sizes: with
+    ``max_feature_bytes="auto"`` the free memory is read, and the held side sized, only after it ran."""
+    model = model_for("lora-llama")
+    engine = InfluenceEngine(model, max_feature_bytes="auto", score="projection", score_options={"dim": 8})
+    order = []
+    setup, budget = engine.variant.setup, engine._budget
+    monkeypatch.setattr(engine.variant, "setup", lambda *a, **k: (order.append("setup"), setup(*a, **k))[1])
+    monkeypatch.setattr(engine, "_budget", lambda: (order.append("budget"), budget())[1])
+    engine.compute(PROBES, EVALS)
+    assert order == ["setup", "budget"]
+
+
 def test_token_budget_micro_batches():
     """``micro_batch_tokens`` caps examples x longest length per micro-batch (one long example may exceed it);
     the products are those of any other batching."""
