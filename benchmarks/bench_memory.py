@@ -5,8 +5,9 @@
 Each size runs in a fresh process (so its peak resident memory is its own): the tracking benchmark's model (a)
 (Llama h256 L4, LoRA r=8 on every linear map; 156,160 tracked parameters, 0.62 MB of evaluation features per
 example when materialized), 64 probes, N evaluation examples of 20-120 tokens, ``max_feature_bytes`` = the
-budget, one thread. Prints the peak RSS, the RSS after building the model (the baseline), their difference, the
-wall time, which side's features were held (the other is streamed past them) and in how many chunks.
+budget, one thread. Prints the peak RSS, the RSS after building the model and the examples (the baseline), their
+difference, the wall time, which side's features were held (the other is streamed past them) and in how many
+chunks.
 """
 
 from __future__ import annotations

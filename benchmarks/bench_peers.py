@@ -51,15 +51,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the peers' progress bars (tqdm rea
 
 import torch
 from bench_tracking import build, configs, floor_pass, less_loop, machine, make_examples, max_rel_err, trainable
+from bench_tracking import micro_batch_indices as batches
 
 from swift_callbacks.assets.tiny import build_tokenizer, demo_corpus
 from swift_callbacks.influence import InfluenceEngine, collate, example_losses
-
-
-def batches(examples: list[dict], size: int) -> list[list[int]]:
-    """Index lists of length-sorted micro-batches (the engine's batching)."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
 def in_order(rows: list[torch.Tensor], index: list[list[int]]) -> torch.Tensor:

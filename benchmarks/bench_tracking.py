@@ -129,10 +129,15 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def sorted_micro_batches(examples: Sequence[dict], size: int) -> list[list[dict]]:
-    """Same batching as the engine: sort by length, consecutive chunks of ``size``."""
+def micro_batch_indices(examples: Sequence[dict], size: int) -> list[list[int]]:
+    """Same batching as the engine: sort by length, consecutive chunks of ``size`` (example indices)."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    return [[examples[i] for i in order[s : s + size]] for s in range(0, len(order), size)]
+    return [order[s : s + size] for s in range(0, len(order), size)]
+
+
+def sorted_micro_batches(examples: Sequence[dict], size: int) -> list[list[dict]]:
+    """The engine's micro-batches of ``examples`` (see :func:`micro_batch_indices`)."""
+    return [[examples[i] for i in batch] for batch in micro_batch_indices(examples, size)]
 
 
 def floor_pass(model, params, probes, evals, pad_id: int, micro_batch_size: int) -> float:

@@ -202,10 +202,10 @@ class InfluenceEngine:
                 st = self._side(streamed, roles[1], hd.features)
                 columns = dist_utils.first_positions(hd.order, min(plan.chunk, len(held) - start))
                 dots.append(st.dot[:, columns.to(st.dot.device)])  # held columns in example order
-                held_sides.append(_in_order(dataclasses.replace(hd, features=None), columns))
+                held_sides.append(_in_order(hd, columns))
                 del hd  # this chunk's features
         rows = dist_utils.first_positions(st.order, len(streamed))
-        st = _in_order(dataclasses.replace(st, dot=None), rows)  # (the dots of every chunk are in ``dots``)
+        st = _in_order(st, rows)
         hd = _join(held_sides)  # chunks, each already in example order
         dot = torch.cat(dots, dim=1)[rows.to(dots[0].device)]
         pr, ev = (st, hd) if plan.hold_evals else (hd, st)
@@ -831,11 +831,12 @@ def _join(sides: Sequence[_Side]) -> _Side:
 
 
 def _in_order(side: _Side, rows: torch.Tensor) -> _Side:
-    """The small per-example tensors (and dot rows) of ``side`` at ``rows``, i.e. in example order."""
+    """The small per-example tensors of ``side`` at ``rows``, i.e. in example order (no features, no dots: those
+    are taken from the chunks as they are computed)."""
     pick = lambda t: t[rows.to(t.device)]  # noqa: E731
     return _Side(
-        features=None, dot=None if side.dot is None else pick(side.dot), sq_norm=pick(side.sq_norm),
-        loss=pick(side.loss), tokens=pick(side.tokens), order=list(range(len(rows))),
+        features=None, dot=None, sq_norm=pick(side.sq_norm), loss=pick(side.loss), tokens=pick(side.tokens),
+        order=list(range(len(rows))),
     )  # fmt: skip
 
 
