@@ -266,15 +266,63 @@ def test_batched_replay_of_norms_only_where_it_agrees_with_the_per_example_repla
     engine = InfluenceEngine(model, micro_batch_size=3, param_filter="norm")
     check(model, engine, params=params)
     assert engine._replay_verdicts.get(layers[0].input_layernorm, {"weight"}) is False
-    assert engine._replay_verdicts.get(layers[0].post_attention_layernorm, {"weight"}) is True
-    assert engine._replay_verdicts.get(model.model.norm, {"weight"}) is True
+    assert engine._replay_verdicts.get(layers[0].post_attention_layernorm, {"weight"}) == "scale"
+    assert engine._replay_verdicts.get(model.model.norm, {"weight"}) == "scale"
     # The module's behaviour changes without a change the engine could see: judged again in the next computation.
     layers[0].input_layernorm.reduce = False
     check(model, engine, params=params)
-    assert engine._replay_verdicts.get(layers[0].input_layernorm, {"weight"}) is True
+    assert engine._replay_verdicts.get(layers[0].input_layernorm, {"weight"}) == "scale"
     layers[0].input_layernorm.reduce = True
     check(model, engine, params=params)
     assert engine._replay_verdicts.get(layers[0].input_layernorm, {"weight"}) is False
+
+
+class Scaled(torch.nn.Module):
+    """An RMS norm with a chosen output form ``y = form(x_hat, weight[, bias])``."""
+
+    def __init__(self, width: int, form, bias: bool = False) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(width)
+        self.weight = torch.nn.Parameter(torch.rand(width, generator=g) + 0.5)
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(width, generator=g)) if bias else None
+        self.form = form
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.form(x_hat, self.weight) if self.bias is None else self.form(x_hat, self.weight, self.bias)
+
+
+SHORTCUT_FORMS = {  # form, with a bias, the shortcut the judge must pick
+    "proportional": (lambda x, w: x * w, False, "scale"),
+    "one plus weight (Gemma)": (lambda x, w: x * (1.0 + w), False, "broadcast"),
+    "with a bias": (lambda x, w, b: x * w + b, True, "broadcast"),
+    "squared weight": (lambda x, w: x * w * w, False, "broadcast"),
+    "weight through its mean": (lambda x, w: x * w * w.mean(), False, False),
+}
+
+
+@pytest.mark.parametrize("form", list(SHORTCUT_FORMS))
+def test_each_norm_form_gets_the_shortcut_that_agrees_with_the_per_example_replay(form):
+    fn, bias, expected = SHORTCUT_FORMS[form]
+    model = tiny_model(seed=11)
+    module = Scaled(32, fn, bias)
+    model.model.layers[1].post_attention_layernorm = module
+    params = [p for n, p in model.named_parameters() if "post_attention" in n]
+    engine = InfluenceEngine(model, micro_batch_size=2, param_filter="post_attention", verify=False)
+    check(model, engine, params=params)
+    assert engine._replay_verdicts.get(module, engine.blocks[-1].tracked(module)) == expected
+
+
+def test_a_proportional_norm_with_a_zero_scale_entry_is_not_divided_by_it():
+    model = tiny_model(seed=12)
+    module = Scaled(32, lambda x, w: x * w)
+    with torch.no_grad():
+        module.weight[3] = 0.0
+    model.model.layers[1].post_attention_layernorm = module
+    params = [p for n, p in model.named_parameters() if "post_attention" in n]
+    engine = InfluenceEngine(model, micro_batch_size=2, param_filter="post_attention", verify=False)
+    check(model, engine, params=params)
+    assert engine._replay_verdicts.get(module, {"weight"}) == "broadcast"
 
 
 def test_batched_replay_is_not_judged_on_examples_that_cannot_tell():

@@ -245,8 +245,9 @@ def _materialize_generic(
 
     xs = [leaves[i].reshape(batch_size, -1, *leaves[i].shape[1:]) if i in flat_in else leaves[i] for i in per_example]
     gs = list(call.grads)
-    if verdicts is not None and verdicts.get(module, tracked):
-        fast = _broadcast_replay(module, call, params, batch_size)
+    method = verdicts.get(module, tracked) if verdicts is not None else None
+    if method:
+        fast = _FAST_REPLAYS[method](module, call, params, batch_size)
         if fast is not None:
             return fast
     with torch.enable_grad():
@@ -263,22 +264,31 @@ def _materialize_generic(
     return slow
 
 
-# A module whose parameters enter its output elementwise (norm scales and biases, ...) can get its per-example
-# gradients from ONE batched replay in which each parameter is expanded to one copy per example, ``(B, 1.., *S)``:
-# autograd's gradient w.r.t. copy b is example b's gradient. Whether this holds is not assumed from the module's
-# type: in every computation, the module's first micro-batch that can tell (two or more examples whose per-example
-# gradients differ) runs both replays, and only if they agree does the batched one serve the rest of that
-# computation. A forward that reduces over its parameter (``w.mean()``) mixes examples and fails the comparison.
+# A module whose parameters enter its output elementwise (norm scales and biases, ...) has per-example gradients
+# cheaper than a replay per example. Two shortcuts, cheapest first:
+#
+# * ``scale``: where the outputs are proportional to the one tracked parameter elementwise, ``y = B(x) ⊙ p`` (an
+#   RMS norm's scale), ``∂y/∂p = y / p``: example b's gradient is its output gradient times the recorded output,
+#   summed over every axis p is broadcast along, divided by p. No replay at all.
+# * ``broadcast``: ONE batched replay with each parameter expanded to one copy per example, ``(B, 1.., *S)``:
+#   autograd's gradient w.r.t. copy b is example b's gradient.
+#
+# Neither is assumed from the module's type: in every computation, the module's first micro-batch that can tell
+# (two or more examples whose per-example gradients differ) runs the per-example replay and the shortcuts, and the
+# first shortcut that agrees with it serves the rest of that computation. A forward that adds to the scaled value
+# (a bias, Gemma's ``1 + w``) fails ``scale``; one that reduces over its parameter (``w.mean()``) fails both and
+# keeps the per-example replay.
 _BROADCAST_RTOL = 1e-4
 
 
 class ReplayVerdicts:
-    """Which generic modules may use the batched replay, judged afresh in every computation (an engine clears it
-    when a computation starts): a verdict never outlives the data, the tracked parameters or the module state it
-    was judged on. Keyed by module identity, its forward and the tracked parameter names."""
+    """Which shortcut (``"scale"``, ``"broadcast"``) each generic module may use, judged afresh in every
+    computation (an engine clears it when a computation starts): a verdict never outlives the data, the tracked
+    parameters or the module state it was judged on. Keyed by module identity, its forward and the tracked
+    parameter names; ``False`` where no shortcut agreed with the per-example replay."""
 
     def __init__(self) -> None:
-        self._verdicts: dict[tuple[int, object, frozenset[str]], bool] = {}
+        self._verdicts: dict[tuple[int, object, frozenset[str]], str | bool] = {}
 
     def clear(self) -> None:
         self._verdicts.clear()
@@ -287,17 +297,22 @@ class ReplayVerdicts:
     def _key(module: nn.Module, tracked: set[str]) -> tuple[int, object, frozenset[str]]:
         return id(module), module.__dict__.get("forward", type(module).forward), frozenset(tracked)
 
-    def get(self, module: nn.Module, tracked: set[str]) -> bool | None:
+    def get(self, module: nn.Module, tracked: set[str]) -> str | bool | None:
+        """The shortcut judged right for ``module`` in this computation, False if none, None if not judged yet."""
         return self._verdicts.get(self._key(module, tracked))
 
     def judge(self, module: nn.Module, call: Call, params: dict, batch_size: int, reference: dict) -> None:
-        """Record whether the batched replay reproduces ``reference`` (the per-example VJP), if this batch can
-        tell: at least two examples with different, non-zero gradients."""
+        """Record the first shortcut that reproduces ``reference`` (the per-example VJP), if this batch can tell:
+        at least two examples with different, non-zero gradients."""
         key = self._key(module, set(reference))
         if key in self._verdicts or not _informative(reference, batch_size):
             return
-        fast = _broadcast_replay(module, call, params, batch_size)
-        self._verdicts[key] = fast is not None and all(_close(fast[n], reference[n]) for n in reference)
+        self._verdicts[key] = False
+        for method, replay in _FAST_REPLAYS.items():
+            fast = replay(module, call, params, batch_size)
+            if fast is not None and all(_close(fast[n], reference[n]) for n in reference):
+                self._verdicts[key] = method
+                return
 
 
 def _informative(reference: dict[str, torch.Tensor], batch_size: int) -> bool:
@@ -319,19 +334,50 @@ def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
     return bool((x - y).abs().max().item() <= _BROADCAST_RTOL * scale) if scale > 0 else bool((x == 0).all())
 
 
+def _shortcut_allowed(call: Call) -> bool:
+    """Batched shortcuts need every output and input with examples as rows (no flattened or shared layouts)."""
+    return all(layout is Layout.BATCHED for layout in call.out_layouts) and not any(
+        layout is Layout.FLAT for layout in call.layouts.values()
+    )
+
+
+def _lead(call: Call, p: torch.Tensor) -> int | None:
+    """Axes between the example axis and a parameter's trailing axes in the outputs (None: it cannot broadcast)."""
+    lead = min(g.dim() for g in call.grads) - 1 - p.dim()
+    return lead if lead >= 0 else None
+
+
+def _scale_replay(module: nn.Module, call: Call, params: dict, batch_size: int) -> dict | None:
+    """Per-example gradients of one parameter the outputs are proportional to elementwise, ``y = B(x) ⊙ p``
+    (see above): ``∂y/∂p = y / p``, so no replay at all; None where the call does not allow it (another layout,
+    several parameters, a zero or subnormal entry in the parameter)."""
+    if len(params) != 1 or not _shortcut_allowed(call):
+        return None
+    ((name, p),) = params.items()
+    lead = _lead(call, p)
+    p = p.detach().to(ACC)
+    # Far from subnormal (where y / p loses digits); the judge compares with the per-example replay anyway.
+    if lead is None or not bool((p.abs() >= torch.finfo(ACC).tiny ** 0.5).all()):
+        return None
+    size = (batch_size, *([1] * lead), *p.shape)
+    total = None
+    for y, g in zip(call.outputs, call.grads, strict=True):
+        trailing = y.shape[y.dim() - p.dim() :]
+        if y.shape != g.shape or any(n not in (1, m) for n, m in zip(p.shape, trailing, strict=True)):
+            return None  # (a lookup table's rows, say, are not broadcast against the output)
+        part = (y.detach().to(ACC) * g.to(ACC)).sum_to_size(size)
+        total = part if total is None else total + part
+    return {name: total.reshape(batch_size, *p.shape) / p}
+
+
 def _broadcast_replay(module: nn.Module, call: Call, params: dict, batch_size: int) -> dict | None:
     """Per-example gradients from one batched replay with per-example parameter copies, or None where the call
     does not allow it (flattened or shared layouts, outputs of another shape, an error in the forward)."""
-    if any(layout is not Layout.BATCHED for layout in call.out_layouts) or any(
-        layout is Layout.FLAT for layout in call.layouts.values()
-    ):
+    if not _shortcut_allowed(call) or any(_lead(call, p) is None for p in params.values()):
         return None
-    ndim = min(g.dim() for g in call.grads)
     copies = {}
     for n, p in params.items():
-        lead = ndim - 1 - p.dim()
-        if lead < 0:
-            return None
+        lead = _lead(call, p)
         copies[n] = p.detach().reshape(1, *([1] * lead), *p.shape).expand(batch_size, *([1] * lead), *p.shape)
         copies[n] = copies[n].clone().requires_grad_(True)
     device_type, enabled, dtype = call.autocast
@@ -352,6 +398,9 @@ def _broadcast_replay(module: nn.Module, call: Call, params: dict, batch_size: i
         out[n] = torch.zeros(batch_size, *p.shape, dtype=ACC, device=p.device) if g is None else g.reshape(
             batch_size, *p.shape).to(ACC)  # fmt: skip
     return out
+
+
+_FAST_REPLAYS = {"scale": _scale_replay, "broadcast": _broadcast_replay}  # cheapest first
 
 
 def _replay(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict):
