@@ -487,3 +487,17 @@ def test_a_model_whose_forward_runs_other_modules_is_refused_not_zero():
         InfluenceEngine(twin, verify=False).compute(PROBES, EVALS)
     with pytest.raises(UnsupportedModelError, match="called none of the tracked modules"):
         InfluenceEngine(twin).compute(PROBES, EVALS)
+
+
+def test_feature_rows_kept_between_computations_are_written_afresh():
+    """Small feature rows are reused by the next computation (no page faults for fresh memory); results of every
+    computation stay exact, including one over other examples of the same sizes in between."""
+    model = tiny_model(seed=13)
+    engine = InfluenceEngine(model, micro_batch_size=2, verify=False)
+    first = check(model, engine)
+    held = engine._kept_rows["held"]
+    others = [{"input_ids": e["input_ids"][::-1], "labels": e["labels"]} for e in PROBES]
+    check(model, engine, probes=others, evals=[dict(e) for e in EVALS[::-1]])
+    assert engine._kept_rows["held"] is held  # same capacity: the same memory
+    again = check(model, engine)
+    assert torch.equal(again.dot, first.dot) and torch.equal(again.probe_sq_norm, first.probe_sq_norm)
