@@ -107,6 +107,7 @@ class Capture:
     _weights: dict[int, set[str]] = field(default_factory=dict)
     _tracked: dict[int, set[str]] = field(default_factory=dict)
     _pending: dict[int, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+    _rules: dict[int, str] = field(default_factory=dict)  # each module's rule, read once on entry
 
     def __enter__(self) -> Capture:
         modules: dict[int, nn.Module] = {}
@@ -115,7 +116,8 @@ class Capture:
                 modules[id(module)] = module
                 self._names[id(module)] = name
                 self._tracked.setdefault(id(module), set()).update(block.tracked(module))
-                if rule(module) == "generic":
+                self._rules[id(module)] = rule(module)
+                if self._rules[id(module)] == "generic":
                     self._weights.setdefault(id(module), set()).update(block.tracked(module))
         for module in modules.values():
             # Registered last, so it runs after a ZeRO-3 / FSDP pre-hook has gathered the parameters.
@@ -138,12 +140,17 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.reset()
+        self._weights.clear()
+
+    def reset(self) -> None:
+        """Forget the micro-batch recorded (its calls, tensors and flags); the hooks stay attached for the next."""
         self.calls.clear()
         self.embedding_outputs.clear()
         self.used_params.clear()
         self.expanded.clear()
-        self._weights.clear()
         self._pending.clear()
+        self.recording = self.embedding_ran = False
 
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
         if not self.recording:
@@ -172,7 +179,7 @@ class Capture:
                 f"Tracked module {name!r} ({type(module).__name__}) returned no floating-point tensor, so its "
                 "parameters' gradients cannot be followed. Exclude its parameters with param_filter."
             )
-        module_rule = rule(module)
+        module_rule = self._rules[id(module)]
         if module_rule != "generic":
             if not args or not isinstance(args[0], torch.Tensor) or len(out_index) != 1:
                 raise UnsupportedModelError(

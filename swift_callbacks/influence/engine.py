@@ -440,24 +440,25 @@ class InfluenceEngine:
             rows = self._rows("streamed", self._stream_group(len(examples), per_example), per_example)
         else:
             rows = self._rows("held", len(examples), per_example)
-        for batch in self._micro_batches(examples):
-            if streamed and len(batch) > rows.room():
-                dots.add(_dots(rows.features(), held))
-                rows.clear()
-            checked = self.verify in (True, "every_save") and not self._sharded
-            feats, norm, loss, tokens, sums = self._forward_backward(
-                [examples[i] for i in batch], reference=checked, rows=rows
-            )
-            if sums is not None:
-                self.sum_check_error = max(self.sum_check_error, verify_lib.check_sums(self.blocks, sums))
-            if not self.variant.exact:  # scores from the variant's features (checked above on the exact ones)
-                feats = self.variant.transform(self.blocks, feats, role)
-                norm = sum((sq_norms(f) for f in feats), torch.zeros_like(norm))
-            rows.add(feats)
-            del feats
-            order.extend(batch)
-            norms.add(norm), losses.add(loss), counts.add(tokens)
-            self._progress.advance(len(batch))
+        checked = self.verify in (True, "every_save") and not self._sharded
+        with self._capture(checked) as capture:  # attached once for the side: hooks cost time to attach
+            for batch in self._micro_batches(examples):
+                if streamed and len(batch) > rows.room():
+                    dots.add(_dots(rows.features(), held))
+                    rows.clear()
+                feats, norm, loss, tokens, sums = self._forward_backward(
+                    [examples[i] for i in batch], reference=checked, rows=rows, capture=capture
+                )
+                if sums is not None:
+                    self.sum_check_error = max(self.sum_check_error, verify_lib.check_sums(self.blocks, sums))
+                if not self.variant.exact:  # scores from the variant's features (checked above on the exact ones)
+                    feats = self.variant.transform(self.blocks, feats, role)
+                    norm = sum((sq_norms(f) for f in feats), torch.zeros_like(norm))
+                rows.add(feats)
+                del feats
+                order.extend(batch)
+                norms.add(norm), losses.add(loss), counts.add(tokens)
+                self._progress.advance(len(batch))
         if streamed and rows.filled:
             dots.add(_dots(rows.features(), held))
         norm = norms.result()
@@ -503,25 +504,39 @@ class InfluenceEngine:
         if batch:
             yield batch
 
+    def _capture(self, reference: bool) -> Capture:
+        """Hooks recording the tracked modules' calls (attached on entering it, for one or more micro-batches).
+
+        ZeRO-3 gathers a module's parameters before its backward and releases them after, in autograd functions
+        wrapped around the module's outputs and inputs. A backward that stops at the tracked outputs leaves the
+        modules around the earliest ones gathered and marked active; carrying it down to the input embeddings (as
+        a training backward goes) runs every release, hence ``embedding`` under ZeRO-3.
+        """
+        watch = self.model.get_input_embeddings()
+        embedding = watch if self._zero3 else None
+        return Capture(self.blocks, embedding, copy_weights=self._sharded, keep_params=reference, watch=watch)
+
     def _forward_backward(
-        self, examples: Sequence[Example], reference: bool = False, grams: bool = False, rows: Rows | None = None
+        self,
+        examples: Sequence[Example],
+        reference: bool = False,
+        grams: bool = False,
+        rows: Rows | None = None,
+        capture: Capture | None = None,
     ):
         """One micro-batch: features per block, squared norms, losses and token counts; with ``reference`` also
         a ``verify.Pass`` holding autograd's gradient of the summed loss w.r.t. every tracked tensor, and with
         ``grams`` the Gram matrices of autograd's per-example gradients (one more backward per example: the
-        verification's oracle only, never the per-micro-batch check)."""
+        verification's oracle only, never the per-micro-batch check). ``capture``: hooks already attached (with
+        ``keep_params`` equal to ``reference``), reset afterwards; by default hooks are attached for this
+        micro-batch alone."""
         # One more padding column when the width equals the number of examples: layouts are told apart by size.
         width = max(len(e["input_ids"]) for e in examples)
         min_width = width + 1 if len(examples) > 1 and width == len(examples) else width
         input_ids, attention_mask, labels = collate(examples, self.pad_token_id, self._device(), min_width)
         tokens = (labels[:, 1:] != IGNORE_INDEX).sum(1)
-        # ZeRO-3 gathers a module's parameters before its backward and releases them after, in autograd functions
-        # wrapped around the module's outputs and inputs. A backward that stops at the tracked outputs leaves the
-        # modules around the earliest ones gathered and marked active; carrying it down to the input embeddings
-        # (as a training backward goes) runs every release.
-        watch = self.model.get_input_embeddings()
-        embedding = watch if self._zero3 else None
-        with Capture(self.blocks, embedding, copy_weights=self._sharded, keep_params=reference, watch=watch) as capture:
+        hooks = self._capture(reference) if capture is None else contextlib.nullcontext(capture)
+        with hooks as capture, _resetting(capture):
             capture.batch_size, capture.width = input_ids.shape
             capture.recording = True
             try:
@@ -719,6 +734,15 @@ def full_precision(model: nn.Module, sharded: bool) -> Iterator[None]:
             model.forward = patched
         for t, dtype in zip(low, dtypes, strict=True):
             t.data = t.data.to(dtype)
+
+
+@contextlib.contextmanager
+def _resetting(capture: Capture) -> Iterator[None]:
+    """Forget what ``capture`` recorded when the block ends (its tensors would keep the micro-batch's graph)."""
+    try:
+        yield
+    finally:
+        capture.reset()
 
 
 def _all_integers(values: Sequence) -> bool:
