@@ -313,6 +313,83 @@ def test_each_norm_form_gets_the_shortcut_that_agrees_with_the_per_example_repla
     assert engine._replay_verdicts.get(module, engine.blocks[-1].tracked(module)) == expected
 
 
+class LateBias(Scaled):
+    """Proportional to its scale on short sequences only: a fixed vector is added from position ``start`` on."""
+
+    def __init__(self, width: int, start: int) -> None:
+        super().__init__(width, lambda x, w: x * w)
+        self.register_buffer("extra", 0.5 * torch.randn(width, generator=torch.Generator().manual_seed(3)))
+        self.start = start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return torch.cat([y[:, : self.start], y[:, self.start :] + self.extra], dim=1)
+
+
+class TwoOutputs(Scaled):
+    """Proportional to its scale, returning outputs of different ranks: ``(y, y[:, 0])``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width, lambda x, w: x * w)
+
+    def forward(self, x: torch.Tensor):
+        y = super().forward(x)
+        return y, y[:, 0]
+
+
+class PooledLlama(torch.nn.Module):
+    """A final norm returning two outputs, both used by the loss."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.inner, self.norm = model, TwoOutputs(32)
+        model.model.norm = torch.nn.Identity()
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        hidden = self.inner.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        y, first = self.norm(hidden)
+        return type("Out", (), {"logits": self.inner.lm_head(y + first[:, None])})()
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+
+def test_a_call_where_the_output_is_not_proportional_is_replayed_and_judged_again():
+    """Judged on the shortest examples (where it is proportional), ``scale`` is refused by the per-call check on
+    the longer ones, whose calls are replayed per example; the result stays exact without any verification."""
+    model = tiny_model(seed=14)
+    module = LateBias(32, start=8)
+    model.model.norm = module
+    params = [module.weight]
+    engine = InfluenceEngine(model, micro_batch_size=2, param_filter=r"model\.norm", verify=False)
+    check(model, engine, params=params)
+    assert engine._replay_verdicts.get(module, {"weight"}) == "broadcast"  # after "scale" was refuted
+
+
+def test_outputs_of_different_ranks_take_the_scale_shortcut_exactly():
+    model = PooledLlama(tiny_model(seed=15))
+    engine = InfluenceEngine(model, micro_batch_size=2, param_filter=r"^norm", verify=False)
+    P, E = brute_grads(model, PROBES, [model.norm.weight]), brute_grads(model, EVALS, [model.norm.weight])
+    result = engine.compute(PROBES, EVALS)
+    assert rel_err(result.dot, P @ E.T) <= TOL
+    assert engine._replay_verdicts.get(model.norm, {"weight"}) == "scale"
+
+
+def test_compute_called_from_inside_compute_is_refused():
+    engine = InfluenceEngine(tiny_model(seed=16), micro_batch_size=2, verify=False)
+    inner = []
+
+    def progress(done: int, total: int) -> None:
+        if not inner:
+            with pytest.raises(ConfigError, match="while another compute"):
+                engine.compute(PROBES, EVALS)
+            inner.append(done)
+
+    engine.compute(PROBES, EVALS, progress=progress)
+    assert inner
+    engine.compute(PROBES, EVALS)  # and usable afterwards
+
+
 def test_a_proportional_norm_with_a_zero_scale_entry_is_not_divided_by_it():
     model = tiny_model(seed=12)
     module = Scaled(32, lambda x, w: x * w)

@@ -64,3 +64,23 @@ def test_fp32_tracking_of_a_bf16_model_restores_it_bit_for_bit():
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="precision: must be one of"):
         InfluenceEngine(tiny_model(), precision="bf16")
+
+
+@pytest.mark.parametrize("route", ["auto", "materialize", "ghost"])
+def test_inside_an_autocast_region_the_model_runs_in_bf16_and_the_engine_math_in_fp32(route, monkeypatch):
+    """``compute`` called inside ``torch.autocast``: the forward runs in bf16 as the caller asked, while the
+    engine's own products stay float32 (under the caller's autocast they would silently run in bf16, and an
+    embedding's squared norms crashed mixing the two)."""
+    from swift_callbacks.influence import engine as engine_module
+
+    model = architectures.build("Llama", "full")
+    dot, _ = _reference(model)
+    seen = []
+    real = engine_module._dots
+    monkeypatch.setattr(engine_module, "_dots", lambda *a: seen.append(real(*a)) or seen[-1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = InfluenceEngine(model, micro_batch_size=2, route=route).compute(PROBES, EVALS)
+        fp32 = InfluenceEngine(model, micro_batch_size=2, route=route, precision="fp32").compute(PROBES, EVALS)
+    assert seen and all(d.dtype == torch.float32 for d in seen)
+    assert 1e-4 < rel_err(result.dot, dot) <= 3e-2  # the forward really ran in bf16, and is still close
+    assert rel_err(fp32.dot, dot) <= 1e-4

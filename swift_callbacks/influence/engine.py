@@ -123,6 +123,8 @@ class InfluenceEngine:
         self._progress = _Counter(None, 0)
         self._kept_rows: dict[str, Rows] = {}  # per side ("held", "streamed"), see _rows
         self._replay_verdicts = ReplayVerdicts()  # judged afresh in every computation
+        self._computing = False
+        self._autocast: dict[str, tuple[bool, torch.dtype]] = {}  # the caller's, for the forward (_tracking)
 
     def _option(name: str) -> property:
         """An engine option read from and written to ``self.args`` (a new value is checked like the others)."""
@@ -180,8 +182,22 @@ class InfluenceEngine:
                 counts once per chunk of the held side, see :meth:`_plan`).
             optimizer: The training's optimizer, for score variants that read its state (``"adam"``).
         """
+        if self._computing:  # its buffers (kept rows, verdicts, progress) belong to the computation running
+            raise ConfigError(
+                "InfluenceEngine.compute() was called while another compute() of the same engine is running (from "
+                "its progress callback?); call it after that one returns, or use a second engine."
+            )
         if not probes or not evals:
             raise ValueError("compute() needs at least one probe and one evaluation example.")
+        self._computing = True
+        try:
+            return self._compute(probes, evals, progress, optimizer)
+        finally:
+            self._computing = False
+
+    def _compute(
+        self, probes: Sequence[Example], evals: Sequence[Example], progress: Progress | None, optimizer: Any
+    ) -> InfluenceResult:
         self._check_examples(probes, "probe")
         self._check_examples(evals, "evaluation")
         sharding.check_model(self.model)  # wrapped since set-up (an FSDP1 wrapper applied around it) is an error
@@ -614,7 +630,11 @@ class InfluenceEngine:
                 raise ValueError(f"The {side} example at position {i} {problem}.")
 
     def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        """The model's forward, in the autocast state the computation was called in (see ``_float32_math``)."""
+        with contextlib.ExitStack() as stack:
+            for device_type, (enabled, dtype) in self._autocast.items():
+                stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def _plain_losses(self, examples: Sequence[Example]) -> torch.Tensor:
         """Per-example losses of ``examples`` from the model as it is, without the engine's hooks."""
@@ -687,12 +707,26 @@ class InfluenceEngine:
         self.model.eval()
         precision = full_precision(self.model, self._sharded) if self.precision == "fp32" else contextlib.nullcontext()
         try:
-            with torch.enable_grad(), sharding.no_gradient_reduction(self.model), precision:
+            with torch.enable_grad(), sharding.no_gradient_reduction(self.model), precision, _float32_math() as outer:
+                self._autocast = outer
                 yield
         finally:
             handle.remove()
             for module, mode in modes:
                 module.training = mode
+
+
+@contextlib.contextmanager
+def _float32_math() -> Iterator[dict[str, tuple[bool, torch.dtype]]]:
+    """Autocast off inside the block, so the engine's own math (per-example gradients, squared norms, products)
+    stays in float32 when ``compute`` is called inside a ``torch.autocast`` region (there, matrix products would
+    silently run in bf16); yields the autocast state it found, per device type, for the model's forward."""
+    device_types = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+    outer = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in device_types}
+    with contextlib.ExitStack() as stack:
+        for device_type in device_types:
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield outer
 
 
 @contextlib.contextmanager

@@ -250,6 +250,7 @@ def _materialize_generic(
         fast = _FAST_REPLAYS[method](module, call, params, batch_size)
         if fast is not None:
             return fast
+        verdicts.refute(module, tracked, method)  # this call is replayed per example, and judged again
     with torch.enable_grad():
         try:
             grads = torch.func.vmap(vjp_one)(xs, gs)
@@ -289,9 +290,17 @@ class ReplayVerdicts:
 
     def __init__(self) -> None:
         self._verdicts: dict[tuple[int, object, frozenset[str]], str | bool] = {}
+        self._refuted: dict[tuple[int, object, frozenset[str]], set[str]] = {}
 
     def clear(self) -> None:
         self._verdicts.clear()
+        self._refuted.clear()
+
+    def refute(self, module: nn.Module, tracked: set[str], method: str) -> None:
+        """``method`` could not serve a call of ``module`` (its per-call check failed): judge again without it."""
+        key = self._key(module, tracked)
+        self._refuted.setdefault(key, set()).add(method)
+        self._verdicts.pop(key, None)
 
     @staticmethod
     def _key(module: nn.Module, tracked: set[str]) -> tuple[int, object, frozenset[str]]:
@@ -309,6 +318,8 @@ class ReplayVerdicts:
             return
         self._verdicts[key] = False
         for method, replay in _FAST_REPLAYS.items():
+            if method in self._refuted.get(key, ()):
+                continue
             fast = replay(module, call, params, batch_size)
             if fast is not None and all(_close(fast[n], reference[n]) for n in reference):
                 self._verdicts[key] = method
@@ -349,25 +360,55 @@ def _lead(call: Call, p: torch.Tensor) -> int | None:
 
 def _scale_replay(module: nn.Module, call: Call, params: dict, batch_size: int) -> dict | None:
     """Per-example gradients of one parameter the outputs are proportional to elementwise, ``y = B(x) ⊙ p``
-    (see above): ``∂y/∂p = y / p``, so no replay at all; None where the call does not allow it (another layout,
-    several parameters, a zero or subnormal entry in the parameter)."""
+    (see above): ``∂y/∂p = y / p``, from the recorded outputs.
+
+    Every call is checked: a no-grad replay with ``2p`` must give ``2y`` (doubling is exact in binary floating
+    point), so an output part that is not proportional to p on this call's data (a bias, a term added only at
+    some positions or for some inputs, a clamp that bites) sends the call back to the replay. None there, and
+    where the call does not allow the shortcut (another layout, several parameters, a zero or near-subnormal
+    entry in the parameter, a parameter that does not broadcast against an output's trailing axes).
+    """
     if len(params) != 1 or not _shortcut_allowed(call):
         return None
     ((name, p),) = params.items()
-    lead = _lead(call, p)
-    p = p.detach().to(ACC)
-    # Far from subnormal (where y / p loses digits); the judge compares with the per-example replay anyway.
-    if lead is None or not bool((p.abs() >= torch.finfo(ACC).tiny ** 0.5).all()):
+    p = p.detach()
+    # Far from subnormal (where y / p loses digits).
+    if not bool((p.abs() >= torch.finfo(ACC).tiny ** 0.5).all()) or not bool(torch.isfinite(p).all()):
         return None
-    size = (batch_size, *([1] * lead), *p.shape)
-    total = None
-    for y, g in zip(call.outputs, call.grads, strict=True):
+    ys = [y.detach() for y in call.outputs]
+    for y, g in zip(ys, call.grads, strict=True):
         trailing = y.shape[y.dim() - p.dim() :]
-        if y.shape != g.shape or any(n not in (1, m) for n, m in zip(p.shape, trailing, strict=True)):
+        if y.shape != g.shape or y.dim() <= p.dim():
+            return None
+        if any(n not in (1, m) for n, m in zip(p.shape, trailing, strict=True)):
             return None  # (a lookup table's rows, say, are not broadcast against the output)
-        part = (y.detach().to(ACC) * g.to(ACC)).sum_to_size(size)
-        total = part if total is None else total + part
-    return {name: total.reshape(batch_size, *p.shape) / p}
+    if not _doubles(module, call, name, p, ys):
+        return None
+    total = torch.zeros(batch_size, *p.shape, dtype=ACC, device=p.device)
+    for y, g in zip(ys, call.grads, strict=True):
+        size = (batch_size, *([1] * (y.dim() - 1 - p.dim())), *p.shape)
+        total += (y.to(ACC) * g.to(ACC)).sum_to_size(size).reshape(total.shape)
+    return {name: total / p.to(ACC)}
+
+
+_DOUBLING_RTOL = 1e-6
+
+
+def _doubles(module: nn.Module, call: Call, name: str, p: torch.Tensor, ys: list[torch.Tensor]) -> bool:
+    """Whether replaying ``call`` with ``2p`` gives twice its recorded outputs ``ys``."""
+    device_type, enabled, dtype = call.autocast
+    try:
+        with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            leaves = pytree.tree_leaves(_replay(module, {name: p * 2}, call.args, call.kwargs))
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return False
+    for i, y in zip(call.out_index, ys, strict=True):
+        doubled, twice = leaves[i].to(ACC), y.to(ACC) * 2
+        if doubled.shape != twice.shape:
+            return False
+        if twice.numel() and not float((doubled - twice).abs().max()) <= _DOUBLING_RTOL * float(twice.abs().max()):
+            return False  # (also False for a NaN)
+    return True
 
 
 def _broadcast_replay(module: nn.Module, call: Call, params: dict, batch_size: int) -> dict | None:
