@@ -245,12 +245,10 @@ def _materialize_generic(
 
     xs = [leaves[i].reshape(batch_size, -1, *leaves[i].shape[1:]) if i in flat_in else leaves[i] for i in per_example]
     gs = list(call.grads)
-    method = verdicts.get(module, tracked) if verdicts is not None else None
-    if method:
-        fast = _FAST_REPLAYS[method](module, call, params, batch_size)
+    if verdicts is not None and verdicts.get(module, tracked):
+        fast = _broadcast_replay(module, call, params, batch_size)
         if fast is not None:
             return fast
-        verdicts.refute(module, tracked, method)  # this call is replayed per example, and judged again
     with torch.enable_grad():
         try:
             grads = torch.func.vmap(vjp_one)(xs, gs)
@@ -265,65 +263,41 @@ def _materialize_generic(
     return slow
 
 
-# A module whose parameters enter its output elementwise (norm scales and biases, ...) has per-example gradients
-# cheaper than a replay per example. Two shortcuts, cheapest first:
-#
-# * ``scale``: where the outputs are proportional to the one tracked parameter elementwise, ``y = B(x) ⊙ p`` (an
-#   RMS norm's scale), ``∂y/∂p = y / p``: example b's gradient is its output gradient times the recorded output,
-#   summed over every axis p is broadcast along, divided by p. No replay at all.
-# * ``broadcast``: ONE batched replay with each parameter expanded to one copy per example, ``(B, 1.., *S)``:
-#   autograd's gradient w.r.t. copy b is example b's gradient.
-#
-# Neither is assumed from the module's type: in every computation, the module's first micro-batch that can tell
-# (two or more examples whose per-example gradients differ) runs the per-example replay and the shortcuts, and the
-# first shortcut that agrees with it serves the rest of that computation. A forward that adds to the scaled value
-# (a bias, Gemma's ``1 + w``) fails ``scale``; one that reduces over its parameter (``w.mean()``) fails both and
-# keeps the per-example replay.
+# A module whose parameters enter its output elementwise (norm scales and biases, ...) can get its per-example
+# gradients from ONE batched replay in which each parameter is expanded to one copy per example, ``(B, 1.., *S)``:
+# autograd's gradient w.r.t. copy b is example b's gradient. Whether this holds is not assumed from the module's
+# type: in every computation, the module's first micro-batch that can tell (two or more examples whose per-example
+# gradients differ) runs both replays, and only if they agree does the batched one serve the rest of that
+# computation. A forward that reduces over its parameter (``w.mean()``) mixes examples and fails the comparison.
 _BROADCAST_RTOL = 1e-4
 
 
 class ReplayVerdicts:
-    """Which shortcut (``"scale"``, ``"broadcast"``) each generic module may use, judged afresh in every
-    computation (an engine clears it when a computation starts): a verdict never outlives the data, the tracked
-    parameters or the module state it was judged on. Keyed by module identity, its forward and the tracked
-    parameter names; ``False`` where no shortcut agreed with the per-example replay."""
+    """Which generic modules may use the batched replay, judged afresh in every computation (an engine clears it
+    when a computation starts): a verdict never outlives the data, the tracked parameters or the module state it
+    was judged on. Keyed by module identity, its forward and the tracked parameter names."""
 
     def __init__(self) -> None:
-        self._verdicts: dict[tuple[int, object, frozenset[str]], str | bool] = {}
-        self._refuted: dict[tuple[int, object, frozenset[str]], set[str]] = {}
+        self._verdicts: dict[tuple[int, object, frozenset[str]], bool] = {}
 
     def clear(self) -> None:
         self._verdicts.clear()
-        self._refuted.clear()
-
-    def refute(self, module: nn.Module, tracked: set[str], method: str) -> None:
-        """``method`` could not serve a call of ``module`` (its per-call check failed): judge again without it."""
-        key = self._key(module, tracked)
-        self._refuted.setdefault(key, set()).add(method)
-        self._verdicts.pop(key, None)
 
     @staticmethod
     def _key(module: nn.Module, tracked: set[str]) -> tuple[int, object, frozenset[str]]:
         return id(module), module.__dict__.get("forward", type(module).forward), frozenset(tracked)
 
-    def get(self, module: nn.Module, tracked: set[str]) -> str | bool | None:
-        """The shortcut judged right for ``module`` in this computation, False if none, None if not judged yet."""
+    def get(self, module: nn.Module, tracked: set[str]) -> bool | None:
         return self._verdicts.get(self._key(module, tracked))
 
     def judge(self, module: nn.Module, call: Call, params: dict, batch_size: int, reference: dict) -> None:
-        """Record the first shortcut that reproduces ``reference`` (the per-example VJP), if this batch can tell:
-        at least two examples with different, non-zero gradients."""
+        """Record whether the batched replay reproduces ``reference`` (the per-example VJP), if this batch can
+        tell: at least two examples with different, non-zero gradients."""
         key = self._key(module, set(reference))
         if key in self._verdicts or not _informative(reference, batch_size):
             return
-        self._verdicts[key] = False
-        for method, replay in _FAST_REPLAYS.items():
-            if method in self._refuted.get(key, ()):
-                continue
-            fast = replay(module, call, params, batch_size)
-            if fast is not None and all(_close(fast[n], reference[n]) for n in reference):
-                self._verdicts[key] = method
-                return
+        fast = _broadcast_replay(module, call, params, batch_size)
+        self._verdicts[key] = fast is not None and all(_close(fast[n], reference[n]) for n in reference)
 
 
 def _informative(reference: dict[str, torch.Tensor], batch_size: int) -> bool:
@@ -345,80 +319,19 @@ def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
     return bool((x - y).abs().max().item() <= _BROADCAST_RTOL * scale) if scale > 0 else bool((x == 0).all())
 
 
-def _shortcut_allowed(call: Call) -> bool:
-    """Batched shortcuts need every output and input with examples as rows (no flattened or shared layouts)."""
-    return all(layout is Layout.BATCHED for layout in call.out_layouts) and not any(
-        layout is Layout.FLAT for layout in call.layouts.values()
-    )
-
-
-def _lead(call: Call, p: torch.Tensor) -> int | None:
-    """Axes between the example axis and a parameter's trailing axes in the outputs (None: it cannot broadcast)."""
-    lead = min(g.dim() for g in call.grads) - 1 - p.dim()
-    return lead if lead >= 0 else None
-
-
-def _scale_replay(module: nn.Module, call: Call, params: dict, batch_size: int) -> dict | None:
-    """Per-example gradients of one parameter the outputs are proportional to elementwise, ``y = B(x) ⊙ p``
-    (see above): ``∂y/∂p = y / p``, from the recorded outputs.
-
-    Every call is checked: a no-grad replay with ``2p`` must give ``2y`` (doubling is exact in binary floating
-    point), so an output part that is not proportional to p on this call's data (a bias, a term added only at
-    some positions or for some inputs, a clamp that bites) sends the call back to the replay. None there, and
-    where the call does not allow the shortcut (another layout, several parameters, a zero or near-subnormal
-    entry in the parameter, a parameter that does not broadcast against an output's trailing axes).
-    """
-    if len(params) != 1 or not _shortcut_allowed(call):
-        return None
-    ((name, p),) = params.items()
-    p = p.detach()
-    # Far from subnormal (where y / p loses digits).
-    if not bool((p.abs() >= torch.finfo(ACC).tiny ** 0.5).all()) or not bool(torch.isfinite(p).all()):
-        return None
-    ys = [y.detach() for y in call.outputs]
-    for y, g in zip(ys, call.grads, strict=True):
-        trailing = y.shape[y.dim() - p.dim() :]
-        if y.shape != g.shape or y.dim() <= p.dim():
-            return None
-        if any(n not in (1, m) for n, m in zip(p.shape, trailing, strict=True)):
-            return None  # (a lookup table's rows, say, are not broadcast against the output)
-    if not _doubles(module, call, name, p, ys):
-        return None
-    total = torch.zeros(batch_size, *p.shape, dtype=ACC, device=p.device)
-    for y, g in zip(ys, call.grads, strict=True):
-        size = (batch_size, *([1] * (y.dim() - 1 - p.dim())), *p.shape)
-        total += (y.to(ACC) * g.to(ACC)).sum_to_size(size).reshape(total.shape)
-    return {name: total / p.to(ACC)}
-
-
-_DOUBLING_RTOL = 1e-6
-
-
-def _doubles(module: nn.Module, call: Call, name: str, p: torch.Tensor, ys: list[torch.Tensor]) -> bool:
-    """Whether replaying ``call`` with ``2p`` gives twice its recorded outputs ``ys``."""
-    device_type, enabled, dtype = call.autocast
-    try:
-        with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            leaves = pytree.tree_leaves(_replay(module, {name: p * 2}, call.args, call.kwargs))
-    except (RuntimeError, ValueError, TypeError, IndexError):
-        return False
-    for i, y in zip(call.out_index, ys, strict=True):
-        doubled, twice = leaves[i].to(ACC), y.to(ACC) * 2
-        if doubled.shape != twice.shape:
-            return False
-        if twice.numel() and not float((doubled - twice).abs().max()) <= _DOUBLING_RTOL * float(twice.abs().max()):
-            return False  # (also False for a NaN)
-    return True
-
-
 def _broadcast_replay(module: nn.Module, call: Call, params: dict, batch_size: int) -> dict | None:
     """Per-example gradients from one batched replay with per-example parameter copies, or None where the call
     does not allow it (flattened or shared layouts, outputs of another shape, an error in the forward)."""
-    if not _shortcut_allowed(call) or any(_lead(call, p) is None for p in params.values()):
+    if any(layout is not Layout.BATCHED for layout in call.out_layouts) or any(
+        layout is Layout.FLAT for layout in call.layouts.values()
+    ):
         return None
+    ndim = min(g.dim() for g in call.grads)
     copies = {}
     for n, p in params.items():
-        lead = _lead(call, p)
+        lead = ndim - 1 - p.dim()
+        if lead < 0:
+            return None
         copies[n] = p.detach().reshape(1, *([1] * lead), *p.shape).expand(batch_size, *([1] * lead), *p.shape)
         copies[n] = copies[n].clone().requires_grad_(True)
     device_type, enabled, dtype = call.autocast
@@ -439,9 +352,6 @@ def _broadcast_replay(module: nn.Module, call: Call, params: dict, batch_size: i
         out[n] = torch.zeros(batch_size, *p.shape, dtype=ACC, device=p.device) if g is None else g.reshape(
             batch_size, *p.shape).to(ACC)  # fmt: skip
     return out
-
-
-_FAST_REPLAYS = {"scale": _scale_replay, "broadcast": _broadcast_replay}  # cheapest first
 
 
 def _replay(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict):
