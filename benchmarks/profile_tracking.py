@@ -142,7 +142,9 @@ def print_stages(floor, track, calls: int = 3) -> None:
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events) / 1e3 / calls
         parts = {e.key[3:]: e.cpu_time_total / 1e3 / calls for e in events if e.key.startswith("## ")}
-        print(f"{name}: total {total:.0f} ms; " + "; ".join(f"{k} {v:.0f}" for k, v in parts.items()))
+        stages = (f"{k.strip()} {parts[k]:.0f}" if not k.startswith(" ") else f"({k.strip()} {parts[k]:.0f})"
+                  for k in _STAGES if k in parts)  # fmt: skip
+        print(f"{name}: total {total:.0f} ms; " + "; ".join(stages))
 
 
 def op_times(fn, calls: int = 3) -> dict[str, tuple[float, int]]:
