@@ -84,3 +84,12 @@ def test_inside_an_autocast_region_the_model_runs_in_bf16_and_the_engine_math_in
     assert seen and all(d.dtype == torch.float32 for d in seen)
     assert 1e-4 < rel_err(result.dot, dot) <= 3e-2  # the forward really ran in bf16, and is still close
     assert rel_err(fp32.dot, dot) <= 1e-4
+
+
+def test_inside_an_autocast_region_the_verification_still_runs_in_fp32():
+    """The sample check's tolerance follows the precision it ran in: under the caller's bf16 autocast it must still
+    run (and be judged) in float32, not loosened to bf16's 5e-2."""
+    engine = InfluenceEngine(architectures.build("Llama", "full"), micro_batch_size=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = engine.check(PROBES + EVALS)
+    assert report.dtype == torch.float32 and report.tolerance == 1e-4

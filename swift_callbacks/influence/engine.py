@@ -282,7 +282,7 @@ class InfluenceEngine:
         else:
             # In float32 whatever the tracking precision: the rules are the same code in every precision, and a
             # bf16 tolerance would let a wrong rule by a few percent through.
-            with full_precision(self.model, sharded=False):
+            with full_precision(self.model, sharded=False), self._forward_in_float32():
                 batch = self._forward_backward(examples, reference=True, grams=True)[-1]
                 singles = [self._forward_backward([e], reference=True)[-1] for e in examples]
                 plain = self._plain_losses(examples)
@@ -629,6 +629,16 @@ class InfluenceEngine:
             if problem:
                 raise ValueError(f"The {side} example at position {i} {problem}.")
 
+    @contextlib.contextmanager
+    def _forward_in_float32(self) -> Iterator[None]:
+        """The model's forward without the caller's autocast inside the block (the verification's)."""
+        saved = self._autocast
+        self._autocast = {device_type: (False, dtype) for device_type, (_, dtype) in saved.items()}
+        try:
+            yield
+        finally:
+            self._autocast = saved
+
     def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The model's forward, in the autocast state the computation was called in (see ``_float32_math``)."""
         with contextlib.ExitStack() as stack:
@@ -711,6 +721,7 @@ class InfluenceEngine:
                 self._autocast = outer
                 yield
         finally:
+            self._autocast = {}
             handle.remove()
             for module, mode in modes:
                 module.training = mode
