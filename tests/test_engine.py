@@ -355,9 +355,9 @@ class PooledLlama(torch.nn.Module):
 
 
 def test_norms_whose_form_changes_with_the_data_stay_exact():
-    """Proportional to its scale on the shortest examples (the first micro-batch, where the batched replay is
-    judged), with a term added on longer ones; and a norm returning outputs of different ranks. Exact without
-    any verification (a shortcut judged on one micro-batch must not assume the form holds on the next)."""
+    """The batched replay stays exact, without any verification, on a norm proportional to its scale on the
+    shortest examples (the first micro-batch, where it is judged) with a term added on longer ones; a norm
+    returning outputs of different ranks falls back to the per-example replay."""
     model = tiny_model(seed=14)
     module = LateBias(32, start=8)
     model.model.norm = module
@@ -367,21 +367,27 @@ def test_norms_whose_form_changes_with_the_data_stay_exact():
     engine = InfluenceEngine(pooled, micro_batch_size=2, param_filter=r"^norm", verify=False)
     P, E = brute_grads(pooled, PROBES, [pooled.norm.weight]), brute_grads(pooled, EVALS, [pooled.norm.weight])
     assert rel_err(engine.compute(PROBES, EVALS).dot, P @ E.T) <= TOL
+    assert engine._replay_verdicts.get(pooled.norm, {"weight"}) is False
 
 
-def test_compute_called_from_inside_compute_is_refused():
+def test_the_engine_refuses_calls_from_inside_its_own_computation():
+    """compute(), check() and option changes from a progress callback would use (or swap) that computation's
+    buffers and blocks: each is refused with one line, and the engine is usable afterwards."""
     engine = InfluenceEngine(tiny_model(seed=16), micro_batch_size=2, verify=False)
-    inner = []
+    refused = []
 
     def progress(done: int, total: int) -> None:
-        if not inner:
-            with pytest.raises(ConfigError, match="while another compute"):
-                engine.compute(PROBES, EVALS)
-            inner.append(done)
+        if refused:
+            return
+        for call in (lambda: engine.compute(PROBES, EVALS), lambda: engine.check(EVALS),
+                     lambda: setattr(engine, "route", "ghost")):  # fmt: skip
+            with pytest.raises(ConfigError, match="while a compute"):
+                call()
+            refused.append(call)
 
     engine.compute(PROBES, EVALS, progress=progress)
-    assert inner
-    engine.compute(PROBES, EVALS)  # and usable afterwards
+    assert len(refused) == 3 and engine.route == "auto"
+    engine.compute(PROBES, EVALS)
 
 
 def test_batched_replay_is_not_judged_on_examples_that_cannot_tell():
@@ -560,3 +566,9 @@ def test_feature_rows_kept_between_computations_are_written_afresh():
     assert engine._kept_rows["held"] is held  # same capacity: the same memory
     again = check(model, engine)
     assert torch.equal(again.dot, first.dot) and torch.equal(again.probe_sq_norm, first.probe_sq_norm)
+    engine.max_feature_bytes = 1  # one held example per chunk: one kept buffer serves every chunk in turn
+    chunked = check(model, engine)
+    assert rel_err(chunked.dot, first.dot) <= TOL
+    engine.route = "ghost"  # ghost features are parts (views of activations): not kept past the computation
+    check(model, engine)
+    assert engine._kept_rows and not any(part for rows in engine._kept_rows.values() for part in rows._parts)

@@ -78,10 +78,13 @@ def test_inside_an_autocast_region_the_model_runs_in_bf16_and_the_engine_math_in
     seen = []
     real = engine_module._dots
     monkeypatch.setattr(engine_module, "_dots", lambda *a: seen.append(real(*a)) or seen[-1])
+    engine = InfluenceEngine(model, micro_batch_size=2, route=route)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        result = InfluenceEngine(model, micro_batch_size=2, route=route).compute(PROBES, EVALS)
+        result = engine.compute(PROBES, EVALS)
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16  # restored
         fp32 = InfluenceEngine(model, micro_batch_size=2, route=route, precision="fp32").compute(PROBES, EVALS)
     assert seen and all(d.dtype == torch.float32 for d in seen)
+    assert engine.verification.dtype == torch.float32  # the sample check ran in fp32 (see the next test)
     assert 1e-4 < rel_err(result.dot, dot) <= 3e-2  # the forward really ran in bf16, and is still close
     assert rel_err(fp32.dot, dot) <= 1e-4
 

@@ -141,7 +141,8 @@ class Capture:
             handle.remove()
         self._handles.clear()
         self.reset()
-        self._weights.clear()
+        for table in (self._weights, self._rules, self._tracked, self._names):
+            table.clear()
 
     def reset(self) -> None:
         """Forget the micro-batch recorded (its calls, tensors and flags); the hooks stay attached for the next."""

@@ -41,9 +41,10 @@ from .variants import make_variant
 Example = Mapping[str, Sequence[int]]
 IGNORE_INDEX = -100
 logger = logging.getLogger(__name__)
-# Streamed-side features held together before their product with the held side (see ``_local``); also the most
-# feature memory of each side kept from one computation to the next.
+# Streamed-side features held together before their product with the held side (see ``_local``).
 _STREAM_GROUP_BYTES = 64 << 20
+# The most feature memory of each side whose buffers are kept from one computation to the next (see ``_rows``).
+_KEPT_ROWS_BYTES = 64 << 20
 
 
 @dataclass
@@ -124,7 +125,8 @@ class InfluenceEngine:
         self._kept_rows: dict[str, Rows] = {}  # per side ("held", "streamed"), see _rows
         self._replay_verdicts = ReplayVerdicts()  # judged afresh in every computation
         self._computing = False
-        self._autocast: dict[str, tuple[bool, torch.dtype]] = {}  # the caller's, for the forward (_tracking)
+        # The caller's autocast state per device type, re-entered around the model's forward (see _tracking).
+        self._caller_autocast: dict[str, tuple[bool, torch.dtype, bool]] = {}
 
     def _option(name: str) -> property:
         """An engine option read from and written to ``self.args`` (a new value is checked like the others)."""
@@ -133,6 +135,7 @@ class InfluenceEngine:
             return getattr(self.args, name)
 
         def set_(self: InfluenceEngine, value: Any) -> None:
+            self._refuse_inside_compute(f"{name} (set)")
             args = dataclasses.replace(self.args, **{name: value})
             args.check()
             self.args = args
@@ -172,7 +175,8 @@ class InfluenceEngine:
         probes' features in memory.
 
         Under ``torch.distributed`` every rank must call this with the same examples; each rank processes an
-        equal share and every rank returns the full result.
+        equal share and every rank returns the full result. One computation per engine at a time: a call from
+        inside another (its progress callback) is refused, and the engine is not thread-safe.
 
         Args:
             probes: Tokenized probe examples (``input_ids`` and ``labels``).
@@ -182,11 +186,7 @@ class InfluenceEngine:
                 counts once per chunk of the held side, see :meth:`_plan`).
             optimizer: The training's optimizer, for score variants that read its state (``"adam"``).
         """
-        if self._computing:  # its buffers (kept rows, verdicts, progress) belong to the computation running
-            raise ConfigError(
-                "InfluenceEngine.compute() was called while another compute() of the same engine is running (from "
-                "its progress callback?); call it after that one returns, or use a second engine."
-            )
+        self._refuse_inside_compute("compute()")
         if not probes or not evals:
             raise ValueError("compute() needs at least one probe and one evaluation example.")
         self._computing = True
@@ -194,6 +194,8 @@ class InfluenceEngine:
             return self._compute(probes, evals, progress, optimizer)
         finally:
             self._computing = False
+            for rows in self._kept_rows.values():
+                rows.clear()  # keep the buffers, not the last micro-batches' ghost parts (activations)
 
     def _compute(
         self, probes: Sequence[Example], evals: Sequence[Example], progress: Progress | None, optimizer: Any
@@ -236,6 +238,16 @@ class InfluenceEngine:
             eval_tokens=ev.tokens.cpu(),
         )
 
+    def _refuse_inside_compute(self, what: str) -> None:
+        """A computation's buffers (kept rows, verdicts, progress, the caller's autocast state) and blocks belong to
+        it until it returns: nothing may call into the same engine from inside it (its progress callback). The
+        engine is not thread-safe either."""
+        if self._computing:
+            raise ConfigError(
+                f"InfluenceEngine.{what} was called while a compute() of the same engine is running (from its "
+                "progress callback?); call it after that one returns, or use a second engine."
+            )
+
     def check(self, examples: Sequence[Example]) -> verify_lib.Report:
         """Verify the engine against autograd on a sample of ``examples`` now, whatever ``verify`` says.
 
@@ -245,6 +257,7 @@ class InfluenceEngine:
         Raises:
             VerificationError: naming the first parameter whose reconstruction disagrees.
         """
+        self._refuse_inside_compute("check()")
         self._check_examples(examples, "verification")
         if not self._routes_chosen:
             lengths = [len(e["input_ids"]) for e in examples]
@@ -485,13 +498,13 @@ class InfluenceEngine:
         )  # fmt: skip
 
     def _rows(self, side: str, capacity: int, example_bytes: int) -> Rows:
-        """A side's feature rows, kept from one computation to the next when they fit in ``_STREAM_GROUP_BYTES``:
+        """A side's feature rows, kept from one computation to the next when they fit in ``_KEPT_ROWS_BYTES``:
         memory written for the first time costs page faults, measured at about a tenth of the time of building
         the features written into it (larger rows are not held between computations)."""
         rows, exact = self._kept_rows.get(side), self.variant.exact
         if rows is None or rows.capacity != capacity or rows.in_place != exact or rows.blocks is not self.blocks:
             rows = Rows(self.blocks, capacity, in_place=exact)
-        if capacity * example_bytes <= _STREAM_GROUP_BYTES:
+        if capacity * example_bytes <= _KEPT_ROWS_BYTES:
             self._kept_rows[side] = rows
         else:
             self._kept_rows.pop(side, None)
@@ -551,6 +564,8 @@ class InfluenceEngine:
         min_width = width + 1 if len(examples) > 1 and width == len(examples) else width
         input_ids, attention_mask, labels = collate(examples, self.pad_token_id, self._device(), min_width)
         tokens = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+        if capture is not None and capture.keep_params != reference:  # the reference needs the params recorded
+            raise ValueError("a capture passed to _forward_backward must keep parameters exactly when reference")
         hooks = self._capture(reference) if capture is None else contextlib.nullcontext(capture)
         with hooks as capture, _resetting(capture):
             capture.batch_size, capture.width = input_ids.shape
@@ -599,7 +614,7 @@ class InfluenceEngine:
             feats, norm = [], torch.zeros(batch, dtype=ACC, device=device)
             for block, out in zip(self.blocks, outs, strict=True):
                 feats.append(block_feature(block, capture.calls, batch, width, out, verdicts))
-                norm += sq_norms(feats[-1])  # while the block's rows are in cache (measured ~10% off the two)
+                norm += sq_norms(feats[-1])  # in cache: ~10% faster than a second pass over the features
             check = None
             if reference:
                 refs = self._reference_grads(targets, grads[len(grads) - len(targets) :], device)
@@ -632,18 +647,19 @@ class InfluenceEngine:
     @contextlib.contextmanager
     def _forward_in_float32(self) -> Iterator[None]:
         """The model's forward without the caller's autocast inside the block (the verification's)."""
-        saved = self._autocast
-        self._autocast = {device_type: (False, dtype) for device_type, (_, dtype) in saved.items()}
+        saved = self._caller_autocast
+        self._caller_autocast = {d: (False, dtype, cache) for d, (_, dtype, cache) in saved.items()}
         try:
             yield
         finally:
-            self._autocast = saved
+            self._caller_autocast = saved
 
     def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The model's forward, in the autocast state the computation was called in (see ``_float32_math``)."""
+        """The model's forward, in the autocast state the computation was called in (see ``_autocast_off``; the
+        verification's forward is float32, see ``_forward_in_float32``)."""
         with contextlib.ExitStack() as stack:
-            for device_type, (enabled, dtype) in self._autocast.items():
-                stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+            for device_type, (enabled, dtype, cache) in self._caller_autocast.items():
+                stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache))
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def _plain_losses(self, examples: Sequence[Example]) -> torch.Tensor:
@@ -717,25 +733,35 @@ class InfluenceEngine:
         self.model.eval()
         precision = full_precision(self.model, self._sharded) if self.precision == "fp32" else contextlib.nullcontext()
         try:
-            with torch.enable_grad(), sharding.no_gradient_reduction(self.model), precision, _float32_math() as outer:
-                self._autocast = outer
+            with (
+                torch.enable_grad(),
+                sharding.no_gradient_reduction(self.model),
+                precision,
+                _autocast_off(self.model) as outer,
+            ):
+                self._caller_autocast = outer
                 yield
         finally:
-            self._autocast = {}
+            self._caller_autocast = {}
             handle.remove()
             for module, mode in modes:
                 module.training = mode
 
 
 @contextlib.contextmanager
-def _float32_math() -> Iterator[dict[str, tuple[bool, torch.dtype]]]:
-    """Autocast off inside the block, so the engine's own math (per-example gradients, squared norms, products)
-    stays in float32 when ``compute`` is called inside a ``torch.autocast`` region (there, matrix products would
-    silently run in bf16); yields the autocast state it found, per device type, for the model's forward."""
-    device_types = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
-    outer = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in device_types}
+def _autocast_off(model: nn.Module) -> Iterator[dict[str, tuple[bool, torch.dtype, bool]]]:
+    """Autocast off inside the block for the CPU, CUDA when present and every device type the model's parameters
+    are on, so the engine's own math (per-example gradients, squared norms, products) stays float32 when
+    ``compute`` is called inside a ``torch.autocast`` region (there its matrix products would silently run in
+    bf16). Yields the state it found per device type, ``(enabled, dtype, cache_enabled)``, which
+    ``InfluenceEngine._logits`` turns back on around the model's forward: the model runs as its caller asked."""
+    device_types = {"cpu", *(p.device.type for p in model.parameters())}
+    if torch.cuda.is_available():
+        device_types.add("cuda")
+    cache = torch.is_autocast_cache_enabled()
+    outer = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d), cache) for d in sorted(device_types)}
     with contextlib.ExitStack() as stack:
-        for device_type in device_types:
+        for device_type in outer:
             stack.enter_context(torch.autocast(device_type, enabled=False))
         yield outer
 
