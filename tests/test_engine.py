@@ -572,3 +572,25 @@ def test_feature_rows_kept_between_computations_are_written_afresh():
     engine.route = "ghost"  # ghost features are parts (views of activations): not kept past the computation
     check(model, engine)
     assert engine._kept_rows and not any(part for rows in engine._kept_rows.values() for part in rows._parts)
+
+
+def test_no_hook_outlives_a_computation_even_one_interrupted():
+    """The capture hooks stay attached over a whole side: they must all be gone after it, also when a progress
+    callback raises mid-side."""
+    model = tiny_model(seed=17)
+    engine = InfluenceEngine(model, micro_batch_size=2, verify=False)
+
+    def hooks() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    before = hooks()
+    engine.compute(PROBES, EVALS)
+    assert hooks() == before
+
+    def interrupt(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.compute(PROBES, EVALS, progress=interrupt)
+    assert hooks() == before and not engine._computing
+    check(model, engine)
