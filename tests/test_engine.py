@@ -594,3 +594,29 @@ def test_no_hook_outlives_a_computation_even_one_interrupted():
         engine.compute(PROBES, EVALS, progress=interrupt)
     assert hooks() == before and not engine._computing
     check(model, engine)
+
+
+class HookShy(torch.nn.Linear):
+    """A projection whose forward refuses to run while forward hooks are attached to it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._forward_hooks:
+            raise RuntimeError("hooks attached")
+        return super().forward(x)
+
+
+def test_a_failing_forward_is_blamed_on_the_model_or_on_the_hooks_as_tried():
+    """A forward that fails without the engine names the model's call as the thing to fix; one that fails only
+    with the capture hooks attached names them (and param_filter)."""
+    model = tiny_model(seed=18)
+    for layer in model.model.layers:  # reentrant checkpointing takes no keyword arguments: the model itself fails
+        layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=True)
+    with pytest.raises(UnsupportedModelError, match=r"also without the influence engine's hooks.*use_cache=False"):
+        InfluenceEngine(model, micro_batch_size=2, verify=False).compute(PROBES, EVALS)
+    model = tiny_model(seed=18)
+    old = model.model.layers[0].mlp.down_proj
+    shy = HookShy(old.in_features, old.out_features, bias=False)
+    model.model.layers[0].mlp.down_proj = shy
+    with pytest.raises(UnsupportedModelError, match="failed with the influence engine's hooks attached"):
+        InfluenceEngine(model, micro_batch_size=2, verify=False).compute(PROBES, EVALS)
+    model(input_ids=torch.tensor([PROBES[0]["input_ids"]]))  # and the model runs again: no hook left behind

@@ -137,12 +137,16 @@ class Capture:
         self.embedding_ran = self.embedding_ran or self.recording
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self.detach()
         self.reset()
         for table in (self._weights, self._rules, self._tracked, self._names):
             table.clear()
+
+    def detach(self) -> None:
+        """Remove the hooks (for good: a capture is entered once)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     def reset(self) -> None:
         """Forget the micro-batch recorded (its calls, tensors and flags); the hooks stay attached for the next."""

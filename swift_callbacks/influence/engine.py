@@ -575,10 +575,8 @@ class InfluenceEngine:
             except (RuntimeError, ValueError, TypeError, IndexError) as err:
                 if isinstance(err, UnsupportedModelError):
                     raise
-                raise UnsupportedModelError(
-                    f"The model's forward failed with the influence engine's hooks attached ({type(err).__name__}: "
-                    f"{err}). Track fewer parameters with param_filter, or {verify_lib.ISSUES}."
-                ) from err
+                capture.recording = False
+                raise UnsupportedModelError(self._forward_failure(err, capture, input_ids, attention_mask)) from err
             capture.recording = False
             if not capture.calls and not capture.embedding_ran:
                 # Nothing of this model ran: every gradient would read as zero. Seen with a deep copy of a TRL
@@ -661,6 +659,29 @@ class InfluenceEngine:
             for device_type, (enabled, dtype, cache) in self._caller_autocast.items():
                 stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache))
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def _forward_failure(
+        self, err: Exception, capture: Capture, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> str:
+        """Why the hooked forward failed: whether the model also fails with the capture hooks detached is tried,
+        not assumed (not on a sharded model, whose forward gathers parameters collectively on every rank)."""
+        what = f"{type(err).__name__}: {err}"
+        if not self._sharded:
+            capture.detach()  # the computation ends with the error raised from here
+            try:
+                with torch.no_grad():
+                    self._logits(input_ids, attention_mask)
+            except (RuntimeError, ValueError, TypeError, IndexError) as plain:
+                return (
+                    f"The model's forward fails on a micro-batch of {input_ids.shape[0]} examples padded to "
+                    f"{input_ids.shape[1]} tokens also without the influence engine's hooks ({type(plain).__name__}: "
+                    f"{plain}). The engine calls model(input_ids=..., attention_mask=..., use_cache=False): make that "
+                    "call work (e.g. activation checkpointing with use_reentrant=True takes no keyword arguments)."
+                )
+        return (
+            f"The model's forward failed with the influence engine's hooks attached ({what}). Track fewer parameters "
+            f"with param_filter, or {verify_lib.ISSUES}."
+        )
 
     def _plain_losses(self, examples: Sequence[Example]) -> torch.Tensor:
         """Per-example losses of ``examples`` from the model as it is, without the engine's hooks."""
