@@ -117,7 +117,8 @@ def _refuse_stale_history(out: Path, recorded: list[tuple[int, Path]]) -> None:
             raise ConfigError(
                 f"{checkpoint} is newer than the influence history's step {step} in {store_dir(out)}: the folder was "
                 "trained again, so that history is not of these weights. Move the history away (or score into "
-                "another --output-dir) and score again."
+                "another --output-dir) and score again. (A run folder copied without its file times, as by "
+                "`cp -r`, looks the same: copy it with `cp -a`.)"
             )
 
 
