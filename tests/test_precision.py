@@ -96,3 +96,23 @@ def test_inside_an_autocast_region_the_verification_still_runs_in_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         report = engine.check(PROBES + EVALS)
     assert report.dtype == torch.float32 and report.tolerance == 1e-4
+
+
+def test_inside_one_autocast_region_scores_follow_weights_changed_in_place():
+    """Autocast's weight cache keeps, within one region, the bf16 copies of weights since changed in place (as an
+    optimizer step changes them): the engine's forward must cast the current weights, not reuse those copies."""
+    model = lora(tiny_model(seed=3), dropout=0.0)
+    engine = InfluenceEngine(model, micro_batch_size=2, verify=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=torch.tensor([PROBES[0]["input_ids"]]))  # the caller's forward fills the cache
+        engine.compute(PROBES, EVALS)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(3.0)
+        after = engine.compute(PROBES, EVALS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = engine.compute(PROBES, EVALS)  # a new region: no cached copies
+    assert rel_err(after.dot, fresh.dot) <= 1e-6  # the cached copies gave a relative error of 0.88 to fp32
+    dot, _ = _reference(model)
+    assert rel_err(after.dot, dot) <= 0.1  # bf16 on these larger gradients

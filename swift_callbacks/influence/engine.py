@@ -126,7 +126,7 @@ class InfluenceEngine:
         self._replay_verdicts = ReplayVerdicts()  # judged afresh in every computation
         self._computing = False
         # The caller's autocast state per device type, re-entered around the model's forward (see _tracking).
-        self._caller_autocast: dict[str, tuple[bool, torch.dtype, bool]] = {}
+        self._caller_autocast: dict[str, tuple[bool, torch.dtype]] = {}
 
     def _option(name: str) -> property:
         """An engine option read from and written to ``self.args`` (a new value is checked like the others)."""
@@ -646,7 +646,7 @@ class InfluenceEngine:
     def _forward_in_float32(self) -> Iterator[None]:
         """The model's forward without the caller's autocast inside the block (the verification's)."""
         saved = self._caller_autocast
-        self._caller_autocast = {d: (False, dtype, cache) for d, (_, dtype, cache) in saved.items()}
+        self._caller_autocast = {d: (False, dtype) for d, (_, dtype) in saved.items()}
         try:
             yield
         finally:
@@ -656,8 +656,10 @@ class InfluenceEngine:
         """The model's forward, in the autocast state the computation was called in (see ``_autocast_off``; the
         verification's forward is float32, see ``_forward_in_float32``)."""
         with contextlib.ExitStack() as stack:
-            for device_type, (enabled, dtype, cache) in self._caller_autocast.items():
-                stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache))
+            for device_type, (enabled, dtype) in self._caller_autocast.items():
+                # Without autocast's weight cache: within one region it keeps low-precision copies of weights
+                # changed in place since (an optimizer step), and the scores would be of the old weights.
+                stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=False))
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def _forward_failure(
@@ -770,17 +772,16 @@ class InfluenceEngine:
 
 
 @contextlib.contextmanager
-def _autocast_off(model: nn.Module) -> Iterator[dict[str, tuple[bool, torch.dtype, bool]]]:
+def _autocast_off(model: nn.Module) -> Iterator[dict[str, tuple[bool, torch.dtype]]]:
     """Autocast off inside the block for the CPU, CUDA when present and every device type the model's parameters
     are on, so the engine's own math (per-example gradients, squared norms, products) stays float32 when
     ``compute`` is called inside a ``torch.autocast`` region (there its matrix products would silently run in
-    bf16). Yields the state it found per device type, ``(enabled, dtype, cache_enabled)``, which
-    ``InfluenceEngine._logits`` turns back on around the model's forward: the model runs as its caller asked."""
+    bf16). Yields the state it found per device type, ``(enabled, dtype)``, which ``InfluenceEngine._logits``
+    turns back on around the model's forward: the model runs in the precision its caller asked for."""
     device_types = {"cpu", *(p.device.type for p in model.parameters())}
     if torch.cuda.is_available():
         device_types.add("cuda")
-    cache = torch.is_autocast_cache_enabled()
-    outer = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d), cache) for d in sorted(device_types)}
+    outer = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in sorted(device_types)}
     with contextlib.ExitStack() as stack:
         for device_type in outer:
             stack.enter_context(torch.autocast(device_type, enabled=False))
