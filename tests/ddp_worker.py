@@ -90,10 +90,31 @@ def run_engine(out: Path) -> None:
         for name in helpers.ENGINE_CONFIGS:
             kwargs, probes, evals = helpers.engine_case(name)
             results[name] = helpers.result_dict(helpers.engine_on(model, **kwargs).compute(probes, evals))
+        results["one_rank_fails"] = one_rank_fails(model, rank)
         torch.save(results, out / f"engine-rank{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def one_rank_fails(model, rank: int) -> dict:
+    """Rank 1's forward fails (in the verification, then in a side) while rank 0's does not: every rank must raise,
+    none wait or pair this computation with the next; the computation after it is whole on every rank."""
+    kwargs, probes, evals = helpers.engine_case("auto")
+    outcomes = []
+    for verify in (True, False):  # fails in the verification's forward, then in the first side's
+        engine = helpers.engine_on(model, **{**kwargs, "verify": verify})
+        failing = model.model.layers[0].register_forward_pre_hook(lambda *_: 1 / 0) if rank == 1 else None
+        try:
+            engine.compute(probes, evals)
+            outcomes.append("returned")
+        except Exception as err:  # the test reads the type and message
+            outcomes.append(f"{type(err).__name__}: {err}")
+        finally:
+            if failing is not None:
+                failing.remove()
+    after = helpers.result_dict(helpers.engine_on(model, **kwargs).compute(probes, evals))
+    return {"outcomes": outcomes, "after": after}
 
 
 def main() -> None:

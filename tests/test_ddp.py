@@ -133,6 +133,14 @@ def test_engine_two_processes_equals_single_process(tmp_path):
                 assert_close_rel(got[field], getattr(expected, field), 1e-4, f"{name}/{field}/rank{rank}")
             assert torch.equal(got["probe_tokens"], expected.probe_tokens)
             assert torch.equal(got["eval_tokens"], expected.eval_tokens)
+    # One rank's forward fails: each rank raises (rank 1 its own error, rank 0 naming rank 1), and the next
+    # computation is whole on both.
+    ranks = [torch.load(tmp_path / f"engine-rank{rank}.pt")["one_rank_fails"] for rank in (0, 1)]
+    for outcome in ranks[0]["outcomes"]:
+        assert outcome.startswith("RankFailedError: Rank 1 failed") and "ZeroDivisionError" in outcome
+    assert all("ZeroDivisionError" in o and not o.startswith("RankFailedError") for o in ranks[1]["outcomes"])
+    for rank in ranks:
+        assert_close_rel(rank["after"]["dot"], single["auto"].dot, 1e-4, "after a failure/dot")
 
 
 # ------------------------------------------------------------------------------- DDP training run

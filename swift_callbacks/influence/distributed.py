@@ -25,6 +25,27 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+class RankFailedError(RuntimeError):
+    """Another rank failed in the same computation: no rank returns a result (see :func:`agree`)."""
+
+
+def tell_failure(err: BaseException) -> None:
+    """Tell the other ranks, waiting in :func:`agree`, that this rank failed with ``err``."""
+    all_gather_cpu(f"{type(err).__name__}: {err}")
+
+
+def agree() -> None:
+    """Every rank reached this point: raise :class:`RankFailedError` if another rank failed on the way instead.
+
+    A rank that fails calls :func:`tell_failure` where the others call this, so they fail too rather than wait, or
+    take the failed rank's next computation's data for this one's.
+    """
+    failed = [(r, status) for r, status in enumerate(all_gather_cpu(None)) if status is not None]
+    if failed:
+        r, status = failed[0]
+        raise RankFailedError(f"Rank {r} failed in this influence computation ({status}); no rank has a result.")
+
+
 def shard(n: int, world: int, rank: int) -> list[int]:
     """Indices of ``rank``'s contiguous share of ``n`` examples, padded to ``ceil(n / world)`` entries."""
     per_rank = -(-n // world)

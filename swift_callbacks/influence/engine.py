@@ -215,7 +215,8 @@ class InfluenceEngine:
         dots, held_sides, st = [], [], None
         with self._tracking(), contextlib.ExitStack() as stack:
             stack.callback(setattr, self, "_progress", _Counter(None, 0))
-            self._verify_state([*probes, *evals])
+            with self._telling_peers():
+                self._verify_state([*probes, *evals])
             for start in starts:
                 hd = self._side(held[start : start + plan.chunk], roles[0])
                 st = self._side(streamed, roles[1], hd.features)
@@ -441,7 +442,10 @@ class InfluenceEngine:
         if not dist_utils.is_distributed():
             return self._local(examples, role, held)
         index = dist_utils.shard(len(examples), dist_utils.world_size(), dist_utils.rank())
-        local = self._local([examples[i] for i in index], role, held)
+        with self._telling_peers():
+            local = self._local([examples[i] for i in index], role, held)
+        if not self._sharded:
+            dist_utils.agree()
         local.order = [index[i] for i in local.order]
         gathered = dist_utils.all_gather_cpu(local)
         device = local.sq_norm.device  # the compute device (not the parameters' under CPU offload)
@@ -532,6 +536,19 @@ class InfluenceEngine:
             batch.append(i)
         if batch:
             yield batch
+
+    @contextlib.contextmanager
+    def _telling_peers(self) -> Iterator[None]:
+        """Under a multi-process run, an error in the block is told to the other ranks, which wait for this one in
+        ``dist_utils.agree`` at the end of the side (they raise too instead of waiting, or pairing this
+        computation with this rank's next). Not on a sharded model: its ranks meet inside every forward, where a
+        failed rank leaves the others waiting in the model's own collectives."""
+        try:
+            yield
+        except Exception as err:
+            if dist_utils.is_distributed() and not self._sharded and not isinstance(err, dist_utils.RankFailedError):
+                dist_utils.tell_failure(err)
+            raise
 
     def _capture(self, reference: bool) -> Capture:
         """Hooks recording the tracked modules' calls (attached on entering it, for one or more micro-batches).
