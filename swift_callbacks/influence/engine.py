@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configuration import ConfigError
+from ..errors import UserError
 from . import distributed as dist_utils
 from . import sharding
 from . import verify as verify_lib
@@ -589,8 +590,8 @@ class InfluenceEngine:
             capture.recording = True
             try:
                 logits = self._logits(input_ids, attention_mask)
-            except (RuntimeError, ValueError, TypeError, IndexError) as err:
-                if isinstance(err, UnsupportedModelError):
+            except Exception as err:  # any error of the model's code (KeyError, AssertionError, ...) is worded
+                if isinstance(err, UserError):  # ours, already worded (UnsupportedModelError, ConfigError)
                     raise
                 capture.recording = False
                 raise UnsupportedModelError(self._forward_failure(err, capture, input_ids, attention_mask)) from err
@@ -690,7 +691,7 @@ class InfluenceEngine:
             try:
                 with torch.no_grad():
                     self._logits(input_ids, attention_mask)
-            except (RuntimeError, ValueError, TypeError, IndexError) as plain:
+            except Exception as plain:
                 return (
                     f"The model's forward fails on a micro-batch of {input_ids.shape[0]} examples padded to "
                     f"{input_ids.shape[1]} tokens also without the influence engine's hooks ({type(plain).__name__}: "
