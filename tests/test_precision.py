@@ -116,3 +116,16 @@ def test_inside_one_autocast_region_scores_follow_weights_changed_in_place():
     assert rel_err(after.dot, fresh.dot) <= 1e-6  # the cached copies gave a relative error of 0.88 to fp32
     dot, _ = _reference(model)
     assert rel_err(after.dot, dot) <= 0.1  # bf16 on these larger gradients
+
+
+def test_a_parameter_on_a_device_without_autocast_does_not_stop_tracking():
+    """Autocast is switched off per device type the model's parameters are on; a type without autocast ("meta",
+    where asking for its state raises) is skipped, not an error."""
+    from swift_callbacks.influence.engine import _autocast_device_types
+
+    model = tiny_model(seed=19)
+    model.register_parameter("unused", torch.nn.Parameter(torch.empty(2, device="meta"), requires_grad=False))
+    assert _autocast_device_types(model) == ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    result = InfluenceEngine(model, micro_batch_size=2, verify=False, precision="fp32").compute(PROBES, EVALS)
+    P, E = brute_grads(model, PROBES), brute_grads(model, EVALS)
+    assert rel_err(result.dot, P @ E.T) <= 1e-4
